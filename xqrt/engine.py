@@ -1,0 +1,257 @@
+"""The embedding API: load a GGUF, run prefill / decode over a `Cache`, stream generated text.
+
+    from xqrt import Engine
+    eng = Engine("model.gguf", cache="fp16")
+    for piece in eng.generate("Once upon a time", max_tokens=32, temperature=0):
+        print(piece, end="", flush=True)
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .cache import Cache, make_cache
+from .errors import XQError
+from .gguf_model import Model, QMatrix, load_model
+from .kernels import cpu
+from .sampler import Sampler, SamplingParams
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    generate_seconds: float = 0.0
+    cache_bytes: int = 0
+    cache_tokens: int = 0
+
+    def summary(self, cache_mode: str, fp16_bytes_per_token: float) -> str:
+        pp = self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+        tg = self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
+        per_tok = self.cache_bytes / max(self.cache_tokens, 1)
+        ratio = fp16_bytes_per_token / per_tok if per_tok else 0.0
+        return (f"prompt: {self.prompt_tokens} tokens, {pp:.1f} tok/s | generation: {self.generated_tokens} tokens, "
+                f"{tg:.1f} tok/s | cache {cache_mode}: {self.cache_bytes} bytes for {self.cache_tokens} tokens "
+                f"({per_tok:.0f} B/token, {ratio:.2f}x smaller than fp16 KV)")
+
+
+def kernels_compiled() -> bool:
+    """Whether Numba's on-disk cache already holds the kernels (so start-up is fast)."""
+    try:
+        return all(os.path.exists(k._cache._cache_file._index_path) for k in (cpu.matvec, cpu.attn_in, cpu.attend_f16))
+    except AttributeError:  # a Numba without these internals: assume the worst, say nothing wrong
+        return False
+
+
+class Engine:
+    def __init__(self, model: str | Model, ctx: int | None = None, cache: str = "fp16", threads: int | None = None,
+                 batch: int = 256, verbose: bool = False):
+        self.model = model if isinstance(model, Model) else load_model(str(model))
+        self.config = c = self.model.config
+        self.tokenizer = Tokenizer(self.model.metadata)
+        self.n_ctx = int(ctx or min(c.ctx_train, 4096))
+        if self.n_ctx <= 0:
+            raise XQError(f"invalid context size {self.n_ctx}")
+        self.cache_mode = cache
+        self.batch = max(1, int(batch))
+        if threads:
+            import numba
+            numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+        self.cache = self.new_cache()  # the session cache `generate` reuses across calls
+        self._cached_ids: list[int] = []  # the tokens self.cache holds
+        self.stats = Stats()
+        d, nb = c.d_model, lambda n: max(n // 32, 1)
+        # Decode scratch, allocated once: the token loop allocates nothing per layer.
+        self._x = np.zeros(d, np.float32)
+        self._xn = np.zeros(d, np.float32)
+        self._q = np.zeros(c.q_dim, np.float32)
+        self._k = np.zeros(c.kv_dim, np.float32)
+        self._v = np.zeros(c.kv_dim, np.float32)
+        self._xsum = np.zeros(nb(max(d, c.q_dim)), np.float32)
+        self._xsum_attn = np.zeros(nb(c.q_dim), np.float32)
+        self._xsum_ff = np.zeros(nb(c.n_ff), np.float32)
+        self._proj = np.zeros(d, np.float32)
+        self._gate = np.zeros(c.n_ff, np.float32)
+        self._up = np.zeros(c.n_ff, np.float32)
+        self._hidden = np.zeros(c.n_ff, np.float32)
+        self._logits = np.zeros(c.vocab_size, np.float32)
+        self._dense_scratch = np.zeros(0, np.float32)
+        if verbose and not kernels_compiled():
+            print("xqrt: compiling kernels (first run only, about a minute)...", file=sys.stderr, flush=True)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def new_cache(self, mode: str | None = None) -> Cache:
+        return make_cache(mode or self.cache_mode, self.config, self.n_ctx)
+
+    def _dense(self, m: QMatrix) -> np.ndarray:
+        """W as float32 (rows × cols) in a reused buffer: prefill reuses each weight across tokens."""
+        size = m.n_rows * m.n_cols
+        if self._dense_scratch.size < size:
+            self._dense_scratch = np.empty(size, np.float32)
+        w = self._dense_scratch[:size].reshape(m.n_rows, m.n_cols)
+        cpu.dequantize(m.data, m.qtype, w)
+        return w
+
+    def _matmul(self, x: np.ndarray, m: QMatrix) -> np.ndarray:
+        return x @ self._dense(m).T
+
+    def _decode(self, token: int, pos: int, cache: Cache) -> np.ndarray:
+        c, m = self.config, self.model
+        x, xn, q, k, v = self._x, self._xn, self._q, self._k, self._v
+        cpu.dequantize_row(m.tok_embd.data, m.tok_embd.qtype, token, x)
+        for i, L in enumerate(m.layers):
+            cpu.attn_in(x, L.attn_norm, c.norm_eps, L.wq.data, L.wq.qtype, L.wk.data, L.wk.qtype, L.wv.data,
+                        L.wv.qtype, pos, m.rope_freqs, c.n_head, c.n_kv_head, c.head_dim, xn, self._xsum, q, k, v)
+            attn = cache.attend(i, pos, xn[None], q[None], k[None], v[None])
+            cpu.attn_out_ffn(x, attn[0], L.wo.data, L.wo.qtype, L.ffn_norm, c.norm_eps, L.w_gate.data,
+                             L.w_gate.qtype, L.w_up.data, L.w_up.qtype, L.w_down.data, L.w_down.qtype, xn,
+                             self._xsum, self._xsum_attn, self._xsum_ff, self._proj, self._gate, self._up,
+                             self._hidden)
+        cache.advance(1)
+        cpu.lm_head(x, m.out_norm, c.norm_eps, m.output.data, m.output.qtype, xn, self._xsum, self._logits)
+        return self._logits
+
+    def _prefill(self, tokens: np.ndarray, pos0: int, cache: Cache, all_logits: bool) -> np.ndarray:
+        c, m = self.config, self.model
+        n = len(tokens)
+        x = np.empty((n, c.d_model), np.float32)
+        for t, tok in enumerate(tokens):
+            cpu.dequantize_row(m.tok_embd.data, m.tok_embd.qtype, int(tok), x[t])
+        xn = np.empty_like(x)
+        for i, L in enumerate(m.layers):
+            cpu.rmsnorm_rows(x, L.attn_norm, c.norm_eps, xn)
+            q = self._matmul(xn, L.wq)
+            k = self._matmul(xn, L.wk)
+            v = self._matmul(xn, L.wv)
+            cpu.rope_rows(q, c.n_head, c.head_dim, pos0, m.rope_freqs)
+            cpu.rope_rows(k, c.n_kv_head, c.head_dim, pos0, m.rope_freqs)
+            attn = cache.attend(i, pos0, xn, q, k, v)
+            x += self._matmul(attn, L.wo)
+            cpu.rmsnorm_rows(x, L.ffn_norm, c.norm_eps, xn)
+            gate = self._matmul(xn, L.w_gate)
+            cpu.silu_mul_rows(gate, self._matmul(xn, L.w_up), gate)
+            x += self._matmul(gate, L.w_down)
+        cache.advance(n)
+        rows = x if all_logits else x[-1:]
+        cpu.rmsnorm_rows(rows, m.out_norm, c.norm_eps, xn[:len(rows)])
+        logits = np.empty((len(rows), c.vocab_size), np.float32)
+        # The output matrix is the largest: dequantize it a slice of the vocabulary at a time.
+        step = 8192
+        buf = np.empty((min(step, c.vocab_size), c.d_model), np.float32)
+        for r0 in range(0, c.vocab_size, step):
+            w = buf[:min(step, c.vocab_size - r0)]
+            cpu.dequantize(m.output.data[r0:r0 + len(w)], m.output.qtype, w)
+            logits[:, r0:r0 + len(w)] = xn[:len(rows)] @ w.T
+        return logits
+
+    def forward(self, tokens, cache: Cache, all_logits: bool = False) -> np.ndarray:
+        """Append `tokens` to `cache`; logits of the last token (vocab,), or of all (n, vocab)."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if len(tokens) == 0:
+            raise XQError("no tokens to process")
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise XQError(f"token id out of range [0, {self.config.vocab_size})")
+        pos0 = cache.n_tokens
+        cache.check_room(pos0, len(tokens))
+        if len(tokens) == 1:
+            out = self._decode(int(tokens[0]), pos0, cache).copy()
+            return out[None] if all_logits else out
+        chunks = []
+        for s in range(0, len(tokens), self.batch):
+            part = tokens[s:s + self.batch]
+            last = s + self.batch >= len(tokens)
+            out = self._prefill(part, cache.n_tokens, cache, all_logits)
+            if all_logits:
+                chunks.append(out)
+            elif last:
+                return out[-1]
+        return np.concatenate(chunks)
+
+    def logits(self, tokens, cache_mode: str | None = None) -> np.ndarray:
+        """Logits for every position of `tokens`, on a fresh cache: (n, vocab)."""
+        return self.forward(tokens, self.new_cache(cache_mode), all_logits=True)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int] | list[dict], chat: bool = False) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            text = self.tokenizer.apply_chat_template(prompt)
+            return self.tokenizer.encode(text)
+        if isinstance(prompt, (list, tuple, np.ndarray)):
+            return [int(t) for t in prompt]
+        if chat:
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
+        return self.tokenizer.encode(prompt)
+
+    def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
+                 seed: int | None = None, stop: tuple[str, ...] | list[str] = (), chat: bool = False) -> Iterator[str]:
+        """Stream generated text. `prompt`: text, token ids, or chat messages [{role, content}].
+
+        The session cache keeps the longest prefix this prompt shares with what it already holds
+        (as llama.cpp's server does), so a chat that re-sends its history only processes the new turn.
+        """
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed))
+        ids = self.encode_prompt(prompt, chat)
+        if not ids:
+            raise XQError("empty prompt")
+        if len(ids) >= self.n_ctx:
+            raise XQError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx} tokens (raise --ctx)")
+        cache = self.cache
+        shared = 0
+        for a, b in zip(self._cached_ids, ids[:-1]):
+            if a != b:
+                break
+            shared += 1
+        shared = cache.truncate(shared)
+        self._cached_ids = list(ids)
+        self.stats = st = Stats()
+        t0 = time.perf_counter()
+        logits = self.forward(ids[shared:], cache)
+        st.prompt_tokens, st.prompt_seconds = len(ids) - shared, time.perf_counter() - t0
+        out_ids, emitted, stopped = [], "", False
+        stop = [s for s in stop if s]
+        t0 = time.perf_counter()
+        try:
+            while len(out_ids) < max_tokens and cache.n_tokens < self.n_ctx:
+                tok = sampler(logits, self._cached_ids)
+                if tok in self.tokenizer.end_ids:
+                    break
+                out_ids.append(tok)
+                text = self.tokenizer.decode(out_ids, skip_special=True)
+                hit = min((text.find(s) for s in stop if s in text), default=-1)
+                if hit >= 0:
+                    if hit > len(emitted):
+                        yield text[len(emitted):hit]
+                    stopped = True
+                    break
+                # Hold back an incomplete UTF-8 character and any tail that could start a stop string.
+                safe = len(text) - (1 if text.endswith("\ufffd") else 0)
+                for s in stop:
+                    for j in range(min(len(s) - 1, safe), 0, -1):
+                        if text[:safe].endswith(s[:j]):
+                            safe -= j
+                            break
+                if safe > len(emitted):
+                    yield text[len(emitted):safe]
+                    emitted = text[:safe]
+                self._cached_ids.append(tok)
+                logits = self.forward([tok], cache)
+            if not stopped:
+                text = self.tokenizer.decode(out_ids, skip_special=True)
+                if len(text) > len(emitted):
+                    yield text[len(emitted):]
+        finally:
+            del self._cached_ids[cache.n_tokens:]
+            st.generated_tokens, st.generate_seconds = len(out_ids), time.perf_counter() - t0
+            st.cache_bytes, st.cache_tokens = cache.nbytes(), cache.n_tokens
+
+    def fp16_bytes_per_token(self) -> int:
+        c = self.config
+        return 2 * 2 * c.kv_dim * c.n_layer

@@ -1,0 +1,302 @@
+"""Numba CPU kernels: products on quantized weight blocks, norms, RoPE, SwiGLU, attention.
+
+Weights arrive as raw block bytes (`uint8[rows, row_bytes]`) plus their ggml type id, so one
+kernel serves every format through a branch on the type. Numba has no float16 on the CPU: half
+values travel as uint16 and are widened by LLVM's own `fpext` (vectorized F16C on x86).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from ..gguf_model import BF16, F16, F32, Q4_0, Q4_1, Q8_0
+
+_OPT = dict(cache=True, fastmath=True, nogil=True)
+_BAND = 32  # rows per parallel work item
+
+
+@intrinsic
+def f16_to_f32(typingctx, bits):
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def f32_to_f16(typingctx, value):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def u32_as_f32(typingctx, bits):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@njit(inline="always", **_OPT)
+def _half_at(row, o):
+    return f16_to_f32(np.uint16(row[o]) | (np.uint16(row[o + 1]) << np.uint16(8)))
+
+
+@njit(inline="always", **_OPT)
+def _f32_at(row, o):
+    bits = (np.uint32(row[o]) | (np.uint32(row[o + 1]) << np.uint32(8)) | (np.uint32(row[o + 2]) << np.uint32(16))
+            | (np.uint32(row[o + 3]) << np.uint32(24)))
+    return u32_as_f32(bits)
+
+
+@njit(**_OPT)
+def block_sums(x, out):
+    """Sums of x over 32-element blocks: the Q4_1 minimum and the Q4_0 offset multiply these."""
+    for b in range(out.shape[0]):
+        s = np.float32(0.0)
+        for j in range(32):
+            s += x[b * 32 + j]
+        out[b] = s
+
+
+@njit(inline="always", **_OPT)
+def dot_row(row, qtype, x, xsum):
+    """row · x for one row of raw blocks; xsum holds x's 32-element block sums.
+
+    The in-block loops run to `half`/`blk`, computed from the shapes rather than written as 16
+    and 32: LLVM fails to vectorize these loops when it knows their trip count is that short.
+    """
+    n = x.shape[0]
+    acc = np.float32(0.0)
+    if qtype == Q4_1:
+        n_blocks = row.shape[0] // 20
+        half = n // n_blocks // 2
+        for b in range(n_blocks):
+            o = b * 20
+            xb = b * 2 * half
+            s = np.float32(0.0)
+            for j in range(half):
+                q = row[o + 4 + j]
+                s += np.float32(q & np.uint8(15)) * x[xb + j] + np.float32(q >> np.uint8(4)) * x[xb + half + j]
+            acc += _half_at(row, o) * s + _half_at(row, o + 2) * xsum[b]
+    elif qtype == Q4_0:
+        n_blocks = row.shape[0] // 18
+        half = n // n_blocks // 2
+        for b in range(n_blocks):
+            o = b * 18
+            xb = b * 2 * half
+            s = np.float32(0.0)
+            for j in range(half):
+                q = row[o + 2 + j]
+                s += np.float32(q & np.uint8(15)) * x[xb + j] + np.float32(q >> np.uint8(4)) * x[xb + half + j]
+            acc += _half_at(row, o) * (s - np.float32(8.0) * xsum[b])
+    elif qtype == Q8_0:
+        n_blocks = row.shape[0] // 34
+        blk = n // n_blocks
+        for b in range(n_blocks):
+            o = b * 34
+            s = np.float32(0.0)
+            for j in range(blk):
+                s += np.float32(np.int8(row[o + 2 + j])) * x[b * blk + j]
+            acc += _half_at(row, o) * s
+    elif qtype == F16:
+        for j in range(n):
+            acc += _half_at(row, 2 * j) * x[j]
+    elif qtype == BF16:
+        for j in range(n):
+            bits = (np.uint32(row[2 * j]) << np.uint32(16)) | (np.uint32(row[2 * j + 1]) << np.uint32(24))
+            acc += u32_as_f32(bits) * x[j]
+    else:  # F32
+        for j in range(n):
+            acc += _f32_at(row, 4 * j) * x[j]
+    return acc
+
+
+@njit(**_OPT)
+def _matvec_rows(w, qtype, x, xsum, out, r0, r1):
+    for r in range(r0, r1):
+        out[r] = dot_row(w[r], qtype, x, xsum)
+
+
+@njit(inline="always", **_OPT)
+def dequant_row(row, qtype, out):
+    n = out.shape[0]
+    if qtype == Q4_1 or qtype == Q4_0:
+        nb = 20 if qtype == Q4_1 else 18
+        for b in range(n // 32):
+            o = b * nb
+            d = _half_at(row, o)
+            m = _half_at(row, o + 2) if qtype == Q4_1 else np.float32(-8.0) * d
+            q0 = o + nb - 16
+            for j in range(16):
+                q = row[q0 + j]
+                out[b * 32 + j] = np.float32(q & 15) * d + m
+                out[b * 32 + 16 + j] = np.float32(q >> 4) * d + m
+    elif qtype == Q8_0:
+        for b in range(n // 32):
+            o = b * 34
+            d = _half_at(row, o)
+            for j in range(32):
+                out[b * 32 + j] = np.float32(np.int8(row[o + 2 + j])) * d
+    elif qtype == F16:
+        for j in range(n):
+            out[j] = _half_at(row, 2 * j)
+    elif qtype == BF16:
+        for j in range(n):
+            out[j] = u32_as_f32((np.uint32(row[2 * j]) << np.uint32(16)) | (np.uint32(row[2 * j + 1]) << np.uint32(24)))
+    else:
+        for j in range(n):
+            out[j] = _f32_at(row, 4 * j)
+
+
+@njit(parallel=True, **_OPT)
+def matvec(w, qtype, x, xsum, out):
+    """out[r] = W[r] · x, one contiguous band of rows per thread.
+
+    The row loop lives in its own function: inside a prange body Numba's outlining keeps LLVM
+    from vectorizing the block loops.
+    """
+    n = w.shape[0]
+    for c in prange((n + _BAND - 1) // _BAND):
+        _matvec_rows(w, qtype, x, xsum, out, c * _BAND, min(n, (c + 1) * _BAND))
+
+
+@njit(parallel=True, **_OPT)
+def dequantize(w, qtype, out):
+    """Rows of W as float32 (out: rows × cols), for products that reuse each weight many times."""
+    for r in prange(w.shape[0]):
+        dequant_row(w[r], qtype, out[r])
+
+
+@njit(**_OPT)
+def dequantize_row(w, qtype, r, out):
+    dequant_row(w[r], qtype, out)
+
+
+@njit(inline="always", **_OPT)
+def rmsnorm(x, weight, eps, out):
+    ss = np.float32(0.0)
+    for i in range(x.shape[0]):
+        ss += x[i] * x[i]
+    inv = np.float32(1.0) / np.float32(math.sqrt(ss / x.shape[0] + eps))
+    for i in range(x.shape[0]):
+        out[i] = x[i] * inv * weight[i]
+
+
+@njit(parallel=True, **_OPT)
+def rmsnorm_rows(x, weight, eps, out):
+    for t in prange(x.shape[0]):
+        rmsnorm(x[t], weight, eps, out[t])
+
+
+@njit(inline="always", **_OPT)
+def rope(vec, n_heads, head_dim, pos, inv_freq):
+    """Rotate adjacent pairs (GGUF's layout: llama.cpp permutes Q/K rows at conversion)."""
+    for i in range(inv_freq.shape[0]):
+        angle = pos * inv_freq[i]
+        c = np.float32(math.cos(angle))
+        s = np.float32(math.sin(angle))
+        for h in range(n_heads):
+            o = h * head_dim + 2 * i
+            a = vec[o]
+            b = vec[o + 1]
+            vec[o] = a * c - b * s
+            vec[o + 1] = a * s + b * c
+
+
+@njit(parallel=True, **_OPT)
+def rope_rows(x, n_heads, head_dim, pos0, inv_freq):
+    for t in prange(x.shape[0]):
+        rope(x[t], n_heads, head_dim, np.float64(pos0 + t), inv_freq)
+
+
+@njit(inline="always", **_OPT)
+def silu_mul(gate, up, out):
+    for i in range(gate.shape[0]):
+        g = gate[i]
+        out[i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[i]
+
+
+@njit(parallel=True, **_OPT)
+def silu_mul_rows(gate, up, out):
+    for t in prange(gate.shape[0]):
+        silu_mul(gate[t], up[t], out[t])
+
+
+@njit(**_OPT)
+def attn_in(x, norm_w, eps, wq, tq, wk, tk, wv, tv, pos, inv_freq, n_head, n_kv_head, head_dim,
+            xn, xsum, q, k, v):
+    """Decode step, attention half-entry: xn = RMSNorm(x); q, k, v = xn·W; RoPE on q and k."""
+    rmsnorm(x, norm_w, eps, xn)
+    block_sums(xn, xsum)
+    matvec(wq, tq, xn, xsum, q)
+    matvec(wk, tk, xn, xsum, k)
+    matvec(wv, tv, xn, xsum, v)
+    rope(q, n_head, head_dim, np.float64(pos), inv_freq)
+    rope(k, n_kv_head, head_dim, np.float64(pos), inv_freq)
+
+
+@njit(**_OPT)
+def attn_out_ffn(x, attn, wo, to, ffn_norm, eps, w_gate, tg, w_up, tu, w_down, td,
+                 xn, xsum, xsum_attn, xsum_ff, proj, gate, up, hidden):
+    """Decode step, the rest of the layer: x += attn·Wo; x += W_down·(silu(W_gate·n) ⊙ W_up·n)."""
+    block_sums(attn, xsum_attn)
+    matvec(wo, to, attn, xsum_attn, proj)
+    for i in range(x.shape[0]):
+        x[i] += proj[i]
+    rmsnorm(x, ffn_norm, eps, xn)
+    block_sums(xn, xsum)
+    matvec(w_gate, tg, xn, xsum, gate)
+    matvec(w_up, tu, xn, xsum, up)
+    silu_mul(gate, up, hidden)
+    block_sums(hidden, xsum_ff)
+    matvec(w_down, td, hidden, xsum_ff, proj)
+    for i in range(x.shape[0]):
+        x[i] += proj[i]
+
+
+@njit(**_OPT)
+def lm_head(x, norm_w, eps, w, qtype, xn, xsum, logits):
+    rmsnorm(x, norm_w, eps, xn)
+    block_sums(xn, xsum)
+    matvec(w, qtype, xn, xsum, logits)
+
+
+@njit(parallel=True, **_OPT)
+def attend_f16(q, k_cache, v_cache, n_ctx, n_head, n_kv_head, head_dim, scores, out):
+    """Single-query attention over an fp16 cache (uint16 bits, rows = positions [0, n_ctx))."""
+    group = n_head // n_kv_head
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    for h in prange(n_head):
+        kv0 = (h // group) * head_dim
+        q0 = h * head_dim
+        s = scores[h]
+        mx = np.float32(-np.inf)
+        for t in range(n_ctx):
+            acc = np.float32(0.0)
+            for d in range(head_dim):
+                acc += q[q0 + d] * f16_to_f32(k_cache[t, kv0 + d])
+            acc *= scale
+            s[t] = acc
+            mx = max(mx, acc)
+        total = np.float32(0.0)
+        for t in range(n_ctx):
+            e = np.float32(math.exp(s[t] - mx))
+            s[t] = e
+            total += e
+        for d in range(head_dim):
+            out[q0 + d] = 0.0
+        for t in range(n_ctx):
+            p = s[t] / total
+            for d in range(head_dim):
+                out[q0 + d] += p * f16_to_f32(v_cache[t, kv0 + d])
+
+
+@njit(parallel=True, **_OPT)
+def to_f16(x, out):
+    for t in prange(x.shape[0]):
+        for j in range(x.shape[1]):
+            out[t, j] = f32_to_f16(x[t, j])

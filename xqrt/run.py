@@ -1,0 +1,86 @@
+"""`python -m xqrt.run [MODEL.gguf] -p PROMPT`: generate text, llama.cpp-style.
+
+Errors the user can fix (bad file, bad flag, prompt too long) end in one line on stderr and exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import XQError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m xqrt.run", description="Run a GGUF model with an XQuant cache.")
+    ap.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
+    ap.add_argument("-p", "--prompt", default="Once upon a time", help="prompt text")
+    ap.add_argument("-f", "--file", help="read the prompt from this file")
+    ap.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
+    ap.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy)")
+    ap.add_argument("--top-k", type=int, default=40)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--min-p", type=float, default=0.05)
+    ap.add_argument("--repeat-penalty", type=float, default=1.0)
+    ap.add_argument("--repeat-last-n", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    ap.add_argument("-c", "--ctx", type=int, default=None, help="context size in tokens (default: min(train, 4096))")
+    ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--cache", default="fp16", help="cache mode")
+    ap.add_argument("--chat", action="store_true", help="interactive chat with the model's template")
+    ap.add_argument("--system", default=None, help="system message for --chat")
+    return ap
+
+
+def _generate(engine, args, prompt, chat=False):
+    for piece in engine.generate(prompt, max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
+                                 top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                                 repeat_last_n=args.repeat_last_n, seed=args.seed, stop=args.stop, chat=chat):
+        print(piece, end="", flush=True)
+        yield piece
+
+
+def _summary(engine):
+    print(f"\nxqrt: {engine.stats.summary(engine.cache_mode, engine.fp16_bytes_per_token())}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .default_model import default_model_path
+        from .engine import Engine
+        path = args.model or default_model_path()
+        engine = Engine(path, ctx=args.ctx, cache=args.cache, threads=args.threads, verbose=True)
+        if not args.chat:
+            prompt = open(args.file, encoding="utf-8").read() if args.file else args.prompt
+            for _ in _generate(engine, args, prompt):
+                pass
+            _summary(engine)
+            return 0
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        print("xqrt chat: empty line or Ctrl-D to quit", file=sys.stderr)
+        while True:
+            try:
+                line = input("\n> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            reply = "".join(_generate(engine, args, messages))
+            messages.append({"role": "assistant", "content": reply})
+            _summary(engine)
+        return 0
+    except XQError as e:
+        print(f"xqrt: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"xqrt: error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nxqrt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
