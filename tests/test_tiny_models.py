@@ -1,0 +1,72 @@
+"""End to end on tiny random Llama checkpoints: our logits against transformers'.
+
+The fp16 KV cache rounds K and V to half precision, so logits agree to ~1e-4 of their range,
+not to float32 round-off.
+"""
+import numpy as np
+import pytest
+import torch
+
+from xqrt import Engine
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gqa", "tiny_mha"])
+def test_prefill_and_decode_match_transformers(fixture, request):
+    model, path = request.getfixturevalue(fixture)
+    eng = Engine(path, ctx=128)
+    ids = list(np.random.default_rng(0).integers(0, eng.config.vocab_size, 40))
+    ref = hf_logits(model, ids)
+    ours = eng.logits(ids)
+    np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+    cache = eng.new_cache()
+    eng.forward(ids[:20], cache)
+    for t in range(20, 40):  # decode one token at a time over the prefilled cache
+        step = eng.forward([ids[t]], cache)
+        np.testing.assert_allclose(step, ref[t], rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+
+
+def test_batched_prefill_chunks_agree(tiny_gqa):
+    _, path = tiny_gqa
+    ids = list(range(3, 60))
+    whole = Engine(path, ctx=128, batch=512).logits(ids)
+    chunked = Engine(path, ctx=128, batch=7).logits(ids)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "F16"])
+def test_quantized_files_match_their_dequantized_weights(qtype, tmp_path):
+    """A quantized GGUF runs on the raw blocks; transformers sees the same weights dequantized."""
+    from conftest import tiny_llama, write_llama_gguf
+    from gguf import GGUFReader, dequantize
+    model = tiny_llama()
+    path = write_llama_gguf(tmp_path / f"{qtype}.gguf", model, qtype=qtype)
+    reader = GGUFReader(path)
+    sd = model.state_dict()
+    with torch.no_grad():  # load the dequantized weights back into the reference
+        from conftest import permute_rows
+        for t in reader.tensors:
+            w = dequantize(t.data, t.tensor_type).reshape([int(s) for s in reversed(t.shape)])
+            name = t.name
+            if name.startswith("blk."):
+                _, i, role, _ = name.split(".")
+                hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                      "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                      "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+                      "ffn_norm": "post_attention_layernorm"}[role]
+                if role in ("attn_q", "attn_k"):  # undo the row permutation
+                    n = model.config.num_attention_heads if role == "attn_q" else model.config.num_key_value_heads
+                    w = w.reshape(n, w.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+                key = f"model.layers.{i}.{hf}.weight"
+            else:
+                key = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                       "output.weight": "lm_head.weight"}[name]
+            sd[key].copy_(torch.from_numpy(np.ascontiguousarray(w)))
+    ids = list(range(5, 37))
+    ref = hf_logits(model, ids)
+    ours = Engine(path, ctx=64).logits(ids)
+    np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
