@@ -1,0 +1,103 @@
+"""Bad input ends in one error line and a non-zero exit, never a traceback."""
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from xqrt.run import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def expect_error(capsys, *argv, match):
+    code, err = run_cli(capsys, *argv)
+    assert code == 1
+    assert err and err[-1].startswith("xqrt: error:") and match in err[-1], err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_missing_file(capsys, tmp_path):
+    expect_error(capsys, str(tmp_path / "nope.gguf"), match="not found")
+
+
+def test_not_gguf(capsys, tmp_path):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"this is not a model at all" * 10)
+    expect_error(capsys, str(p), match="not a GGUF file")
+
+
+@pytest.mark.parametrize("keep", [6, 24, 200, 0.5, 0.999])
+def test_truncated(capsys, tmp_path, tiny_gqa, keep):
+    src = open(tiny_gqa[1], "rb").read()
+    n = int(len(src) * keep) if isinstance(keep, float) else keep
+    p = tmp_path / "t.gguf"
+    p.write_bytes(src[:n])
+    expect_error(capsys, str(p), match="GGUF")
+
+
+def test_tensor_beyond_file(capsys, tmp_path, tiny_gqa):
+    """A tensor whose offset points far past the end of the file."""
+    from gguf import GGUFReader
+    reader = GGUFReader(tiny_gqa[1])
+    field = reader.tensors[-1].field
+    offset_pos = field.offset + sum(int(p.nbytes) for p in field.parts[:-1])
+    data = bytearray(open(tiny_gqa[1], "rb").read())
+    data[offset_pos:offset_pos + 8] = struct.pack("<Q", 1 << 40)
+    p = tmp_path / "far.gguf"
+    p.write_bytes(bytes(data))
+    expect_error(capsys, str(p), match="GGUF")
+
+
+def test_hostile_array_length(capsys, tmp_path):
+    """A header claiming 2^62 metadata entries must fail fast, not allocate or spin."""
+    p = tmp_path / "h.gguf"
+    p.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1 << 62) + b"\x00" * 64)
+    expect_error(capsys, str(p), match="GGUF")
+
+
+def test_unsupported_architecture(capsys, tmp_path, tiny_gqa):
+    from conftest import tiny_llama, write_llama_gguf
+    path = write_llama_gguf(tmp_path / "arch.gguf", tiny_llama(), arch="mamba")
+    expect_error(capsys, path, match="unsupported architecture 'mamba'")
+
+
+def test_unsupported_tensor_type(capsys, tmp_path):
+    import gguf
+    w = gguf.GGUFWriter(str(tmp_path / "i8.gguf"), "llama")
+    for k, v in [("block_count", 1), ("embedding_length", 32), ("feed_forward_length", 32),
+                 ("attention.head_count", 2), ("context_length", 64)]:
+        w.add_uint32(f"llama.{k}", v)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b"])
+    w.add_tensor("token_embd.weight", np.zeros((2, 32), np.int32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    expect_error(capsys, str(tmp_path / "i8.gguf"), match="unsupported type")
+
+
+def test_prompt_longer_than_context(capsys, tiny_gqa):
+    expect_error(capsys, tiny_gqa[1], "-p", "the " * 200, "--ctx", "32", "-n", "4", match="does not fit the context")
+
+
+def test_unknown_cache_mode(capsys, tiny_gqa):
+    expect_error(capsys, tiny_gqa[1], "--cache", "bogus", match="unknown cache mode")
+
+
+def test_cli_subprocess_reports_one_line(tmp_path):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"GGUF\x03\x00\x00\x00")
+    r = subprocess.run([sys.executable, "-m", "xqrt.run", str(p)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xqrt: error:"), r.stderr
+
+
+def test_cli_generates(capsys, tiny_gqa):
+    code, err = run_cli(capsys, tiny_gqa[1], "-p", "the", "-n", "5", "--temp", "0")
+    assert code == 0 and "generation: 5 tokens" in err[-1]

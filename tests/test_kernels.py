@@ -1,0 +1,86 @@
+"""Each CPU kernel against a NumPy reference."""
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T, dequantize, quantize
+
+from xqrt.cache import causal_attention
+from xqrt.kernels import cpu
+
+rng = np.random.default_rng(0)
+
+
+def blocks(w, qtype):
+    """W (rows × cols float32) in a ggml format, as the loader hands it to the kernels."""
+    if qtype == T.F32:
+        return w.view(np.uint8)
+    if qtype == T.F16:
+        return w.astype(np.float16).view(np.uint8)
+    if qtype == T.BF16:
+        return (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    return quantize(w, qtype)
+
+
+def reference(data, qtype, shape):
+    if qtype == T.BF16:
+        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    return dequantize(data, qtype).reshape(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1])
+def test_matvec_and_dequantize(qtype):
+    w = rng.standard_normal((70, 96)).astype(np.float32)
+    data = np.ascontiguousarray(blocks(w, qtype))
+    ref = reference(data, qtype, w.shape)
+    x = rng.standard_normal(96).astype(np.float32)
+    xsum = np.zeros(3, np.float32)
+    cpu.block_sums(x, xsum)
+    out = np.zeros(70, np.float32)
+    cpu.matvec(data, int(qtype), x, xsum, out)
+    np.testing.assert_allclose(out, ref @ x, rtol=1e-5, atol=1e-4)
+    dense = np.zeros_like(w)
+    cpu.dequantize(data, int(qtype), dense)
+    np.testing.assert_array_equal(dense, ref)
+
+
+def test_half_conversions_round_to_nearest_even():
+    x = (rng.standard_normal(10000) * 1000).astype(np.float32)
+    out = np.zeros((1, x.size), np.uint16)
+    cpu.to_f16(x[None], out)
+    np.testing.assert_array_equal(out[0], x.astype(np.float16).view(np.uint16))
+
+
+def test_rmsnorm_rope_silu():
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    w = rng.standard_normal(64).astype(np.float32)
+    out = np.zeros_like(x)
+    cpu.rmsnorm_rows(x, w, 1e-5, out)
+    np.testing.assert_allclose(out, x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * w, rtol=1e-5)
+
+    inv = (1.0 / 10000 ** (np.arange(0, 16, 2) / 16)).astype(np.float32)
+    q = x.copy()
+    cpu.rope_rows(q, 4, 16, 5, inv)
+    pairs = x.reshape(3, 4, 8, 2)
+    ang = (5 + np.arange(3))[:, None, None] * inv[None, None, :]
+    ref = np.stack([pairs[..., 0] * np.cos(ang) - pairs[..., 1] * np.sin(ang),
+                    pairs[..., 0] * np.sin(ang) + pairs[..., 1] * np.cos(ang)], -1).reshape(3, 64)
+    np.testing.assert_allclose(q, ref, rtol=1e-4, atol=1e-5)
+
+    g = np.zeros_like(x)
+    cpu.silu_mul_rows(x, w[None].repeat(3, 0), g)
+    np.testing.assert_allclose(g, x / (1 + np.exp(-x)) * w, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_attention_matches_prefill_attention():
+    n_head, n_kv, hd, n = 6, 2, 16, 37
+    q = rng.standard_normal((n, n_head * hd)).astype(np.float32)
+    k = rng.standard_normal((n, n_kv * hd)).astype(np.float32).astype(np.float16)
+    v = rng.standard_normal((n, n_kv * hd)).astype(np.float32).astype(np.float16)
+    ref = causal_attention(q, k.astype(np.float32), v.astype(np.float32), 0, n_head, n_kv)
+    # direct softmax reference for the last row, one head
+    s = q[-1, :hd] @ k[:, :hd].astype(np.float32).T / np.sqrt(hd)
+    p = np.exp(s - s.max()); p /= p.sum()
+    np.testing.assert_allclose(ref[-1, :hd], p @ v[:, :hd].astype(np.float32), rtol=1e-5, atol=1e-6)
+    out = np.zeros(n_head * hd, np.float32)
+    cpu.attend_f16(q[-1], k.view(np.uint16), v.view(np.uint16), n, n_head, n_kv, hd,
+                   np.zeros((n_head, n), np.float32), out)
+    np.testing.assert_allclose(out, ref[-1], rtol=1e-5, atol=1e-6)
