@@ -65,7 +65,7 @@ def test_quantized_files_match_their_dequantized_weights(qtype, tmp_path):
             else:
                 key = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                        "output.weight": "lm_head.weight"}[name]
-            sd[key].copy_(torch.from_numpy(np.ascontiguousarray(w)))
+            sd[key].copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
     ids = list(range(5, 37))
     ref = hf_logits(model, ids)
     ours = Engine(path, ctx=64).logits(ids)

@@ -265,38 +265,45 @@ def lm_head(x, norm_w, eps, w, qtype, xn, xsum, logits):
     matvec(w, qtype, xn, xsum, logits)
 
 
+@njit(**_OPT)
+def _attend_head_f16(q, k_cache, v_cache, n_ctx, kv0, scale, scores, out):
+    """One head: softmax(q·Kᵀ·scale)·V over rows [0, n_ctx), K/V columns kv0:kv0+len(q)."""
+    hd = q.shape[0]
+    mx = np.float32(-np.inf)
+    for t in range(n_ctx):
+        row = k_cache[t, kv0:kv0 + hd]
+        acc = np.float32(0.0)
+        for d in range(hd):
+            acc += q[d] * f16_to_f32(row[d])
+        acc *= scale
+        scores[t] = acc
+        mx = max(mx, acc)
+    total = np.float32(0.0)
+    for t in range(n_ctx):
+        e = np.float32(math.exp(scores[t] - mx))
+        scores[t] = e
+        total += e
+    out[:] = 0.0
+    for t in range(n_ctx):
+        p = scores[t] / total
+        row = v_cache[t, kv0:kv0 + hd]
+        for d in range(hd):
+            out[d] += p * f16_to_f32(row[d])
+
+
 @njit(parallel=True, **_OPT)
 def attend_f16(q, k_cache, v_cache, n_ctx, n_head, n_kv_head, head_dim, scores, out):
     """Single-query attention over an fp16 cache (uint16 bits, rows = positions [0, n_ctx))."""
     group = n_head // n_kv_head
     scale = np.float32(1.0 / math.sqrt(head_dim))
     for h in prange(n_head):
-        kv0 = (h // group) * head_dim
         q0 = h * head_dim
-        s = scores[h]
-        mx = np.float32(-np.inf)
-        for t in range(n_ctx):
-            acc = np.float32(0.0)
-            for d in range(head_dim):
-                acc += q[q0 + d] * f16_to_f32(k_cache[t, kv0 + d])
-            acc *= scale
-            s[t] = acc
-            mx = max(mx, acc)
-        total = np.float32(0.0)
-        for t in range(n_ctx):
-            e = np.float32(math.exp(s[t] - mx))
-            s[t] = e
-            total += e
-        for d in range(head_dim):
-            out[q0 + d] = 0.0
-        for t in range(n_ctx):
-            p = s[t] / total
-            for d in range(head_dim):
-                out[q0 + d] += p * f16_to_f32(v_cache[t, kv0 + d])
+        _attend_head_f16(q[q0:q0 + head_dim], k_cache, v_cache, n_ctx, (h // group) * head_dim, scale,
+                         scores[h], out[q0:q0 + head_dim])
 
 
-@njit(parallel=True, **_OPT)
+@njit(**_OPT)
 def to_f16(x, out):
-    for t in prange(x.shape[0]):
+    for t in range(x.shape[0]):
         for j in range(x.shape[1]):
             out[t, j] = f32_to_f16(x[t, j])
