@@ -52,7 +52,7 @@ def kernels_compiled() -> bool:
 
 class Engine:
     def __init__(self, model: str | Model, ctx: int | None = None, cache: str = "fp16", threads: int | None = None,
-                 batch: int = 256, verbose: bool = False):
+                 batch: int = 512, verbose: bool = False):
         self.model = model if isinstance(model, Model) else load_model(str(model))
         self.config = c = self.model.config
         self.tokenizer = Tokenizer(self.model.metadata)
@@ -139,16 +139,19 @@ class Engine:
             cpu.silu_mul_rows(gate, self._matmul(xn, L.w_up), gate)
             x += self._matmul(gate, L.w_down)
         cache.advance(n)
-        rows = x if all_logits else x[-1:]
-        cpu.rmsnorm_rows(rows, m.out_norm, c.norm_eps, xn[:len(rows)])
-        logits = np.empty((len(rows), c.vocab_size), np.float32)
+        if not all_logits:
+            cpu.lm_head(x[-1], m.out_norm, c.norm_eps, m.output.data, m.output.qtype, self._xn, self._xsum,
+                        self._logits)
+            return self._logits[None].copy()
+        cpu.rmsnorm_rows(x, m.out_norm, c.norm_eps, xn)
+        logits = np.empty((n, c.vocab_size), np.float32)
         # The output matrix is the largest: dequantize it a slice of the vocabulary at a time.
         step = 8192
         buf = np.empty((min(step, c.vocab_size), c.d_model), np.float32)
         for r0 in range(0, c.vocab_size, step):
             w = buf[:min(step, c.vocab_size - r0)]
             cpu.dequantize(m.output.data[r0:r0 + len(w)], m.output.qtype, w)
-            logits[:, r0:r0 + len(w)] = xn[:len(rows)] @ w.T
+            logits[:, r0:r0 + len(w)] = xn @ w.T
         return logits
 
     def forward(self, tokens, cache: Cache, all_logits: bool = False) -> np.ndarray:
