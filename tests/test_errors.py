@@ -1,5 +1,4 @@
 """Bad input ends in one error line and a non-zero exit, never a traceback."""
-import shutil
 import struct
 import subprocess
 import sys

@@ -84,3 +84,23 @@ def test_decode_attention_matches_prefill_attention():
     cpu.attend_f16(q[-1], k.view(np.uint16), v.view(np.uint16), n, n_head, n_kv, hd,
                    np.zeros((n_head, n), np.float32), out)
     np.testing.assert_allclose(out, ref[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_k_quant_tensor_is_converted_to_q8_0_at_load(tmp_path):
+    """K-quants are not read natively: the loader re-blocks them into Q8_0, a slice of rows at a time."""
+    import gguf
+    from xqrt.gguf_model import Q8_0, _to_native
+    n_rows, n_cols = 8, 512
+    raw = rng.integers(0, 256, (n_rows, n_cols // 256 * 144), dtype=np.uint8)
+    raw[:, 0:4] = np.array([0.01, 0.002], np.float16).view(np.uint8)  # sane d and dmin in every block
+    raw[:, 144:148] = raw[:, 0:4]
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    w.add_tensor("w", raw, raw_dtype=T.Q4_K)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    tensor = gguf.GGUFReader(str(tmp_path / "k.gguf")).tensors[0]
+    m = _to_native(tensor)
+    assert m.qtype == Q8_0 and m.data.shape == (n_rows, n_cols // 32 * 34)
+    dense = np.zeros((n_rows, n_cols), np.float32)
+    cpu.dequantize(m.data, m.qtype, dense)
+    ref = dequantize(raw, T.Q4_K).reshape(n_rows, n_cols)
+    np.testing.assert_allclose(dense, ref, atol=np.abs(ref).max() / 100)

@@ -48,7 +48,6 @@ def test_quantized_files_match_their_dequantized_weights(qtype, tmp_path):
     reader = GGUFReader(path)
     sd = model.state_dict()
     with torch.no_grad():  # load the dequantized weights back into the reference
-        from conftest import permute_rows
         for t in reader.tensors:
             w = dequantize(t.data, t.tensor_type).reshape([int(s) for s in reversed(t.shape)])
             name = t.name

@@ -15,8 +15,7 @@ from .errors import XQError
 
 # ggml type ids of the formats the kernels read directly.
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
-NATIVE_TYPES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", BF16: "BF16"}
-# (elements per block, bytes per block)
+# (elements per block, bytes per block) of the formats the kernels read directly
 BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34)}
 SUPPORTED_ARCHS = ("llama", "mistral")
 # K-quants and friends are converted once at load into Q8_0 (8.5 bits: no visible loss).

@@ -13,7 +13,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ..gguf_model import BF16, F16, F32, Q4_0, Q4_1, Q8_0
+from ..gguf_model import BF16, F16, Q4_0, Q4_1, Q8_0
 
 _OPT = dict(cache=True, fastmath=True, nogil=True)
 _BAND = 32  # rows per parallel work item
