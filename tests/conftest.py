@@ -21,6 +21,12 @@ def byte_vocab():
     return tokens, merges, types
 
 
+# transformers' module names → llama.cpp's GGUF tensor roles
+HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
 def permute_rows(w, n_head):
     """llama.cpp's Q/K row order: HF's rotate-half pairs (i, i+hd/2) become adjacent rows."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -51,9 +57,6 @@ def write_llama_gguf(path, hf_model, qtype="F32", arch="llama", tie=False, vocab
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
     sd = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
     gtype = getattr(gguf.GGMLQuantizationType, qtype)
 
     def put(name, arr):
@@ -70,7 +73,7 @@ def write_llama_gguf(path, hf_model, qtype="F32", arch="llama", tie=False, vocab
     if not tie:
         put("output.weight", sd["lm_head.weight"])
     for i in range(cfg.num_hidden_layers):
-        for hf, gg in names.items():
+        for hf, gg in HF_TO_GGUF.items():
             suffix = ".weight"
             t = sd[f"model.layers.{i}.{hf}{suffix}"]
             if gg == "attn_q":

@@ -41,7 +41,7 @@ def test_batched_prefill_chunks_agree(tiny_gqa):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "F16"])
 def test_quantized_files_match_their_dequantized_weights(qtype, tmp_path):
     """A quantized GGUF runs on the raw blocks; transformers sees the same weights dequantized."""
-    from conftest import tiny_llama, write_llama_gguf
+    from conftest import HF_TO_GGUF, tiny_llama, write_llama_gguf
     from gguf import GGUFReader, dequantize
     model = tiny_llama()
     path = write_llama_gguf(tmp_path / f"{qtype}.gguf", model, qtype=qtype)
@@ -53,10 +53,7 @@ def test_quantized_files_match_their_dequantized_weights(qtype, tmp_path):
             name = t.name
             if name.startswith("blk."):
                 _, i, role, _ = name.split(".")
-                hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-                      "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                      "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-                      "ffn_norm": "post_attention_layernorm"}[role]
+                hf = {gg: hf for hf, gg in HF_TO_GGUF.items()}[role]
                 if role in ("attn_q", "attn_k"):  # undo the row permutation
                     n = model.config.num_attention_heads if role == "attn_q" else model.config.num_key_value_heads
                     w = w.reshape(n, w.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
