@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T, dequantize, quantize
 
-from xqrt.cache import causal_attention
+from xqrt.cache import mixed_attention
 from xqrt.kernels import cpu
 
 rng = np.random.default_rng(0)
@@ -75,7 +75,9 @@ def test_decode_attention_matches_prefill_attention():
     q = rng.standard_normal((n, n_head * hd)).astype(np.float32)
     k = rng.standard_normal((n, n_kv * hd)).astype(np.float32).astype(np.float16)
     v = rng.standard_normal((n, n_kv * hd)).astype(np.float32).astype(np.float16)
-    ref = causal_attention(q, k.astype(np.float32), v.astype(np.float32), 0, n_head, n_kv)
+    bound = np.arange(n) + 1  # every query reads positions ≤ its own from the one history
+    kf, vf = k.astype(np.float32), v.astype(np.float32)
+    ref = mixed_attention(q, 0, kf, vf, kf[:0], vf[:0], bound, bound, n_head, n_kv)
     # direct softmax reference for the last row, one head
     s = q[-1, :hd] @ k[:, :hd].astype(np.float32).T / np.sqrt(hd)
     p = np.exp(s - s.max()); p /= p.sum()

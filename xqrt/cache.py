@@ -6,44 +6,95 @@ new queries over everything stored so far. The engine never sees the storage for
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numba
 import numpy as np
 
+from . import quant
 from .errors import XQError
-from .gguf_model import ModelConfig
+from .factors import layer_factors
+from .gguf_model import Model, ModelConfig
 from .kernels import cpu
 
 
-def causal_attention(q, k, v, pos0, n_head, n_kv_head):
-    """Reference-shaped prefill attention with NumPy BLAS.
+def mixed_attention(q, pos0, k_quant, v_quant, k_exact, v_exact, bound_k, bound_v, n_head, n_kv_head):
+    """Prefill-shaped attention (NumPy BLAS) where each query sees two versions of the history.
 
-    q: (n, n_head·hd) for positions pos0..pos0+n-1; k, v: (pos0+n, n_kv·hd) float32.
+    q: (n, n_head·hd) post-RoPE, for positions pos0 … pos0+n−1. Query i reads position j from
+    k_quant[j] / v_quant[j] when j < bound_k[i] / bound_v[i], else from the exact rows
+    k_exact[j − e_k] / v_exact[j − e_v], which end at pos0+n−1 (e = end − len(exact)).
+    Keys are post-RoPE. A plain cache passes everything as "quant" with bounds at j ≤ i.
     """
-    n, n_ctx = q.shape[0], k.shape[0]
+    n, end = q.shape[0], pos0 + q.shape[0]
     hd = q.shape[1] // n_head
     group = n_head // n_kv_head
     qh = q.reshape(n, n_kv_head, group, hd).transpose(1, 2, 0, 3).reshape(n_kv_head, group * n, hd)
-    kh = k.reshape(n_ctx, n_kv_head, hd).transpose(1, 2, 0)
-    vh = v.reshape(n_ctx, n_kv_head, hd).transpose(1, 0, 2)
-    scores = np.matmul(qh, kh) * np.float32(1.0 / np.sqrt(hd))  # (n_kv, group·n, n_ctx)
-    scores = scores.reshape(n_kv_head, group, n, n_ctx)
-    future = np.arange(n_ctx)[None, :] > (pos0 + np.arange(n))[:, None]
-    scores[:, :, future] = -np.inf
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    out = np.matmul(scores.reshape(n_kv_head, group * n, n_ctx), vh)  # (n_kv, group·n, hd)
+    pos = pos0 + np.arange(n)
+    scale = np.float32(1.0 / np.sqrt(hd))
+
+    def scores_of(keys):
+        kh = keys.reshape(len(keys), n_kv_head, hd).transpose(1, 2, 0)
+        return (np.matmul(qh, kh) * scale).reshape(n_kv_head, group, n, len(keys))
+
+    s = np.full((n_kv_head, group, n, end), -np.inf, np.float32)
+    hq, ek = len(k_quant), end - len(k_exact)
+    if hq:
+        cols = np.arange(hq)
+        s[..., :hq] = np.where(cols[None, :] < bound_k[:, None], scores_of(k_quant), -np.inf)
+    if len(k_exact):
+        cols = np.arange(ek, end)
+        use = (cols[None, :] >= bound_k[:, None]) & (cols[None, :] <= pos[:, None])
+        s[..., ek:] = np.where(use, scores_of(k_exact), s[..., ek:])
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    out = np.zeros((n_kv_head, group * n, hd), np.float32)
+
+    def add(weights, values):
+        vh = values.reshape(len(values), n_kv_head, hd).transpose(1, 0, 2)
+        out[...] += np.matmul(weights.reshape(n_kv_head, group * n, len(values)), vh)
+
+    hv, ev = len(v_quant), end - len(v_exact)
+    if hv:
+        add(np.where(np.arange(hv)[None, :] < bound_v[:, None], s[..., :hv], 0.0), v_quant)
+    if len(v_exact):
+        add(np.where(np.arange(ev, end)[None, :] >= bound_v[:, None], s[..., ev:], 0.0), v_exact)
     return out.reshape(n_kv_head, group, n, hd).transpose(2, 0, 1, 3).reshape(n, n_head * hd)
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """How a quantized cache stores its history (fp16 ignores all of it)."""
+    bits: int = 4  # 2, 3, 4, 8; 16 / 32 store floats ("quantization off")
+    group: int | None = None  # G; None: the largest power of two ≤ 128 dividing the cached widths
+    residual: int | None = None  # R: recent tokens kept exact, a multiple of G (None: G; 0: none)
+    base_layers: int | None = None  # XQuant-CL: layers at ≥ 4 bits, the last seeding Â (None: 3)
+    simulated: bool = False  # evaluation only: every K/V read from the quantized cache, no tail
+
+    def __post_init__(self):
+        if self.bits not in quant.BITS:
+            raise XQError(f"--bits {self.bits} is not supported (choose from 2, 3, 4, 8; 16/32 store floats)")
+
+
+def default_group(config: ModelConfig) -> int:
+    g = 128
+    while g > 8 and (config.d_model % g or config.kv_dim % g):
+        g //= 2
+    return g
 
 
 class Cache:
     """One sequence's attention state. Subclasses decide what is stored and how it is read."""
     mode = ""
 
-    def __init__(self, config: ModelConfig, n_ctx: int):
-        self.config = config
+    def __init__(self, model: Model, n_ctx: int, options: CacheOptions = CacheOptions()):
+        self.config = model.config
+        self.inv_freq = model.rope_freqs
         self.n_ctx = n_ctx
+        self.options = options
         self.n_tokens = 0  # positions [0, n_tokens) are stored
-        self._scores = np.zeros((config.n_head, n_ctx), np.float32)
+        self._scores = np.zeros((self.config.n_head, n_ctx), np.float32)
 
     def check_room(self, pos0: int, n: int):
         if pos0 != self.n_tokens:
@@ -52,7 +103,9 @@ class Cache:
             raise XQError(f"context full: {pos0 + n} tokens exceed the context size {self.n_ctx} (raise --ctx)")
 
     def attend(self, layer: int, pos0: int, xn, q, k, v) -> np.ndarray:
-        """Store the new tokens of `layer` and return attention outputs (n, q_dim)."""
+        """Store the new tokens of `layer` and return attention outputs (n, q_dim).
+
+        xn: the layer's normalized input (what XQuant stores); q: post-RoPE; k: pre-RoPE; v."""
         raise NotImplementedError
 
     def advance(self, n: int):
@@ -72,14 +125,17 @@ class Cache:
     def bytes_per_token(self) -> float:
         return self.nbytes() / max(self.n_tokens, 1)
 
+    def describe(self) -> str:
+        return self.mode
+
 
 class FP16KV(Cache):
     """The baseline: post-RoPE K and V as IEEE half floats."""
     mode = "fp16"
 
-    def __init__(self, config: ModelConfig, n_ctx: int):
-        super().__init__(config, n_ctx)
-        shape = (config.n_layer, n_ctx, config.kv_dim)
+    def __init__(self, model, n_ctx, options=CacheOptions()):
+        super().__init__(model, n_ctx, options)
+        shape = (self.config.n_layer, n_ctx, self.config.kv_dim)
         # np.zeros maps pages lazily: memory is committed as the context fills.
         self.k = np.zeros(shape, np.uint16)
         self.v = np.zeros(shape, np.uint16)
@@ -87,6 +143,8 @@ class FP16KV(Cache):
     def attend(self, layer, pos0, xn, q, k, v):
         c, n = self.config, q.shape[0]
         end = pos0 + n
+        k = k.copy()
+        cpu.rope_rows(k, c.n_kv_head, c.head_dim, pos0, self.inv_freq)
         cpu.to_f16(k, self.k[layer, pos0:end])
         cpu.to_f16(v, self.v[layer, pos0:end])
         if n == 1:
@@ -96,17 +154,415 @@ class FP16KV(Cache):
             return out
         keys = self.k[layer, :end].view(np.float16).astype(np.float32)
         values = self.v[layer, :end].view(np.float16).astype(np.float32)
-        return causal_attention(q, keys, values, pos0, c.n_head, c.n_kv_head)
+        bound = np.arange(pos0, end) + 1
+        empty = keys[:0]
+        return mixed_attention(q, pos0, keys, values, empty, empty, bound, bound, c.n_head, c.n_kv_head)
 
     def nbytes(self):
         c = self.config
         return 2 * 2 * c.kv_dim * c.n_layer * self.n_tokens
 
 
-CACHE_MODES = {"fp16": FP16KV}
+class Stream:
+    """Packed latent vectors of one layer, one per position (xqrt.quant's format).
+
+    per_channel: groups run along G consecutive positions of each channel (KIVI's keys; a group is
+    written once its G positions exist). Otherwise along the vector, one token at a time.
+    """
+
+    def __init__(self, n_ctx: int, width: int, bits: int, group: int, per_channel: bool):
+        self.width, self.bits, self.group, self.per_channel = width, bits, group, per_channel
+        quantized = bits <= 8
+        if per_channel:
+            n_groups = -(-n_ctx // group)
+            self.codes = np.zeros((n_groups, width, quant.row_bytes(group, bits)), np.uint8)
+            self.scale = np.zeros((n_groups, width, int(quantized)), np.uint16)
+        else:
+            self.codes = np.zeros((n_ctx, 1, quant.row_bytes(width, bits)), np.uint8)
+            self.scale = np.zeros((n_ctx, 1, quant.n_scales(width, bits, group)), np.uint16)
+        self.zero = np.zeros_like(self.scale)
+
+    def write(self, pos0: int, rows: np.ndarray):
+        """Per-token: quantize rows for positions pos0…. Per-channel: rows are the positions of
+        one group starting at pos0 (a multiple of G); fewer than G only in simulated mode."""
+        rows = np.ascontiguousarray(rows, np.float32)
+        if self.per_channel:
+            g = pos0 // self.group
+            block = np.empty((self.group, self.width), np.float32)
+            block[:len(rows)] = rows
+            block[len(rows):] = rows[:1]  # padding that leaves the min/max unchanged
+            quant.quantize_rows(np.ascontiguousarray(block.T), self.bits, self.group, self.codes[g],
+                                self.scale[g], self.zero[g])
+        else:
+            end = pos0 + len(rows)
+            quant.quantize_rows(rows, self.bits, self.group, self.codes[pos0:end, 0], self.scale[pos0:end, 0],
+                                self.zero[pos0:end, 0])
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Dequantized rows of positions [lo, hi), float32."""
+        if not self.per_channel:
+            out = np.empty((hi - lo, self.width), np.float32)
+            quant.dequantize_rows(self.codes[lo:hi, 0], self.scale[lo:hi, 0], self.zero[lo:hi, 0], self.bits,
+                                  self.group, out)
+            return out
+        g0, g1 = lo // self.group, -(-hi // self.group)
+        cols = np.empty((g1 - g0, self.width, self.group), np.float32)
+        for g in range(g0, g1):
+            quant.dequantize_rows(self.codes[g], self.scale[g], self.zero[g], self.bits, self.group, cols[g - g0])
+        rows = cols.transpose(0, 2, 1).reshape(-1, self.width)
+        return rows[lo - g0 * self.group:hi - g0 * self.group]
+
+    def nbytes(self, n_positions: int) -> int:
+        """Bytes held for n written positions (per-channel: its complete groups)."""
+        if self.per_channel:
+            n_groups = n_positions // self.group
+            return n_groups * (self.codes[0].nbytes + self.scale[0].nbytes + self.zero[0].nbytes)
+        return n_positions * (self.codes[0].nbytes + self.scale[0].nbytes + self.zero[0].nbytes)
+
+    def kernel_args(self):
+        return self.codes, self.scale, self.zero, self.bits
 
 
-def make_cache(mode: str, config: ModelConfig, n_ctx: int) -> Cache:
+@dataclass
+class _Layer:
+    """How one layer turns its inputs into latents and latents back into K and V.
+
+    Latents: KIVI's are K (pre-RoPE) and V themselves; XQuant's are x·uk and x·uv (GQA) or x
+    itself for both (MHA, `shared`). K = z_k·mk, V = z_v·mv (None: the identity).
+    """
+    uk: np.ndarray | None
+    uv: np.ndarray | None
+    mk: np.ndarray | None
+    mv: np.ndarray | None
+    shared: bool
+    key: Stream | None = None  # quantized latents (KIVI / XQuant layers)
+    value: Stream | None = None
+    delta: Stream | None = None  # XQuant-CL layers: Q(Δ) instead, read through the accumulator
+    ukv: np.ndarray | None = None  # d × r, None: Δ is taken in x space (MHA)
+    seed: bool = False  # the delta is taken against zero: this layer seeds the accumulator
+    wk: np.ndarray | None = None  # accumulator → K / V (XQuant-CL)
+    wv: np.ndarray | None = None
+
+    def latents(self, xn, k, v):
+        if self.uk is None and not self.shared:
+            return k, v
+        if self.shared:
+            return xn, xn
+        return matmul(xn, self.uk), matmul(xn, self.uv)
+
+    def keys(self, z):
+        return matmul(z, self.mk)
+
+    def values(self, z):
+        return matmul(z, self.mv)
+
+    @property
+    def key_per_channel(self):
+        return self.key is not None and self.key.per_channel
+
+
+_EMPTY = np.zeros((0, 0), np.float32)
+
+
+def _or_empty(m):
+    return _EMPTY if m is None else m
+
+
+def matmul(x: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+    """x · m (m None: x). A decode step's few rows go through Numba, not BLAS: BLAS threads left
+    spinning after a call would take the cores from the next Numba kernel."""
+    if m is None:
+        return x
+    if len(x) > 4:
+        return x @ m
+    out = np.empty((len(x), m.shape[1]), np.float32)
+    cpu.project(np.ascontiguousarray(x, np.float32), m, out)
+    return out
+
+
+class LatentCache(Cache):
+    """KIVI* and XQuant: each layer's history as packed latents, K/V rebuilt when attended.
+
+    A token's latents are quantized as soon as they are complete (per-token streams at once,
+    per-channel groups when G positions exist), and kept exact in a small ring while they are
+    among the recent ones the residual rule shows exactly: query t reads position j quantized
+    when j < bound(t) and exact otherwise, with
+        bound(t) = G·max(⌊t/G⌋ − (R/G − 1), 0)   (R ≥ G: the recent groups exact)
+        bound(t) = t + 1 for per-token streams when R = 0 (everything quantized at once),
+    and bound(t) = t + 1 for every stream in simulated mode.
+    """
+
+    def __init__(self, model, n_ctx, options=CacheOptions(), log=None):
+        super().__init__(model, n_ctx, options)
+        c = self.config
+        o = options
+        self.bits = o.bits
+        self.group = G = default_group(c) if o.group is None else int(o.group)
+        self.residual = R = G if o.residual is None else int(o.residual)
+        if G <= 0 or G % 8:
+            raise XQError(f"--group {G} must be a positive multiple of 8")
+        if R < 0 or R % G:
+            raise XQError(f"--residual {R} must be 0 or a multiple of the group size {G}")
+        self.simulated = o.simulated
+        self.layers = self._plan(model, log)
+        for w in sorted({s.width for L in self.layers for s in (L.key, L.value, L.delta)
+                         if s is not None and not s.per_channel}):
+            if w % G:
+                raise XQError(f"--group {G} does not divide the cached width {w} of this model "
+                              f"(default for it: {default_group(c)})")
+        self._ring_size = max(R, G)
+        # The exact tail is fp16, as KIVI keeps it; float32 only when quantization is off.
+        self._tail_dtype = np.float32 if self.bits == 32 else np.float16
+        self._ring = [self._new_ring(L) for L in self.layers]
+        self._n_threads = numba.get_num_threads()
+
+    def _plan(self, model, log):
+        c = self.config
+        if c.n_kv_head == c.n_head:
+            f = layer_factors(model)
+            return [self._layer(None, None, f[i].wk, f[i].wv, True, self.bits) for i in range(c.n_layer)]
+        f = layer_factors(model, log)
+        return [self._layer(L.uk, L.uv, L.mk, L.mv, False, self.bits) for L in f]
+
+    def _layer(self, uk, uv, mk, mv, shared, bits, with_streams=True) -> _Layer:
+        L = _Layer(uk, uv, mk, mv, shared)
+        if with_streams:
+            G, n = self.group, self.n_ctx
+            if shared:
+                L.key = L.value = Stream(n, self.config.d_model, bits, G, per_channel=False)
+            else:
+                wk = self.config.kv_dim if uk is None else uk.shape[1]
+                wv = self.config.kv_dim if uv is None else uv.shape[1]
+                L.key = Stream(n, wk, bits, G, per_channel=True)
+                L.value = Stream(n, wv, bits, G, per_channel=False)
+        return L
+
+    def _latent_widths(self, L: _Layer):
+        if L.shared:
+            return self.config.d_model, self.config.d_model
+        kv = self.config.kv_dim
+        return (kv if L.uk is None else L.uk.shape[1]), (kv if L.uv is None else L.uv.shape[1])
+
+    def _new_ring(self, L: _Layer):
+        wk, wv = self._latent_widths(L)
+        rk = np.zeros((self._ring_size, wk), self._tail_dtype)
+        return (rk, rk) if L.shared else (rk, np.zeros((self._ring_size, wv), self._tail_dtype))
+
+    # ---- which positions a query reads exactly -------------------------------------------------
+    def _bound(self, t, per_channel: bool):
+        t = np.asarray(t)
+        G, R = self.group, self.residual
+        if self.simulated or (R == 0 and not per_channel):
+            return t + 1
+        return G * np.maximum(t // G - max(R // G - 1, 0), 0)
+
+    def _keep_from(self, L: _Layer, end: int) -> int:
+        """Lowest position whose exact latents a later query (or an unfinished group) needs."""
+        lo = min(int(self._bound(end, L.key_per_channel)), int(self._bound(end, False)))
+        if L.key_per_channel:
+            lo = min(lo, end // self.group * self.group)
+        return min(lo, end)
+
+    # ---- storage -------------------------------------------------------------------------------
+    def _ring_rows(self, ring, lo, hi):
+        idx = np.arange(lo, hi) % self._ring_size
+        return ring[idx].astype(np.float32)
+
+    def _store(self, layer, pos0, zk, zv):
+        """Quantize the new latents, keep the exact ones the bounds need; returns the exact latents
+        of positions [lo, end) (old ring rows + new) and lo."""
+        L = self.layers[layer]
+        rk, rv = self._ring[layer]
+        n, end = len(zk), pos0 + len(zk)
+        zk = zk.astype(self._tail_dtype).astype(np.float32)
+        zv = zk if L.shared else zv.astype(self._tail_dtype).astype(np.float32)
+        lo = min(self._keep_from(L, pos0), pos0)
+        ek = np.concatenate([self._ring_rows(rk, lo, pos0), zk])
+        ev = ek if L.shared else np.concatenate([self._ring_rows(rv, lo, pos0), zv])
+        self._quantize(L, layer, pos0, end, lo, ek, ev, zk, zv)
+        keep = max(self._keep_from(L, end), end - self._ring_size)
+        idx = np.arange(keep, end) % self._ring_size
+        rk[idx] = ek[keep - lo:]
+        if not L.shared:
+            rv[idx] = ev[keep - lo:]
+        return lo, ek, ev
+
+    def _quantize(self, L, layer, pos0, end, lo, ek, ev, zk, zv):
+        if L.key.per_channel:
+            G = self.group
+            last = end if self.simulated else end // G * G
+            for g0 in range(pos0 // G * G, last, G):
+                L.key.write(g0, ek[g0 - lo:min(g0 + G, end) - lo])
+        else:
+            L.key.write(pos0, zk)
+        if not L.shared:
+            L.value.write(pos0, zv)
+
+    # ---- attention -----------------------------------------------------------------------------
+    def attend(self, layer, pos0, xn, q, k, v):
+        L = self.layers[layer]
+        zk, zv = L.latents(xn, k, v)
+        lo, ek, ev = self._store(layer, pos0, zk, zv)
+        n, end = q.shape[0], pos0 + q.shape[0]
+        c = self.config
+        if n == 1 and not self.simulated:
+            return self._attend_one(layer, L, pos0, q, lo, ek, ev)
+        pos = np.arange(pos0, end)
+        bk, bv = self._bound(pos, L.key_per_channel), self._bound(pos, False)
+        hk, hv = int(bk[-1]), int(bv[-1])
+        kq, vq = self._quantized_kv(layer, L, hk, hv)
+        kq = np.array(kq, np.float32)
+        cpu.rope_rows(kq, c.n_kv_head, c.head_dim, 0, self.inv_freq)
+        lk, lv = int(bk[0]), int(bv[0])
+        ke = np.array(L.keys(ek[lk - lo:]), np.float32)
+        cpu.rope_rows(ke, c.n_kv_head, c.head_dim, lk, self.inv_freq)
+        ve = L.values(ev[lv - lo:])
+        return mixed_attention(q, pos0, kq, vq, ke, ve, bk, bv, c.n_head, c.n_kv_head)
+
+    def _quantized_kv(self, layer, L, hk, hv):
+        """Pre-RoPE keys of positions [0, hk) and values of [0, hv) from the quantized latents."""
+        return L.keys(L.key.read(0, hk)), L.values(L.value.read(0, hv))
+
+    def _attend_one(self, layer, L, pos, q, lo, ek, ev):
+        c = self.config
+        bk, bv = int(self._bound(pos, L.key_per_channel)), int(self._bound(pos, False))
+        key, value, mk, mv = self._kernel_streams(layer, L, pos + 1)
+        out = np.empty((1, c.q_dim), np.float32)
+        kc, ks, kz, kb = key.kernel_args()
+        vc, vs, vz, vb = value.kernel_args()
+        cpu.attend_latent(q[0], pos, kc, ks, kz, kb, key.per_channel, key.width, mk, bk,
+                          vc, vs, vz, vb, value.width, mv, bv, self.group,
+                          np.ascontiguousarray(ek[bk - lo:]), _or_empty(L.mk),
+                          np.ascontiguousarray(ev[bv - lo:]), _or_empty(L.mv),
+                          self.inv_freq, c.n_head, c.n_kv_head, c.head_dim, self._n_threads, self._scores, out[0])
+        return out
+
+    def _kernel_streams(self, layer, L, end):
+        """The streams the decode kernel rebuilds from, with their rebuild matrices."""
+        return L.key, L.value, _or_empty(L.mk), _or_empty(L.mv)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def truncate(self, n_tokens):
+        """Cut back to a group boundary whose exact tail the ring still holds (else to 0)."""
+        n_tokens = min(self.n_tokens, n_tokens)
+        if n_tokens == self.n_tokens:
+            return n_tokens
+        cut = n_tokens // self.group * self.group
+        held = [max(self._keep_from(L, self.n_tokens), self.n_tokens - self._ring_size) for L in self.layers]
+        ok = all(self._keep_from(L, cut) >= lo for L, lo in zip(self.layers, held))
+        self.n_tokens = cut if ok else 0
+        return self.n_tokens
+
+    def _ring_bytes(self, L, end):
+        wk, wv = self._latent_widths(L)
+        rows = end - self._keep_from(L, end)
+        return rows * np.dtype(self._tail_dtype).itemsize * (wk if L.shared else wk + wv)
+
+    def nbytes(self):
+        n, total = self.n_tokens, 0
+        for L in self.layers:
+            for s in {id(x): x for x in (L.key, L.value, L.delta) if x is not None}.values():
+                total += s.nbytes(n)
+            total += self._ring_bytes(L, n)
+        return total
+
+    def describe(self):
+        tail = "no tail (simulated)" if self.simulated else f"residual {self.residual}"
+        return f"{self.mode} {self.bits}-bit, group {self.group}, {tail}"
+
+
+class KIVI(LatentCache):
+    """KIVI*: keys per-channel before RoPE (groups of G positions), values per-token."""
+    mode = "kivi"
+
+    def _plan(self, model, log):
+        return [self._layer(None, None, None, None, False, self.bits) for _ in range(self.config.n_layer)]
+
+
+class XQuant(LatentCache):
+    """XQuant: X̂ per-token (MHA), or the SVD latents x·uk per-channel and x·uv per-token (GQA)."""
+    mode = "xquant"
+
+
+class XQuantCL(LatentCache):
+    """XQuant-CL: the first base layers as XQuant at ≥ 4 bits; from the last of them on, each
+    layer stores Q((x − Â)·ukv) per-token and the accumulator Â ← Â + Δ̂·ukvᵀ (MHA: no ukv)
+    rebuilds K and V. Â is working memory for all positions (fp16; float32 when bits = 32), and
+    counted in nbytes."""
+    mode = "xquant-cl"
+
+    def _plan(self, model, log):
+        c = self.config
+        n_base = min(3, c.n_layer) if self.options.base_layers is None else int(self.options.base_layers)
+        if not 1 <= n_base <= c.n_layer:
+            raise XQError(f"--base-layers {n_base} must be between 1 and {c.n_layer}")
+        self.base_layers = n_base
+        gqa = c.n_kv_head < c.n_head
+        f = layer_factors(model, log if gqa else None)
+        base_bits = max(4, self.bits)
+        layers = []
+        for i, F in enumerate(f):
+            if gqa:
+                L = self._layer(F.uk, F.uv, F.mk, F.mv, False, base_bits, with_streams=i < n_base - 1)
+            else:
+                L = self._layer(None, None, F.wk, F.wv, True, base_bits, with_streams=i < n_base - 1)
+            if i >= n_base - 1:
+                L.ukv = F.ukv if gqa else None
+                width = c.d_model if L.ukv is None else L.ukv.shape[1]
+                bits = base_bits if i == n_base - 1 else self.bits
+                L.delta = Stream(self.n_ctx, width, bits, self.group, per_channel=False)
+                L.seed = i == n_base - 1
+                L.wk, L.wv = F.wk, F.wv
+            layers.append(L)
+        self.acc = Stream(self.n_ctx, c.d_model, 32 if self.bits == 32 else 16, self.group, per_channel=False)
+        self._ukv_t = [_EMPTY if L.ukv is None else np.ascontiguousarray(L.ukv.T) for L in layers]
+        return layers
+
+    def _quantize(self, L, layer, pos0, end, lo, ek, ev, zk, zv):
+        if L.delta is None:
+            return super()._quantize(L, layer, pos0, end, lo, ek, ev, zk, zv)
+        # the new tokens' Δ against the accumulator as it stands after the previous layer
+        x = self._xn
+        if not L.seed:
+            x = x - self.acc.read(pos0, end)
+        L.delta.write(pos0, matmul(x, L.ukv))
+        self._accumulate(layer, L, end)
+
+    def _accumulate(self, layer, L, end):
+        dc, ds, dz, db = L.delta.kernel_args()
+        ac, _, _, ab = self.acc.kernel_args()
+        cpu.accumulate(ac, ab, dc, ds, dz, db, L.delta.width, self.group, self._ukv_t[layer], end, L.seed)
+
+    def attend(self, layer, pos0, xn, q, k, v):
+        self._xn = xn
+        return super().attend(layer, pos0, xn, q, k, v)
+
+    def _quantized_kv(self, layer, L, hk, hv):
+        if L.delta is None:
+            return super()._quantized_kv(layer, L, hk, hv)
+        a = self.acc.read(0, max(hk, hv))
+        return a[:hk] @ L.wk, a[:hv] @ L.wv
+
+    def _kernel_streams(self, layer, L, end):
+        if L.delta is None:
+            return super()._kernel_streams(layer, L, end)
+        return self.acc, self.acc, L.wk, L.wv
+
+    def _keep_from(self, L, end):
+        if L.delta is not None:
+            return min(int(self._bound(end, False)), end)
+        return super()._keep_from(L, end)
+
+    def nbytes(self):
+        return super().nbytes() + self.acc.nbytes(self.n_tokens)
+
+
+CACHE_MODES = {"fp16": FP16KV, "kivi": KIVI, "xquant": XQuant, "xquant-cl": XQuantCL}
+
+
+def make_cache(mode: str, model: Model, n_ctx: int, options: CacheOptions = CacheOptions(), log=None) -> Cache:
     if mode not in CACHE_MODES:
         raise XQError(f"unknown cache mode {mode!r} (choose from: {', '.join(CACHE_MODES)})")
-    return CACHE_MODES[mode](config, n_ctx)
+    if mode == "fp16":
+        return FP16KV(model, n_ctx, options)
+    return CACHE_MODES[mode](model, n_ctx, options, log)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
 
-from .cache import Cache, make_cache
+from .cache import Cache, CacheOptions, make_cache
 from .errors import XQError
+from .factors import stderr_log
 from .gguf_model import Model, QMatrix, load_model
 from .kernels import cpu
 from .sampler import Sampler, SamplingParams
@@ -45,14 +46,15 @@ class Stats:
 def kernels_compiled() -> bool:
     """Whether Numba's on-disk cache already holds the kernels (so start-up is fast)."""
     try:
-        return all(os.path.exists(k._cache._cache_file._index_path) for k in (cpu.matvec, cpu.attn_in, cpu.attend_f16))
+        return all(os.path.exists(k._cache._cache_file._index_path) for k in (cpu.matvec, cpu.attn_in, cpu.attend_f16, cpu.attend_latent))
     except AttributeError:  # a Numba without these internals: assume the worst, say nothing wrong
         return False
 
 
 class Engine:
-    def __init__(self, model: str | Model, ctx: int | None = None, cache: str = "fp16", threads: int | None = None,
-                 batch: int = 512, verbose: bool = False):
+    def __init__(self, model: str | Model, ctx: int | None = None, cache: str = "fp16", bits: int = 4,
+                 group: int | None = None, residual: int | None = None, base_layers: int | None = None,
+                 threads: int | None = None, batch: int = 512, verbose: bool = False):
         self.model = model if isinstance(model, Model) else load_model(str(model))
         self.config = c = self.model.config
         self.tokenizer = Tokenizer(self.model.metadata)
@@ -60,6 +62,8 @@ class Engine:
         if self.n_ctx <= 0:
             raise XQError(f"invalid context size {self.n_ctx}")
         self.cache_mode = cache
+        self.cache_options = CacheOptions(bits=bits, group=group, residual=residual, base_layers=base_layers)
+        self._log = stderr_log if verbose else None
         self.batch = max(1, int(batch))
         if threads:
             import numba
@@ -87,8 +91,11 @@ class Engine:
             print("xqrt: compiling kernels (first run only, about a minute)...", file=sys.stderr, flush=True)
 
     # ---- forward ----------------------------------------------------------------------------
-    def new_cache(self, mode: str | None = None) -> Cache:
-        return make_cache(mode or self.cache_mode, self.config, self.n_ctx)
+    def new_cache(self, mode: str | None = None, **options) -> Cache:
+        """A fresh cache; `options` override this engine's CacheOptions (bits, group, residual,
+        base_layers, simulated)."""
+        opts = replace(self.cache_options, **options)
+        return make_cache(mode or self.cache_mode, self.model, self.n_ctx, opts, self._log)
 
     def _dense(self, m: QMatrix) -> np.ndarray:
         """W as float32 (rows × cols) in a reused buffer: prefill reuses each weight across tokens."""
@@ -131,7 +138,6 @@ class Engine:
             k = self._matmul(xn, L.wk)
             v = self._matmul(xn, L.wv)
             cpu.rope_rows(q, c.n_head, c.head_dim, pos0, m.rope_freqs)
-            cpu.rope_rows(k, c.n_kv_head, c.head_dim, pos0, m.rope_freqs)
             attn = cache.attend(i, pos0, xn, q, k, v)
             x += self._matmul(attn, L.wo)
             cpu.rmsnorm_rows(x, L.ffn_norm, c.norm_eps, xn)
@@ -177,9 +183,9 @@ class Engine:
                 return out[-1]
         return np.concatenate(chunks)
 
-    def logits(self, tokens, cache_mode: str | None = None) -> np.ndarray:
+    def logits(self, tokens, cache_mode: str | None = None, **options) -> np.ndarray:
         """Logits for every position of `tokens`, on a fresh cache: (n, vocab)."""
-        return self.forward(tokens, self.new_cache(cache_mode), all_logits=True)
+        return self.forward(tokens, self.new_cache(cache_mode, **options), all_logits=True)
 
     # ---- generation ---------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int] | list[dict], chat: bool = False) -> list[int]:

@@ -7,6 +7,7 @@ tensor names onto a `Model`.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,7 +88,7 @@ class Model:
     rope_freqs: np.ndarray  # float32 (rope_dim/2,) inverse frequencies, scaling applied
     metadata: dict = field(default_factory=dict)  # scalar/str keys; arrays only for the tokenizer
     path: str = ""
-    extra_tensors: dict = field(default_factory=dict)  # other global tensors (e.g. xquant.*), as read
+    extra_tensors: dict = field(default_factory=dict)  # tensors not named above (e.g. blk.N.xq_*), as read
 
 
 def _field_value(f):
@@ -234,6 +235,22 @@ def rope_inv_freqs(cfg: ModelConfig, freq_factors: np.ndarray | None) -> np.ndar
     return inv.astype(np.float32)
 
 
+_LAYER_ROLE = re.compile(r"blk\.\d+\.(attn_norm|attn_q|attn_k|attn_v|attn_output|ffn_norm|ffn_gate|ffn_up|ffn_down)\.weight")
+
+
+def float_tensor(model: Model, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """An extra tensor as float32 of exactly `shape` (None when absent), validated."""
+    t = model.extra_tensors.get(name)
+    if t is None:
+        return None
+    got = tuple(int(s) for s in reversed(t.shape))
+    if got != tuple(shape):
+        raise XQError(f"{model.path}: tensor {name!r} has shape {list(got)}, expected {list(shape)}")
+    if int(t.tensor_type) not in (F32, F16):
+        raise XQError(f"{model.path}: tensor {name!r} must be F32 or F16")
+    return np.asarray(t.data).astype(np.float32).reshape(shape)
+
+
 def load_model(path: str) -> Model:
     reader, md = read_gguf(path)
     cfg = parse_config(md)
@@ -270,5 +287,5 @@ def load_model(path: str) -> Model:
     return Model(
         config=cfg, tok_embd=tok_embd, layers=layers, out_norm=need("output_norm.weight", (d,)), output=output,
         rope_freqs=rope_inv_freqs(cfg, freq_factors), metadata=md, path=path,
-        extra_tensors={n: t for n, t in tensors.items() if n not in known and not n.startswith("blk.")},
+        extra_tensors={n: t for n, t in tensors.items() if n not in known and not _LAYER_ROLE.fullmatch(n)},
     )

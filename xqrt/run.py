@@ -10,6 +10,20 @@ import sys
 from .errors import XQError
 
 
+def add_cache_args(ap: argparse.ArgumentParser):
+    from .cache import CACHE_MODES
+    g = ap.add_argument_group("cache")
+    g.add_argument("--cache", default="fp16", metavar="MODE", help=f"cache mode: {', '.join(CACHE_MODES)} (default fp16)")
+    g.add_argument("--bits", type=int, default=4, metavar="B",
+                   help="bits per cached value: 2, 3, 4, 8 (16/32: floats, quantization off); default 4")
+    g.add_argument("--group", type=int, default=None, metavar="G",
+                   help="quantization group size (default: the largest power of two <= 128 dividing the model)")
+    g.add_argument("--residual", type=int, default=None, metavar="R",
+                   help="recent tokens kept exact, 0 or a multiple of G (default G)")
+    g.add_argument("--base-layers", type=int, default=None, metavar="N",
+                   help="xquant-cl: first layers stored at >= 4 bits, the last seeding the accumulator (default 3)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m xqrt.run", description="Run a GGUF model with an XQuant cache.")
     ap.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
@@ -26,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("-c", "--ctx", type=int, default=None, help="context size in tokens (default: min(train, 4096))")
     ap.add_argument("-t", "--threads", type=int, default=None)
-    ap.add_argument("--cache", default="fp16", help="cache mode")
+    add_cache_args(ap)
     ap.add_argument("--chat", action="store_true", help="interactive chat with the model's template")
     ap.add_argument("--system", default=None, help="system message for --chat")
     return ap
@@ -41,7 +55,7 @@ def _generate(engine, args, prompt, chat=False):
 
 
 def _summary(engine):
-    print(f"\nxqrt: {engine.stats.summary(engine.cache_mode, engine.fp16_bytes_per_token())}", file=sys.stderr)
+    print(f"\nxqrt: {engine.stats.summary(engine.cache.describe(), engine.fp16_bytes_per_token())}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -50,7 +64,8 @@ def main(argv=None) -> int:
         from .default_model import default_model_path
         from .engine import Engine
         path = args.model or default_model_path()
-        engine = Engine(path, ctx=args.ctx, cache=args.cache, threads=args.threads, verbose=True)
+        engine = Engine(path, ctx=args.ctx, cache=args.cache, bits=args.bits, group=args.group,
+                        residual=args.residual, base_layers=args.base_layers, threads=args.threads, verbose=True)
         if not args.chat:
             prompt = open(args.file, encoding="utf-8").read() if args.file else args.prompt
             for _ in _generate(engine, args, prompt):

@@ -9,35 +9,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from ..gguf_model import BF16, F16, Q4_0, Q4_1, Q8_0
+from ..quant import dequantize_row as dequantize_latent, quantize_row as quantize_latent
+from .bits import f16_to_f32, f32_to_f16, u32_as_f32
 
 _OPT = dict(cache=True, fastmath=True, nogil=True)
 _BAND = 32  # rows per parallel work item
-
-
-@intrinsic
-def f16_to_f32(typingctx, bits):
-    def codegen(context, builder, sig, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-    return types.float32(types.uint16), codegen
-
-
-@intrinsic
-def f32_to_f16(typingctx, value):
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-    return types.uint16(types.float32), codegen
-
-
-@intrinsic
-def u32_as_f32(typingctx, bits):
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.uint32), codegen
 
 
 @njit(inline="always", **_OPT)
@@ -229,14 +208,14 @@ def silu_mul_rows(gate, up, out):
 @njit(**_OPT)
 def attn_in(x, norm_w, eps, wq, tq, wk, tk, wv, tv, pos, inv_freq, n_head, n_kv_head, head_dim,
             xn, xsum, q, k, v):
-    """Decode step, attention half-entry: xn = RMSNorm(x); q, k, v = xn·W; RoPE on q and k."""
+    """Decode step, attention half-entry: xn = RMSNorm(x); q, k, v = xn·W; RoPE on q (the cache
+    rotates k: KIVI stores it unrotated)."""
     rmsnorm(x, norm_w, eps, xn)
     block_sums(xn, xsum)
     matvec(wq, tq, xn, xsum, q)
     matvec(wk, tk, xn, xsum, k)
     matvec(wv, tv, xn, xsum, v)
     rope(q, n_head, head_dim, np.float64(pos), inv_freq)
-    rope(k, n_kv_head, head_dim, np.float64(pos), inv_freq)
 
 
 @njit(**_OPT)
@@ -307,3 +286,180 @@ def to_f16(x, out):
     for t in range(x.shape[0]):
         for j in range(x.shape[1]):
             out[t, j] = f32_to_f16(x[t, j])
+
+
+# ---- XQuant / KIVI caches: rematerialize inside attention ---------------------------------------
+# A latent stream holds one vector per position, packed by xqrt.quant, as a 3-D code array:
+#   per-token:   codes[pos, 0, :]  (scales [pos, 0, :])   — groups run along the vector;
+#   per-channel: codes[blk, ch, :] (scales [blk, ch, :])  — channel ch of G positions per group.
+# The rebuild matrix m turns latent rows into K or V rows (an empty m means the latent is K or V).
+
+
+@njit(inline="always", **_OPT)
+def _latent_rows(codes, scale, zero, bits, group, per_channel, t0, t1, column, lat):
+    """Latents of positions [t0, t1) (inside one group of G) → lat[:t1 - t0]."""
+    if per_channel:
+        b = t0 // group
+        for c in range(lat.shape[1]):
+            dequantize_latent(codes[b, c], scale[b, c], zero[b, c], bits, group, column)
+            for t in range(t1 - t0):
+                lat[t, c] = column[t0 - b * group + t]
+    else:
+        for t in range(t0, t1):
+            dequantize_latent(codes[t, 0], scale[t, 0], zero[t, 0], bits, group, lat[t - t0])
+
+
+@njit(inline="always", **_OPT)
+def _rebuild(lat, n, m, out):
+    """out[:n] = lat[:n] · m (or lat itself when m is empty)."""
+    if m.shape[0] == 0:
+        for t in range(n):
+            for c in range(out.shape[1]):
+                out[t, c] = lat[t, c]
+        return
+    for t in range(n):
+        for c in range(out.shape[1]):
+            out[t, c] = 0.0
+        for r in range(m.shape[0]):
+            a = lat[t, r]
+            for c in range(out.shape[1]):
+                out[t, c] += a * m[r, c]
+
+
+@njit(inline="always", **_OPT)
+def _score_rows(q, keys, n, pos0, inv_freq, n_head, n_kv_head, head_dim, scale, scores):
+    """RoPE the pre-RoPE key rows keys[:n] (positions pos0…) and write their scores."""
+    group = n_head // n_kv_head
+    for t in range(n):
+        rope(keys[t], n_kv_head, head_dim, np.float64(pos0 + t), inv_freq)
+        for h in range(n_head):
+            k0 = (h // group) * head_dim
+            acc = np.float32(0.0)
+            for d in range(head_dim):
+                acc += q[h * head_dim + d] * keys[t, k0 + d]
+            scores[h, pos0 + t] = acc * scale
+
+
+@njit(inline="always", **_OPT)
+def _add_projected(u, m, k0, out):
+    """out += u · m[:, k0:k0+len(out)] (m empty: u's own slice)."""
+    if m.shape[0] == 0:
+        for d in range(out.shape[0]):
+            out[d] += u[k0 + d]
+        return
+    for r in range(m.shape[0]):
+        a = u[r]
+        for d in range(out.shape[0]):
+            out[d] += a * m[r, k0 + d]
+
+
+@njit(parallel=True, **_OPT)
+def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, mk, n_qk,
+                  vc, vs, vz, v_bits, v_width, mv, n_qv, group, k_tail, mk_tail, v_tail, mv_tail,
+                  inv_freq, n_head, n_kv_head, head_dim, n_threads, scores, out):
+    """Single-query attention over a latent cache, for the token at `pos`.
+
+    Keys of positions [0, n_qk) are rebuilt block by block from the packed key latents
+    (dequantize → ·mk → RoPE → score); those of [n_qk, pos] from the exact tail latents k_tail
+    (·mk_tail). Values use the absorbed form: Σⱼ aⱼ·v̂ⱼ is summed in latent space and projected
+    once through mv (and the tail's through mv_tail). No K/V history exists beyond one block.
+    """
+    kv_dim = n_kv_head * head_dim
+    n = pos + 1
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    for b in prange((n_qk + group - 1) // group):
+        t0 = b * group
+        t1 = min(t0 + group, n_qk)
+        lat = np.empty((group, k_width), np.float32)
+        keys = np.empty((group, kv_dim), np.float32)
+        column = np.empty(group, np.float32)
+        _latent_rows(kc, ks, kz, k_bits, group, k_per_channel, t0, t1, column, lat)
+        _rebuild(lat, t1 - t0, mk, keys)
+        _score_rows(q, keys, t1 - t0, t0, inv_freq, n_head, n_kv_head, head_dim, scale, scores)
+    keys = np.empty((n - n_qk, kv_dim), np.float32)
+    _rebuild(k_tail, n - n_qk, mk_tail, keys)
+    _score_rows(q, keys, n - n_qk, n_qk, inv_freq, n_head, n_kv_head, head_dim, scale, scores)
+    for h in range(n_head):
+        mx = np.float32(-np.inf)
+        for t in range(n):
+            mx = max(mx, scores[h, t])
+        total = np.float32(0.0)
+        for t in range(n):
+            e = np.float32(math.exp(scores[h, t] - mx))
+            scores[h, t] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for t in range(n):
+            scores[h, t] *= inv
+    n_blocks = (n_qv + group - 1) // group
+    n_parts = max(1, min(n_threads, n_blocks))
+    parts = np.zeros((n_parts, n_head, v_width), np.float32)
+    for p in prange(n_parts):
+        lat = np.empty((group, v_width), np.float32)
+        column = np.empty(group, np.float32)
+        for b in range(p, n_blocks, n_parts):
+            t0 = b * group
+            t1 = min(t0 + group, n_qv)
+            _latent_rows(vc, vs, vz, v_bits, group, False, t0, t1, column, lat)
+            for t in range(t1 - t0):
+                for h in range(n_head):
+                    a = scores[h, t0 + t]
+                    for c in range(v_width):
+                        parts[p, h, c] += a * lat[t, c]
+    u_tail = np.zeros(v_tail.shape[1], np.float32)
+    group_h = n_head // n_kv_head
+    for h in range(n_head):
+        o = out[h * head_dim:(h + 1) * head_dim]
+        k0 = (h // group_h) * head_dim
+        o[:] = 0.0
+        for p in range(1, n_parts):
+            for c in range(v_width):
+                parts[0, h, c] += parts[p, h, c]
+        _add_projected(parts[0, h], mv, k0, o)
+        u_tail[:] = 0.0
+        for t in range(n - n_qv):
+            a = scores[h, n_qv + t]
+            for c in range(u_tail.shape[0]):
+                u_tail[c] += a * v_tail[t, c]
+        _add_projected(u_tail, mv_tail, k0, o)
+
+
+@njit(parallel=True, **_OPT)
+def project(x, m, out):
+    """out = x · m for a few rows: the decode step keeps BLAS (and its spinning threads) out."""
+    n_cols = m.shape[1]
+    for b in prange((n_cols + 63) // 64):
+        c0, c1 = b * 64, min(n_cols, b * 64 + 64)
+        for t in range(x.shape[0]):
+            o = out[t, c0:c1]
+            o[:] = 0.0
+            for r in range(m.shape[0]):
+                a = x[t, r]
+                w = m[r, c0:c1]
+                for c in range(c1 - c0):
+                    o[c] += a * w[c]
+
+
+@njit(parallel=True, **_OPT)
+def accumulate(acc, acc_bits, dc, ds, dz, d_bits, d_width, group, ukv_t, n, reset):
+    """XQuant-CL: accumulator rows [0, n) += Δ̂ rows · ukv_t (ukv_t empty: the identity);
+    `reset` starts from zero (the seed layer). The accumulator is itself a per-token stream."""
+    width = acc.shape[2] * 8 // acc_bits
+    for b in prange((n + group - 1) // group):
+        a = np.empty(width, np.float32)
+        delta = np.empty(d_width, np.float32)
+        for t in range(b * group, min(n, (b + 1) * group)):
+            if reset:
+                a[:] = 0.0
+            else:
+                dequantize_latent(acc[t, 0], ds[t, 0, :0], ds[t, 0, :0], acc_bits, group, a)
+            dequantize_latent(dc[t, 0], ds[t, 0], dz[t, 0], d_bits, group, delta)
+            if ukv_t.shape[0] == 0:
+                for c in range(width):
+                    a[c] += delta[c]
+            else:
+                for r in range(d_width):
+                    x = delta[r]
+                    for c in range(width):
+                        a[c] += x * ukv_t[r, c]
+            quantize_latent(a, acc_bits, group, acc[t, 0], ds[t, 0, :0], ds[t, 0, :0])

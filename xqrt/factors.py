@@ -1,0 +1,91 @@
+"""Per-layer matrices the XQuant caches project through, from the GGUF or computed once at load.
+
+Notation (DESIGN.md): Wk is d × kv_dim with x·Wk = k (the transpose of the GGUF rows, still in
+GGUF's permuted RoPE row order). For a GQA model the thin SVD Wk = U·Σ·Bᵀ (rank kv_dim) gives
+
+    uk = U          (d × kv_dim)  the key latent is x·uk
+    mk = Σ·Bᵀ       (kv_dim × kv_dim)  the rebuild: k = (x·uk)·mk
+
+and likewise uv, mv for Wv, and ukv (d × 2·kv_dim) from the SVD of [Wk | Wv] for XQuant-CL's
+deltas. With quantization off every path is exact up to float32 round-off.
+
+Stored tensor names (written by convert/hf_to_gguf_xq.py): blk.N.xq_uk, blk.N.xq_mk,
+blk.N.xq_uv, blk.N.xq_mv, blk.N.xq_ukv, each float32 with the shapes above.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from .gguf_model import float_tensor
+from .kernels import cpu
+
+FACTOR_NAMES = ("uk", "mk", "uv", "mv", "ukv")
+
+
+@dataclass
+class LayerFactors:
+    wk: np.ndarray  # d × kv_dim float32 (dequantized weight, transposed)
+    wv: np.ndarray
+    uk: np.ndarray | None = None  # GQA only
+    mk: np.ndarray | None = None
+    uv: np.ndarray | None = None
+    mv: np.ndarray | None = None
+    ukv: np.ndarray | None = None
+
+
+def _dense_t(m) -> np.ndarray:
+    w = np.empty((m.n_rows, m.n_cols), np.float32)
+    cpu.dequantize(m.data, m.qtype, w)
+    return np.ascontiguousarray(w.T)
+
+
+def thin_svd(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w (d × r) = u·m with u orthonormal (d × min(d, r)) and m = Σ·Bᵀ; singular values descending.
+
+    Through the eigenvectors of the float64 Gram matrix wᵀw (3× faster than an SVD at these
+    shapes) unless w is near rank-deficient, where that loses the small directions."""
+    w64 = w.astype(np.float64)
+    if w.shape[1] <= w.shape[0]:
+        eig, b = np.linalg.eigh(w64.T @ w64)
+        eig, b = eig[::-1], b[:, ::-1]
+        if eig[-1] > 1e-10 * eig[0]:
+            s = np.sqrt(eig)
+            return (w64 @ b / s).astype(np.float32), (s[:, None] * b.T).astype(np.float32)
+    u, s, bt = np.linalg.svd(w64, full_matrices=False)
+    return u.astype(np.float32), (s[:, None] * bt).astype(np.float32)
+
+
+def layer_factors(model, log=None) -> list[LayerFactors]:
+    """The factors for every layer, cached on the model; SVDs are computed only when the file
+    does not carry them."""
+    if getattr(model, "_xq_factors", None) is not None:
+        return model._xq_factors
+    c = model.config
+    d, kv = c.d_model, c.kv_dim
+    gqa = c.n_kv_head < c.n_head
+    out, computed = [], False
+    for i, L in enumerate(model.layers):
+        f = LayerFactors(wk=_dense_t(L.wk), wv=_dense_t(L.wv))
+        if gqa:
+            r = min(c.d_model, 2 * c.kv_dim)
+            shapes = {"uk": (d, kv), "mk": (kv, kv), "uv": (d, kv), "mv": (kv, kv), "ukv": (d, r)}
+            have = {n: float_tensor(model, f"blk.{i}.xq_{n}", shapes[n]) for n in FACTOR_NAMES}
+            if all(v is not None for v in have.values()):
+                f.uk, f.mk, f.uv, f.mv, f.ukv = (have[n] for n in FACTOR_NAMES)
+            else:
+                if not computed and log:
+                    log(f"xqrt: computing XQuant SVD factors for {c.n_layer} layers (not stored in this GGUF)...")
+                computed = True
+                f.uk, f.mk = thin_svd(f.wk)
+                f.uv, f.mv = thin_svd(f.wv)
+                f.ukv, _ = thin_svd(np.concatenate([f.wk, f.wv], axis=1))
+        out.append(f)
+    model._xq_factors = out
+    return out
+
+
+def stderr_log(msg: str):
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,133 @@
+"""The cache's storage format: asymmetric min/max group quantization, bit-packed.
+
+A row of W values is cut into groups of G (G divides W and is a multiple of 8). Each group keeps
+its minimum m and step s = (max − m)/(2ᵇ − 1) as fp16 (4 bytes per group), and each value
+q = round((x − m)/s) in b bits:
+
+    b = 2: four values per byte, b = 3: eight values per three bytes (a little-endian 24-bit
+    word), b = 4: two per byte (low nibble first), b = 8: one per byte.
+
+m is rounded down and s up when they are narrowed to fp16, so every value lies inside the grid
+and x̂ = q·s + m is within half a step of x. b = 16 and b = 32 store the values themselves as
+IEEE half / single floats with no scales: "quantization off", and the XQuant-CL accumulator.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .kernels.bits import f16_to_f32, f32_as_u32, f32_to_f16, u32_as_f32
+
+_OPT = dict(cache=True, fastmath=False, nogil=True)  # rounding must not depend on reassociation
+BITS = (2, 3, 4, 8, 16, 32)
+QUANT_BITS = (2, 3, 4, 8)
+
+
+def row_bytes(width: int, bits: int) -> int:
+    return width * bits // 8
+
+
+def n_scales(width: int, bits: int, group: int) -> int:
+    return width // group if bits <= 8 else 0
+
+
+@njit(inline="always", **_OPT)
+def _f16_down(v):
+    """fp16 bits of the largest half ≤ v."""
+    h = f32_to_f16(np.float32(max(min(v, 65504.0), -65504.0)))
+    if f16_to_f32(h) > v:
+        if h == 0:
+            h = np.uint16(0x8001)
+        elif h & np.uint16(0x8000):
+            h += np.uint16(1)
+        else:
+            h -= np.uint16(1)
+    return h
+
+
+@njit(inline="always", **_OPT)
+def _f16_up(v):
+    return _f16_down(-v) ^ np.uint16(0x8000)
+
+
+@njit(**_OPT)
+def quantize_row(x, bits, group, codes, scale, zero):
+    """x (W,) float32 → codes (W·bits/8,) uint8 and, for bits ≤ 8, scale/zero (W/G,) fp16 bits."""
+    n = x.shape[0]
+    if bits == 16:
+        for j in range(n):
+            h = f32_to_f16(x[j])
+            codes[2 * j] = np.uint8(h & np.uint16(255))
+            codes[2 * j + 1] = np.uint8(h >> np.uint16(8))
+        return
+    if bits == 32:
+        for j in range(n):
+            w = f32_as_u32(x[j])
+            for b in range(4):
+                codes[4 * j + b] = np.uint8((w >> np.uint32(8 * b)) & np.uint32(255))
+        return
+    top = (1 << bits) - 1
+    for g in range(n // group):
+        lo = x[g * group]
+        hi = lo
+        for j in range(g * group, (g + 1) * group):
+            lo = min(lo, x[j])
+            hi = max(hi, x[j])
+        zb = _f16_down(lo)
+        m = f16_to_f32(zb)
+        sb = _f16_up((hi - m) / np.float32(top))
+        s = f16_to_f32(sb)
+        zero[g] = zb
+        scale[g] = sb
+        inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
+        base = g * group * bits // 8
+        for j in range(0, group, 8):  # 8 values fill a whole number of bytes for every width
+            word = np.uint32(0)
+            for t in range(8):
+                q = np.int32(np.floor((x[g * group + j + t] - m) * inv + np.float32(0.5)))
+                q = min(max(q, 0), top)
+                word |= np.uint32(q) << np.uint32(bits * t)
+            o = base + j * bits // 8
+            for b in range(bits):
+                codes[o + b] = np.uint8((word >> np.uint32(8 * b)) & np.uint32(255))
+
+
+@njit(inline="always", **_OPT)
+def dequantize_row(codes, scale, zero, bits, group, out):
+    """Inverse of quantize_row: out (W,) float32."""
+    n = out.shape[0]
+    if bits == 16:
+        for j in range(n):
+            out[j] = f16_to_f32(np.uint16(codes[2 * j]) | (np.uint16(codes[2 * j + 1]) << np.uint16(8)))
+        return
+    if bits == 32:
+        for j in range(n):
+            w = np.uint32(0)
+            for b in range(4):
+                w |= np.uint32(codes[4 * j + b]) << np.uint32(8 * b)
+            out[j] = u32_as_f32(w)
+        return
+    mask = np.uint32((1 << bits) - 1)
+    for g in range(n // group):
+        s = f16_to_f32(scale[g])
+        m = f16_to_f32(zero[g])
+        base = g * group * bits // 8
+        for j in range(0, group, 8):
+            o = base + j * bits // 8
+            word = np.uint32(0)
+            for b in range(bits):
+                word |= np.uint32(codes[o + b]) << np.uint32(8 * b)
+            for t in range(8):
+                out[g * group + j + t] = np.float32((word >> np.uint32(bits * t)) & mask) * s + m
+
+
+@njit(parallel=True, **_OPT)
+def quantize_rows(x, bits, group, codes, scale, zero):
+    for r in prange(x.shape[0]):
+        quantize_row(x[r], bits, group, codes[r], scale[r], zero[r])
+
+
+@njit(parallel=True, **_OPT)
+def dequantize_rows(codes, scale, zero, bits, group, out):
+    for r in prange(out.shape[0]):
+        dequantize_row(codes[r], scale[r], zero[r], bits, group, out[r])
