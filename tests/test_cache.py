@@ -114,7 +114,7 @@ def test_smollm2_exact_paths_and_residual_rule(smollm2):
     last logits) while exact storage does not."""
     eng = smollm2
     text = open(__file__).read()
-    ids = eng.tokenizer.encode(text)[:300]
+    ids = eng.tokenizer.encode(text)[:200]  # three groups of 64 and a tail
     exact = eng.forward(ids, eng.new_cache("kivi", bits=32))  # float32 K/V: the exact reference
     fp16 = eng.forward(ids, eng.new_cache("fp16"))
     assert rel(fp16, exact) < 2e-3  # fp16 KV itself rounds K/V
@@ -131,9 +131,52 @@ def test_bad_options(tiny_gqa):
     _, path = tiny_gqa
     eng = Engine(path, ctx=64)
     for kwargs, msg in [(dict(bits=5), "--bits 5"), (dict(group=100), "--group 100"),
-                        (dict(group=48), "does not divide"), (dict(residual=10), "--residual 10"),
+                        (dict(group=48), "does not fit"), (dict(group=4), "multiple of 8"), (dict(residual=10), "--residual 10"),
                         (dict(base_layers=7), "--base-layers 7")]:
         with pytest.raises(XQError, match=msg):
             eng.new_cache("xquant-cl", **kwargs)
     with pytest.raises(XQError, match="unknown cache mode"):
         eng.new_cache("bogus")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_prompt_prefix_reuse(tiny_gqa, mode):
+    """generate() keeps the shared prefix (cut back to a group boundary) and gives the same text."""
+    _, path = tiny_gqa
+    a = [int(t) for t in rng.integers(3, 200, 150)]
+    b = a + [int(t) for t in rng.integers(3, 200, 60)]
+    fresh = Engine(path, ctx=400, cache=mode, bits=3, base_layers=1)
+    want = list(fresh.generate(b, max_tokens=5, temperature=0))
+    eng = Engine(path, ctx=400, cache=mode, bits=3, base_layers=1)
+    list(eng.generate(a, max_tokens=5, temperature=0))
+    assert list(eng.generate(b, max_tokens=5, temperature=0)) == want
+    assert eng.stats.prompt_tokens == len(b) - 128  # two groups of 64 kept
+
+
+def test_factors_read_from_file_when_stored(tiny_gqa, tmp_path):
+    """A GGUF carrying blk.N.xq_* tensors is used as is: no SVD at load, same logits."""
+    import gguf
+    from xqrt.factors import FACTOR_NAMES, layer_factors
+    from xqrt.gguf_model import load_model
+    _, path = tiny_gqa
+    computed = layer_factors(load_model(path))
+    reader = gguf.GGUFReader(path)
+    out = tmp_path / "with_xq.gguf"
+    w = gguf.GGUFWriter(str(out), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        w.add_key_value(field.name, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    for i, f in enumerate(computed):
+        for name in FACTOR_NAMES:
+            w.add_tensor(f"blk.{i}.xq_{name}", np.ascontiguousarray(getattr(f, name)) * 1.0)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    said = []
+    stored = layer_factors(load_model(str(out)), log=said.append)
+    assert said == []
+    np.testing.assert_array_equal(stored[1].ukv, computed[1].ukv)
+    ids = list(range(3, 140))
+    np.testing.assert_allclose(Engine(str(out), ctx=256).logits(ids, "xquant", bits=3),
+                               Engine(path, ctx=256).logits(ids, "xquant", bits=3), rtol=1e-5, atol=1e-5)

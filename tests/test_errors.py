@@ -88,6 +88,25 @@ def test_unknown_cache_mode(capsys, tiny_gqa):
     expect_error(capsys, tiny_gqa[1], "--cache", "bogus", match="unknown cache mode")
 
 
+@pytest.mark.parametrize("flags,match", [(["--bits", "5"], "--bits 5 is not supported"),
+                                         (["--cache", "xquant", "--group", "100"], "--group 100 does not fit"),
+                                         (["--cache", "kivi", "--residual", "7"], "--residual 7")])
+def test_bad_cache_options(capsys, tiny_gqa, flags, match):
+    expect_error(capsys, tiny_gqa[1], "-n", "2", *flags, match=match)
+
+
+def test_perplexity_cli(capsys, tiny_gqa, tmp_path):
+    from xqrt.perplexity import main as ppl_main
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat and then the dog ran in the park " * 40)
+    assert ppl_main([tiny_gqa[1], "-f", str(text), "--ctx", "96", "--chunks", "2", "--cache", "xquant", "--bits", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "ppl = " in out and "KLD = " in out and "B/token" in out
+    assert ppl_main([tiny_gqa[1], "-f", str(tmp_path / "missing.txt")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("xqrt: error:")
+
+
 def test_cli_subprocess_reports_one_line(tmp_path):
     p = tmp_path / "x.gguf"
     p.write_bytes(b"GGUF\x03\x00\x00\x00")

@@ -125,6 +125,10 @@ class Cache:
     def bytes_per_token(self) -> float:
         return self.nbytes() / max(self.n_tokens, 1)
 
+    def working_nbytes(self) -> int:
+        """The part of nbytes() that is per-step working memory rather than stored history."""
+        return 0
+
     def describe(self) -> str:
         return self.mode
 
@@ -299,17 +303,17 @@ class LatentCache(Cache):
         self.bits = o.bits
         self.group = G = default_group(c) if o.group is None else int(o.group)
         self.residual = R = G if o.residual is None else int(o.residual)
-        if G <= 0 or G % 8:
-            raise XQError(f"--group {G} must be a positive multiple of 8")
-        if R < 0 or R % G:
-            raise XQError(f"--residual {R} must be 0 or a multiple of the group size {G}")
+        if G <= 0:
+            raise XQError(f"--group {G} must be positive")
         self.simulated = o.simulated
         self.layers = self._plan(model, log)
         for w in sorted({s.width for L in self.layers for s in (L.key, L.value, L.delta)
                          if s is not None and not s.per_channel}):
-            if w % G:
-                raise XQError(f"--group {G} does not divide the cached width {w} of this model "
-                              f"(default for it: {default_group(c)})")
+            if w % G or G % 8:
+                raise XQError(f"--group {G} does not fit this model: it must be a multiple of 8 dividing the "
+                              f"cached width {w} (default: {default_group(c)})")
+        if R < 0 or R % G:
+            raise XQError(f"--residual {R} must be 0 or a multiple of the group size {G}")
         self._ring_size = max(R, G)
         # The exact tail is fp16, as KIVI keeps it; float32 only when quantization is off.
         self._tail_dtype = np.float32 if self.bits == 32 else np.float16
@@ -373,7 +377,7 @@ class LatentCache(Cache):
         of positions [lo, end) (old ring rows + new) and lo."""
         L = self.layers[layer]
         rk, rv = self._ring[layer]
-        n, end = len(zk), pos0 + len(zk)
+        end = pos0 + len(zk)
         zk = zk.astype(self._tail_dtype).astype(np.float32)
         zv = zk if L.shared else zv.astype(self._tail_dtype).astype(np.float32)
         lo = min(self._keep_from(L, pos0), pos0)
@@ -426,7 +430,7 @@ class LatentCache(Cache):
     def _attend_one(self, layer, L, pos, q, lo, ek, ev):
         c = self.config
         bk, bv = int(self._bound(pos, L.key_per_channel)), int(self._bound(pos, False))
-        key, value, mk, mv = self._kernel_streams(layer, L, pos + 1)
+        key, value, mk, mv = self._kernel_streams(L)
         out = np.empty((1, c.q_dim), np.float32)
         kc, ks, kz, kb = key.kernel_args()
         vc, vs, vz, vb = value.kernel_args()
@@ -437,7 +441,7 @@ class LatentCache(Cache):
                           self.inv_freq, c.n_head, c.n_kv_head, c.head_dim, self._n_threads, self._scores, out[0])
         return out
 
-    def _kernel_streams(self, layer, L, end):
+    def _kernel_streams(self, L):
         """The streams the decode kernel rebuilds from, with their rebuild matrices."""
         return L.key, L.value, _or_empty(L.mk), _or_empty(L.mv)
 
@@ -543,9 +547,9 @@ class XQuantCL(LatentCache):
         a = self.acc.read(0, max(hk, hv))
         return a[:hk] @ L.wk, a[:hv] @ L.wv
 
-    def _kernel_streams(self, layer, L, end):
+    def _kernel_streams(self, L):
         if L.delta is None:
-            return super()._kernel_streams(layer, L, end)
+            return super()._kernel_streams(L)
         return self.acc, self.acc, L.wk, L.wv
 
     def _keep_from(self, L, end):
@@ -555,6 +559,9 @@ class XQuantCL(LatentCache):
 
     def nbytes(self):
         return super().nbytes() + self.acc.nbytes(self.n_tokens)
+
+    def working_nbytes(self):
+        return self.acc.nbytes(self.n_tokens)
 
 
 CACHE_MODES = {"fp16": FP16KV, "kivi": KIVI, "xquant": XQuant, "xquant-cl": XQuantCL}

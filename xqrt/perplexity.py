@@ -43,7 +43,8 @@ class Result:
     kld: float
     kld_se: float
     top1: float
-    bytes_per_token: float
+    bytes_per_token: float  # everything the cache holds, working memory included
+    working_bytes_per_token: float  # of which per-step working memory (XQuant-CL's accumulator)
     fp16_bytes_per_token: float
 
     @property
@@ -82,7 +83,7 @@ def evaluate(engine, wins, mode: str, eval_mode: str = "decode", reference=None,
     from tqdm import tqdm
     if eval_mode not in ("decode", "simulated"):
         raise XQError(f"unknown evaluation mode {eval_mode!r} (decode or simulated)")
-    nll, ref_nll, kld, same, sizes = [], [], [], [], []
+    nll, ref_nll, kld, same, sizes, working = [], [], [], [], [], []
     cache = None
     for w, ids in enumerate(tqdm(wins, desc=f"{mode} ({eval_mode})", disable=not progress, unit="window",
                                  file=sys.stderr)):
@@ -101,13 +102,14 @@ def evaluate(engine, wins, mode: str, eval_mode: str = "decode", reference=None,
         kld.append((np.exp(ref_lp) * (ref_lp - lp)).sum(axis=-1))
         same.append(ref_lp.argmax(-1) == lp.argmax(-1))
         sizes.append(cache.bytes_per_token())
+        working.append(cache.working_nbytes() / cache.n_tokens)
     nll, kld, same = np.concatenate(nll), np.concatenate(kld), np.concatenate(same)
     ppl, ref_ppl = math.exp(nll.mean()), math.exp(np.concatenate(ref_nll).mean())
     se = lambda a: float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0  # noqa: E731
     return Result(mode=mode, description=cache.describe(), eval_mode=eval_mode, n_windows=len(wins),
                   n_ctx=len(wins[0]), scored=len(nll), ppl=ppl, ppl_se=ppl * se(nll), ref_ppl=ref_ppl,
                   kld=float(kld.mean()), kld_se=se(kld), top1=float(same.mean()),
-                  bytes_per_token=float(np.mean(sizes)), fp16_bytes_per_token=engine.fp16_bytes_per_token())
+                  bytes_per_token=float(np.mean(sizes)), working_bytes_per_token=float(np.mean(working)), fp16_bytes_per_token=engine.fp16_bytes_per_token())
 
 
 def reference_logits(engine, wins, progress=True) -> list[np.ndarray]:
