@@ -13,8 +13,6 @@ import os
 import sys
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -28,7 +26,8 @@ BITS = (4, 3, 2)
 
 
 def table(results, eval_mode):
-    rows = ["| mode | bits | B/token | of which working | × smaller than fp16 | ppl ± se | Δppl % | KLD | same top-1 % |",
+    rows = ["| mode | bits | B/token | of which working | × smaller than fp16 | ppl ± se | Δppl % | KLD "
+            "| same top-1 % |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r, bits in results:
         if r.eval_mode != eval_mode and r.mode != "fp16":

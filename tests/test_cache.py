@@ -172,7 +172,10 @@ def test_factors_read_from_file_when_stored(tiny_gqa, tmp_path):
     for i, f in enumerate(computed):
         for name in FACTOR_NAMES:
             w.add_tensor(f"blk.{i}.xq_{name}", np.ascontiguousarray(getattr(f, name)) * 1.0)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     said = []
     stored = layer_factors(load_model(str(out)), log=said.append)
     assert said == []
@@ -180,3 +183,43 @@ def test_factors_read_from_file_when_stored(tiny_gqa, tmp_path):
     ids = list(range(3, 140))
     np.testing.assert_allclose(Engine(str(out), ctx=256).logits(ids, "xquant", bits=3),
                                Engine(path, ctx=256).logits(ids, "xquant", bits=3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["xquant", "xquant-cl"])
+def test_smollm2_decode_steps_equal_batched_evaluation(smollm2, mode):
+    """The same on the real model across a group boundary. 8 bits: at 3 bits the two paths'
+    float32 differences flip codes often enough over 30 layers to move logits by ~1e-2."""
+    eng = smollm2
+    ids = eng.tokenizer.encode(open(__file__).read())[:160]
+    batched = eng.logits(ids, mode, bits=8)
+    cache = eng.new_cache(mode, bits=8)
+    eng.forward(ids[:120], cache)  # the steps cross the group boundary at 128
+    steps = np.array([eng.forward([t], cache) for t in ids[120:]])
+    assert rel(steps, batched[120:]) < 3e-3
+
+
+@pytest.mark.parametrize("mode", ["kivi", "xquant", "xquant-cl"])
+@pytest.mark.parametrize("residual", [None, 0, 128])
+def test_cache_steps_equal_one_batch_on_identical_inputs(tiny_mha, mode, residual):
+    """Cache level, no model in between: the same latents stored one token at a time (decode
+    kernel) or all at once (batched path) give the same attention outputs, 3-bit. On an MHA model
+    KIVI's and XQuant's latents are the inputs themselves, so both paths quantize identical
+    values: this pins the residual rule and the ring exactly."""
+    from xqrt.cache import CacheOptions, make_cache
+    from xqrt.gguf_model import load_model
+    model = load_model(tiny_mha[1])
+    c = model.config
+    n = 150
+    r = np.random.default_rng(3)
+    inputs = [[r.standard_normal((n, w)).astype(np.float32) for w in (c.d_model, c.q_dim, c.kv_dim, c.kv_dim)]
+              for _ in range(c.n_layer)]
+    opts = CacheOptions(bits=3, residual=residual, base_layers=1)
+    whole = make_cache(mode, model, 256, opts)
+    want = [whole.attend(i, 0, *inputs[i]) for i in range(c.n_layer)]
+    step = make_cache(mode, model, 256, opts)
+    for t in range(n):
+        for i in range(c.n_layer):
+            xn, q, k, v = (a[t:t + 1] for a in inputs[i])
+            got = step.attend(i, t, xn, q, k, v)
+            np.testing.assert_allclose(got[0], want[i][t], rtol=1e-4, atol=1e-4)
+        step.advance(1)

@@ -114,8 +114,8 @@ def evaluate(engine, wins, mode: str, eval_mode: str = "decode", reference=None,
 
 def reference_logits(engine, wins, progress=True) -> list[np.ndarray]:
     from tqdm import tqdm
-    return [engine.logits(ids, "fp16") for ids in tqdm(wins, desc="fp16 reference", disable=not progress,
-                                                        unit="window", file=sys.stderr)]
+    bar = tqdm(wins, desc="fp16 reference", disable=not progress, unit="window", file=sys.stderr)
+    return [engine.logits(ids, "fp16") for ids in bar]
 
 
 def build_parser() -> argparse.ArgumentParser:
