@@ -1,6 +1,7 @@
 """Prompt and generation tokens/s of xqrt next to transformers, same machine, same run.
 
     python bench/decode.py [MODEL.gguf] [--prompt-tokens 512] [--gen-tokens 64] [--threads N]
+                           [--modes fp16 kivi:3 xquant:3 xquant-cl:3]
 
 transformers runs the same GGUF dequantized to float32 (its only way to read it); xqrt reads the
 quantized blocks. Both are greedy, both start from an empty cache.
@@ -19,8 +20,8 @@ from xqrt.default_model import default_model_path  # noqa: E402
 WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2-raw", "wiki.test.raw")
 
 
-def xqrt_speed(eng, prompt, n_gen):
-    cache = eng.new_cache()
+def xqrt_speed(eng, prompt, n_gen, mode="fp16", bits=4):
+    cache = eng.new_cache(mode, bits=bits)
     t0 = time.perf_counter()
     logits = eng.forward(prompt, cache)
     t_prompt = time.perf_counter() - t0
@@ -52,11 +53,14 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--modes", nargs="+", default=["fp16"], help="xqrt cache modes as MODE[:BITS]")
     args = ap.parse_args()
     path = args.model or default_model_path()
     eng = Engine(path, ctx=args.prompt_tokens + args.gen_tokens + 8, threads=args.threads)
     prompt = eng.tokenizer.encode(open(WIKITEXT, encoding="utf-8").read()[:20000])[:args.prompt_tokens]
-    xqrt_speed(eng, prompt[:16], 4)  # warm-up: load compiled kernels
+    modes = [(m.split(":")[0], int(m.split(":")[1]) if ":" in m else 4) for m in args.modes]
+    for mode, bits in modes:  # warm-up: load compiled kernels, compute SVD factors
+        xqrt_speed(eng, prompt[:80], 4, mode, bits)
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -67,7 +71,9 @@ def main():
 
     rows = []
     for _ in range(args.repeats):  # interleaved, so drift on a noisy machine hits both
-        rows.append(("xqrt (fp16 KV)",) + xqrt_speed(eng, prompt, args.gen_tokens))
+        for mode, bits in modes:
+            name = "xqrt fp16 KV" if mode == "fp16" else f"xqrt {mode} {bits}-bit"
+            rows.append((name,) + xqrt_speed(eng, prompt, args.gen_tokens, mode, bits))
         rows.append(("transformers fp32",) + hf_speed(hf, prompt, args.gen_tokens))
     best = {}
     for name, pp, tg in rows:

@@ -148,7 +148,10 @@ class FP16KV(Cache):
         c, n = self.config, q.shape[0]
         end = pos0 + n
         k = k.copy()
-        cpu.rope_rows(k, c.n_kv_head, c.head_dim, pos0, self.inv_freq)
+        if n == 1:  # a parallel launch costs more than rotating one row
+            cpu.rope_row(k[0], c.n_kv_head, c.head_dim, pos0, self.inv_freq)
+        else:
+            cpu.rope_rows(k, c.n_kv_head, c.head_dim, pos0, self.inv_freq)
         cpu.to_f16(k, self.k[layer, pos0:end])
         cpu.to_f16(v, self.v[layer, pos0:end])
         if n == 1:

@@ -43,6 +43,9 @@ class Stats:
                 f"({per_tok:.0f} B/token, {ratio:.2f}x smaller than fp16 KV)")
 
 
+_DECODE_MAX = 8  # prompts up to this many tokens go through the decode step, token by token
+
+
 def kernels_compiled() -> bool:
     """Whether Numba's on-disk cache already holds the kernels (so start-up is fast)."""
     try:
@@ -169,9 +172,9 @@ class Engine:
             raise XQError(f"token id out of range [0, {self.config.vocab_size})")
         pos0 = cache.n_tokens
         cache.check_room(pos0, len(tokens))
-        if len(tokens) == 1:
-            out = self._decode(int(tokens[0]), pos0, cache).copy()
-            return out[None] if all_logits else out
+        if len(tokens) <= _DECODE_MAX:  # a batch dequantizes every weight: not worth it for a few tokens
+            steps = [self._decode(int(t), pos0 + i, cache).copy() for i, t in enumerate(tokens)]
+            return np.stack(steps) if all_logits else steps[-1]
         chunks = []
         for s in range(0, len(tokens), self.batch):
             part = tokens[s:s + self.batch]

@@ -53,9 +53,14 @@ def thin_svd(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         eig, b = eig[::-1], b[:, ::-1]
         if eig[-1] > 1e-10 * eig[0]:
             s = np.sqrt(eig)
-            return (w64 @ b / s).astype(np.float32), (s[:, None] * b.T).astype(np.float32)
+            return _c32(w64 @ b / s), _c32(s[:, None] * b.T)
     u, s, bt = np.linalg.svd(w64, full_matrices=False)
-    return u.astype(np.float32), (s[:, None] * bt).astype(np.float32)
+    return _c32(u), _c32(s[:, None] * bt)
+
+
+def _c32(a: np.ndarray) -> np.ndarray:
+    """float32, row-major: the kernels' inner loops run along rows and vectorize only there."""
+    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def layer_factors(model, log=None) -> list[LayerFactors]:

@@ -186,6 +186,11 @@ def rope(vec, n_heads, head_dim, pos, inv_freq):
             vec[o + 1] = a * s + b * c
 
 
+@njit(**_OPT)
+def rope_row(vec, n_heads, head_dim, pos, inv_freq):
+    rope(vec, n_heads, head_dim, np.float64(pos), inv_freq)
+
+
 @njit(parallel=True, **_OPT)
 def rope_rows(x, n_heads, head_dim, pos0, inv_freq):
     for t in prange(x.shape[0]):
