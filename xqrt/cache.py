@@ -309,19 +309,23 @@ class LatentCache(Cache):
         if G <= 0:
             raise XQError(f"--group {G} must be positive")
         self.simulated = o.simulated
-        self.layers = self._plan(model, log)
-        for w in sorted({s.width for L in self.layers for s in (L.key, L.value, L.delta)
-                         if s is not None and not s.per_channel}):
+        for w in sorted(self._token_widths()):  # checked before any SVD is computed
             if w % G or G % 8:
                 raise XQError(f"--group {G} does not fit this model: it must be a multiple of 8 dividing the "
                               f"cached width {w} (default: {default_group(c)})")
         if R < 0 or R % G:
             raise XQError(f"--residual {R} must be 0 or a multiple of the group size {G}")
+        self.layers = self._plan(model, log)
         self._ring_size = max(R, G)
         # The exact tail is fp16, as KIVI keeps it; float32 only when quantization is off.
         self._tail_dtype = np.float32 if self.bits == 32 else np.float16
         self._ring = [self._new_ring(L) for L in self.layers]
         self._n_threads = numba.get_num_threads()
+
+    def _token_widths(self) -> set[int]:
+        """Widths of the per-token streams (groups run along them, so G must divide them)."""
+        c = self.config
+        return {c.d_model} if c.n_kv_head == c.n_head else {c.kv_dim}
 
     def _plan(self, model, log):
         c = self.config
@@ -482,6 +486,9 @@ class KIVI(LatentCache):
     """KIVI*: keys per-channel before RoPE (groups of G positions), values per-token."""
     mode = "kivi"
 
+    def _token_widths(self):
+        return {self.config.kv_dim}
+
     def _plan(self, model, log):
         return [self._layer(None, None, None, None, False, self.bits) for _ in range(self.config.n_layer)]
 
@@ -497,6 +504,10 @@ class XQuantCL(LatentCache):
     rebuilds K and V. Â is working memory for all positions (fp16; float32 when bits = 32), and
     counted in nbytes."""
     mode = "xquant-cl"
+
+    def _token_widths(self):
+        c = self.config
+        return super()._token_widths() | {c.d_model if c.n_kv_head == c.n_head else min(c.d_model, 2 * c.kv_dim)}
 
     def _plan(self, model, log):
         c = self.config
