@@ -100,7 +100,8 @@ def test_measured_bytes_equal_formula(smollm2, mode, bits):
     eng = smollm2
     cache = eng.new_cache(mode, bits=bits)
     n = 150  # two full groups of 64 and a tail of 22
-    cache.n_tokens = n
+    eng.forward(eng.tokenizer.encode(open(__file__).read())[:n], cache)
+    assert cache.n_tokens == n
     assert cache.nbytes() == formula(eng, mode, n, bits, 64)
     for L in getattr(cache, "layers", []):  # and the arrays are really that size per position
         for s in (L.key, L.value, L.delta):

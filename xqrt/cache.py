@@ -338,14 +338,9 @@ class LatentCache(Cache):
     def _layer(self, uk, uv, mk, mv, shared, bits, with_streams=True) -> _Layer:
         L = _Layer(uk, uv, mk, mv, shared)
         if with_streams:
-            G, n = self.group, self.n_ctx
-            if shared:
-                L.key = L.value = Stream(n, self.config.d_model, bits, G, per_channel=False)
-            else:
-                wk = self.config.kv_dim if uk is None else uk.shape[1]
-                wv = self.config.kv_dim if uv is None else uv.shape[1]
-                L.key = Stream(n, wk, bits, G, per_channel=True)
-                L.value = Stream(n, wv, bits, G, per_channel=False)
+            wk, wv = self._latent_widths(L)
+            L.key = Stream(self.n_ctx, wk, bits, self.group, per_channel=not shared)
+            L.value = L.key if shared else Stream(self.n_ctx, wv, bits, self.group, per_channel=False)
         return L
 
     def _latent_widths(self, L: _Layer):

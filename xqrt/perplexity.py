@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import XQError
+from .errors import XQError, cli_exit_code
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -88,13 +88,9 @@ def evaluate(engine, wins, mode: str, eval_mode: str = "decode", reference=None,
     for w, ids in enumerate(tqdm(wins, desc=f"{mode} ({eval_mode})", disable=not progress, unit="window",
                                  file=sys.stderr)):
         ref = reference[w] if reference is not None else engine.logits(ids, "fp16")
-        if mode == "fp16":
-            logits = ref
-            cache = engine.new_cache("fp16")
-            cache.n_tokens = len(ids)
-        else:
-            cache = engine.new_cache(mode, simulated=eval_mode == "simulated", **options)
-            logits = engine.forward(ids, cache, all_logits=True)
+        cache = engine.new_cache(mode, simulated=eval_mode == "simulated", **options)
+        logits = ref if mode == "fp16" else engine.forward(ids, cache, all_logits=True)
+        cache.n_tokens = len(ids)  # the fp16 reference ran on a cache of its own
         tok_lp, lp = window_scores(logits, ids)
         ref_tok_lp, ref_lp = window_scores(ref, ids)
         nll.append(-tok_lp)
@@ -133,36 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from .default_model import default_model_path
-        from .engine import Engine
-        path = args.model or default_model_path()
-        engine = Engine(path, ctx=args.ctx, cache=args.cache, bits=args.bits, group=args.group,
-                        residual=args.residual, base_layers=args.base_layers, threads=args.threads, verbose=True)
-        text = open(args.file, encoding="utf-8").read()
-        tokens = engine.tokenizer.encode(text)
-        wins = windows(tokens, args.ctx, args.chunks)
-        print(f"xqrt perplexity: {len(tokens)} tokens in {args.file}; {len(wins)} windows of {args.ctx} "
-              f"(non-overlapping, from the start), {len(wins) * (args.ctx - 1)} scored tokens; "
-              f"cache {engine.new_cache().describe()}; eval {args.eval_mode}", file=sys.stderr)
-        ref = reference_logits(engine, wins)
-        res = evaluate(engine, wins, args.cache, args.eval_mode, reference=ref, **engine_options(engine))
-        print(res.summary())
-        return 0
-    except XQError as e:
-        print(f"xqrt: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"xqrt: error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nxqrt: interrupted", file=sys.stderr)
-        return 130
+    return cli_exit_code(lambda: _run(args))
 
 
-def engine_options(engine) -> dict:
-    o = engine.cache_options
-    return dict(bits=o.bits, group=o.group, residual=o.residual, base_layers=o.base_layers)
+def _run(args) -> int:
+    from .run import engine_from_args
+    engine = engine_from_args(args, args.ctx)
+    tokens = engine.tokenizer.encode(open(args.file, encoding="utf-8").read())
+    wins = windows(tokens, args.ctx, args.chunks)
+    print(f"xqrt perplexity: {len(tokens)} tokens in {args.file}; {len(wins)} windows of {args.ctx} "
+          f"(non-overlapping, from the start), {len(wins) * (args.ctx - 1)} scored tokens; "
+          f"cache {engine.new_cache().describe()}; eval {args.eval_mode}", file=sys.stderr)
+    res = evaluate(engine, wins, args.cache, args.eval_mode, reference=reference_logits(engine, wins))
+    print(res.summary())
+    return 0
 
 
 if __name__ == "__main__":

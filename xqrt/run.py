@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import XQError
+from .errors import cli_exit_code
 
 
 def add_cache_args(ap: argparse.ArgumentParser):
@@ -58,43 +58,41 @@ def _summary(engine):
     print(f"\nxqrt: {engine.stats.summary(engine.cache.describe(), engine.fp16_bytes_per_token())}", file=sys.stderr)
 
 
+def engine_from_args(args, ctx):
+    """The Engine the model and cache flags describe (the default model when none is given)."""
+    from .default_model import default_model_path
+    from .engine import Engine
+    return Engine(args.model or default_model_path(), ctx=ctx, cache=args.cache, bits=args.bits, group=args.group,
+                  residual=args.residual, base_layers=args.base_layers, threads=args.threads, verbose=True)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from .default_model import default_model_path
-        from .engine import Engine
-        path = args.model or default_model_path()
-        engine = Engine(path, ctx=args.ctx, cache=args.cache, bits=args.bits, group=args.group,
-                        residual=args.residual, base_layers=args.base_layers, threads=args.threads, verbose=True)
-        if not args.chat:
-            prompt = open(args.file, encoding="utf-8").read() if args.file else args.prompt
-            for _ in _generate(engine, args, prompt):
-                pass
-            _summary(engine)
-            return 0
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        print("xqrt chat: empty line or Ctrl-D to quit", file=sys.stderr)
-        while True:
-            try:
-                line = input("\n> ")
-            except EOFError:
-                break
-            if not line.strip():
-                break
-            messages.append({"role": "user", "content": line})
-            reply = "".join(_generate(engine, args, messages))
-            messages.append({"role": "assistant", "content": reply})
-            _summary(engine)
+    return cli_exit_code(lambda: _run(args))
+
+
+def _run(args) -> int:
+    engine = engine_from_args(args, args.ctx)
+    if not args.chat:
+        prompt = open(args.file, encoding="utf-8").read() if args.file else args.prompt
+        for _ in _generate(engine, args, prompt):
+            pass
+        _summary(engine)
         return 0
-    except XQError as e:
-        print(f"xqrt: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"xqrt: error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nxqrt: interrupted", file=sys.stderr)
-        return 130
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("xqrt chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("\n> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = "".join(_generate(engine, args, messages))
+        messages.append({"role": "assistant", "content": reply})
+        _summary(engine)
+    return 0
 
 
 if __name__ == "__main__":
