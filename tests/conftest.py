@@ -1,12 +1,18 @@
-"""Fixtures: tiny random Llama checkpoints written as GGUF, and the real SmolLM2 file."""
+"""Fixtures: tiny random Llama checkpoints converted to GGUF by convert/hf_to_gguf_xq.py, and the\nreal SmolLM2 file."""
 from __future__ import annotations
 
+import json
 import os
+import sys
 
-import numpy as np
 import pytest
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "convert"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
+import hf_to_gguf_xq  # noqa: E402
+
 SMOLLM2_ENV = "XQRT_SMOLLM2"  # optional path override for the SmolLM2 GGUF
+SMOLLM2_HF_ENV = "XQRT_SMOLLM2_HF"  # optional: an existing HF-format copy (models/smollm2_hf.py)
 
 
 def byte_vocab():
@@ -21,82 +27,50 @@ def byte_vocab():
     return tokens, merges, types
 
 
-# transformers' module names → llama.cpp's GGUF tensor roles
-HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-
-
-def permute_rows(w, n_head):
-    """llama.cpp's Q/K row order: HF's rotate-half pairs (i, i+hd/2) become adjacent rows."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_llama_gguf(path, hf_model, qtype="F32", arch="llama", tie=False, vocab=None):
-    """Write a transformers LlamaForCausalLM to GGUF the way llama.cpp's converter names it."""
-    import gguf
-    cfg = hf_model.config
+def save_checkpoint(model, out_dir, vocab=None, max_shard_size=None):
+    """An HF checkpoint directory as `save_pretrained` writes it, with a byte-level BPE
+    tokenizer.json (llama.cpp's `smollm` pre-tokenizer: digits one by one) for `vocab`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     tokens, merges, types = vocab or byte_vocab()
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_merges(merges)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    sd = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
-    gtype = getattr(gguf.GGMLQuantizationType, qtype)
-
-    def put(name, arr):
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if arr.ndim == 2 and gtype != gguf.GGMLQuantizationType.F32:
-            data = gguf.quantize(arr, gtype) if gtype not in (gguf.GGMLQuantizationType.F16,) else arr.astype(np.float16)
-            w.add_tensor(name, data, raw_shape=arr.shape if gtype == gguf.GGMLQuantizationType.F16 else None,
-                         raw_dtype=gtype)
-        else:
-            w.add_tensor(name, arr)
-
-    put("token_embd.weight", sd["model.embed_tokens.weight"])
-    put("output_norm.weight", sd["model.norm.weight"])
-    if not tie:
-        put("output.weight", sd["lm_head.weight"])
-    for i in range(cfg.num_hidden_layers):
-        for hf, gg in HF_TO_GGUF.items():
-            suffix = ".weight"
-            t = sd[f"model.layers.{i}.{hf}{suffix}"]
-            if gg == "attn_q":
-                t = permute_rows(t, cfg.num_attention_heads)
-            elif gg == "attn_k":
-                t = permute_rows(t, cfg.num_key_value_heads)
-            put(f"blk.{i}.{gg}.weight", t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
+    vocab_ids = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab_ids, merges=[tuple(m.split(" ")) for m in merges]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": tokens[1], "eos_token": tokens[2], "add_bos_token": False,
+                   "chat_template": "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"}, f)
+    return str(out_dir)
 
 
-def tiny_llama(n_head=4, n_kv_head=2, hidden=128, layers=2, ff=256, vocab=None, seed=0):
+def convert(hf_dir, out, *flags):
+    """convert/hf_to_gguf_xq.py, in process; the output path."""
+    code = hf_to_gguf_xq.main([str(hf_dir), "-o", str(out), *flags])
+    assert code == 0, f"conversion of {hf_dir} failed"
+    return str(out)
+
+
+def write_llama_gguf(tmp_dir, model, outtype="f32", *flags):
+    """A tiny model as a plain GGUF (no XQuant keys: the caches compute their factors at load)."""
+    hf_dir = save_checkpoint(model, os.path.join(tmp_dir, f"hf-{outtype}"))
+    return convert(hf_dir, os.path.join(tmp_dir, f"{outtype}.gguf"), "--outtype", outtype, "--no-xq", *flags)
+
+
+def tiny_llama(n_head=4, n_kv_head=2, hidden=128, layers=2, ff=256, n_vocab=None, seed=0, cls="Llama", **config):
+    """A random LlamaForCausalLM (or Mistral…); `config` adds or overrides LlamaConfig fields."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
     torch.manual_seed(seed)
-    n_vocab = len((vocab or byte_vocab())[0])
-    cfg = LlamaConfig(vocab_size=n_vocab, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers,
-                      num_attention_heads=n_head, num_key_value_heads=n_kv_head, max_position_embeddings=512,
-                      rms_norm_eps=1e-5, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).eval()
+    fields = dict(vocab_size=n_vocab or len(byte_vocab()[0]), hidden_size=hidden, intermediate_size=ff,
+                  num_hidden_layers=layers, num_attention_heads=n_head, num_key_value_heads=n_kv_head,
+                  max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    fields.update(config)
+    cfg = getattr(transformers, f"{cls}Config")(**fields)
+    model = getattr(transformers, f"{cls}ForCausalLM")(cfg).eval()
     with torch.no_grad():  # random init is too tame: give the norms some spread
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -107,13 +81,13 @@ def tiny_llama(n_head=4, n_kv_head=2, hidden=128, layers=2, ff=256, vocab=None, 
 @pytest.fixture(scope="session")
 def tiny_gqa(tmp_path_factory):
     model = tiny_llama(n_head=4, n_kv_head=2)
-    return model, write_llama_gguf(tmp_path_factory.mktemp("tiny") / "gqa.gguf", model)
+    return model, write_llama_gguf(tmp_path_factory.mktemp("gqa"), model)
 
 
 @pytest.fixture(scope="session")
 def tiny_mha(tmp_path_factory):
     model = tiny_llama(n_head=4, n_kv_head=4, seed=1)
-    return model, write_llama_gguf(tmp_path_factory.mktemp("tiny") / "mha.gguf", model)
+    return model, write_llama_gguf(tmp_path_factory.mktemp("mha"), model)
 
 
 @pytest.fixture(scope="session")
@@ -123,3 +97,13 @@ def smollm2_path():
         return path
     from xqrt.default_model import default_model_path
     return default_model_path(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_path, tmp_path_factory):
+    """SmolLM2 as an HF checkpoint, made offline from the GGUF (about a minute)."""
+    path = os.environ.get(SMOLLM2_HF_ENV)
+    if path:
+        return path
+    import smollm2_hf
+    return smollm2_hf.make(str(tmp_path_factory.mktemp("smollm2_hf")))

@@ -155,28 +155,14 @@ def test_prompt_prefix_reuse(tiny_gqa, mode):
 
 
 def test_factors_read_from_file_when_stored(tiny_gqa, tmp_path):
-    """A GGUF carrying blk.N.xq_* tensors is used as is: no SVD at load, same logits."""
-    import gguf
-    from xqrt.factors import FACTOR_NAMES, layer_factors
+    """A GGUF carrying blk.N.xq_* tensors (--add-xq) is used as is: no SVD at load, same logits."""
+    from hf_to_gguf_xq import main as convert_main
+    from xqrt.factors import layer_factors
     from xqrt.gguf_model import load_model
     _, path = tiny_gqa
     computed = layer_factors(load_model(path))
-    reader = gguf.GGUFReader(path)
     out = tmp_path / "with_xq.gguf"
-    w = gguf.GGUFWriter(str(out), "llama")
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        w.add_key_value(field.name, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
-    for t in reader.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    for i, f in enumerate(computed):
-        for name in FACTOR_NAMES:
-            w.add_tensor(f"blk.{i}.xq_{name}", np.ascontiguousarray(getattr(f, name)) * 1.0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    assert convert_main(["--add-xq", path, "-o", str(out)]) == 0
     said = []
     stored = layer_factors(load_model(str(out)), log=said.append)
     assert said == []

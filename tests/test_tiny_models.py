@@ -38,30 +38,23 @@ def test_batched_prefill_chunks_agree(tiny_gqa):
     np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "F16"])
-def test_quantized_files_match_their_dequantized_weights(qtype, tmp_path):
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_0", "q4_1", "f16", "bf16"])
+def test_quantized_files_match_their_dequantized_weights(outtype, tmp_path):
     """A quantized GGUF runs on the raw blocks; transformers sees the same weights dequantized."""
-    from conftest import HF_TO_GGUF, tiny_llama, write_llama_gguf
+    from conftest import tiny_llama, write_llama_gguf
     from gguf import GGUFReader, dequantize
+    from hf_to_gguf_xq import hf_name, unpermute_rows
     model = tiny_llama()
-    path = write_llama_gguf(tmp_path / f"{qtype}.gguf", model, qtype=qtype)
-    reader = GGUFReader(path)
+    path = write_llama_gguf(tmp_path, model, outtype)
     sd = model.state_dict()
+    heads = {"attn_q": model.config.num_attention_heads, "attn_k": model.config.num_key_value_heads}
     with torch.no_grad():  # load the dequantized weights back into the reference
-        for t in reader.tensors:
+        for t in GGUFReader(path).tensors:
             w = dequantize(t.data, t.tensor_type).reshape([int(s) for s in reversed(t.shape)])
-            name = t.name
-            if name.startswith("blk."):
-                _, i, role, _ = name.split(".")
-                hf = {gg: hf for hf, gg in HF_TO_GGUF.items()}[role]
-                if role in ("attn_q", "attn_k"):  # undo the row permutation
-                    n = model.config.num_attention_heads if role == "attn_q" else model.config.num_key_value_heads
-                    w = w.reshape(n, w.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
-                key = f"model.layers.{i}.{hf}.weight"
-            else:
-                key = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                       "output.weight": "lm_head.weight"}[name]
-            sd[key].copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
+            role = t.name.split(".")[-2]
+            if role in heads:
+                w = unpermute_rows(w, heads[role])
+            sd[hf_name(t.name)].copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
     ids = list(range(5, 37))
     ref = hf_logits(model, ids)
     ours = Engine(path, ctx=64).logits(ids)

@@ -304,17 +304,8 @@ class LatentCache(Cache):
         c = self.config
         o = options
         self.bits = o.bits
-        self.group = G = default_group(c) if o.group is None else int(o.group)
-        self.residual = R = G if o.residual is None else int(o.residual)
-        if G <= 0:
-            raise XQError(f"--group {G} must be positive")
+        self.group, self.residual = G, R = self.resolve(c, o)  # before any SVD is computed
         self.simulated = o.simulated
-        for w in sorted(self._token_widths()):  # checked before any SVD is computed
-            if w % G or G % 8:
-                raise XQError(f"--group {G} does not fit this model: it must be a multiple of 8 dividing the "
-                              f"cached width {w} (default: {default_group(c)})")
-        if R < 0 or R % G:
-            raise XQError(f"--residual {R} must be 0 or a multiple of the group size {G}")
         self.layers = self._plan(model, log)
         self._ring_size = max(R, G)
         # The exact tail is fp16, as KIVI keeps it; float32 only when quantization is off.
@@ -322,9 +313,24 @@ class LatentCache(Cache):
         self._ring = [self._new_ring(L) for L in self.layers]
         self._n_threads = numba.get_num_threads()
 
-    def _token_widths(self) -> set[int]:
+    @classmethod
+    def resolve(cls, c: ModelConfig, o: CacheOptions) -> tuple[int, int]:
+        """(G, R) for these options on this model; any option that does not fit fails here."""
+        G = default_group(c) if o.group is None else int(o.group)
+        R = G if o.residual is None else int(o.residual)
+        if G <= 0:
+            raise XQError(f"--group {G} must be positive")
+        for w in sorted(cls._token_widths(c)):
+            if w % G or G % 8:
+                raise XQError(f"--group {G} does not fit this model: it must be a multiple of 8 dividing the "
+                              f"cached width {w} (default: {default_group(c)})")
+        if R < 0 or R % G:
+            raise XQError(f"--residual {R} must be 0 or a multiple of the group size {G}")
+        return G, R
+
+    @staticmethod
+    def _token_widths(c: ModelConfig) -> set[int]:
         """Widths of the per-token streams (groups run along them, so G must divide them)."""
-        c = self.config
         return {c.d_model} if c.n_kv_head == c.n_head else {c.kv_dim}
 
     def _plan(self, model, log):
@@ -481,8 +487,9 @@ class KIVI(LatentCache):
     """KIVI*: keys per-channel before RoPE (groups of G positions), values per-token."""
     mode = "kivi"
 
-    def _token_widths(self):
-        return {self.config.kv_dim}
+    @staticmethod
+    def _token_widths(c):
+        return {c.kv_dim}
 
     def _plan(self, model, log):
         return [self._layer(None, None, None, None, False, self.bits) for _ in range(self.config.n_layer)]
@@ -500,16 +507,24 @@ class XQuantCL(LatentCache):
     counted in nbytes."""
     mode = "xquant-cl"
 
-    def _token_widths(self):
-        c = self.config
-        return super()._token_widths() | {c.d_model if c.n_kv_head == c.n_head else min(c.d_model, 2 * c.kv_dim)}
+    @staticmethod
+    def _token_widths(c):
+        return LatentCache._token_widths(c) | {c.d_model if c.n_kv_head == c.n_head else min(c.d_model, 2 * c.kv_dim)}
+
+    @classmethod
+    def resolve(cls, c, o):
+        n_base = cls.n_base_layers(c, o)
+        if not 1 <= n_base <= c.n_layer:
+            raise XQError(f"--base-layers {n_base} must be between 1 and {c.n_layer}")
+        return super().resolve(c, o)
+
+    @staticmethod
+    def n_base_layers(c, o) -> int:
+        return min(3, c.n_layer) if o.base_layers is None else int(o.base_layers)
 
     def _plan(self, model, log):
         c = self.config
-        n_base = min(3, c.n_layer) if self.options.base_layers is None else int(self.options.base_layers)
-        if not 1 <= n_base <= c.n_layer:
-            raise XQError(f"--base-layers {n_base} must be between 1 and {c.n_layer}")
-        self.base_layers = n_base
+        self.base_layers = n_base = self.n_base_layers(c, self.options)
         gqa = c.n_kv_head < c.n_head
         f = layer_factors(model, log if gqa else None)
         base_bits = max(4, self.bits)
@@ -576,9 +591,32 @@ class XQuantCL(LatentCache):
 CACHE_MODES = {"fp16": FP16KV, "kivi": KIVI, "xquant": XQuant, "xquant-cl": XQuantCL}
 
 
-def make_cache(mode: str, model: Model, n_ctx: int, options: CacheOptions = CacheOptions(), log=None) -> Cache:
+# The cache recipe a converted GGUF carries (convert/hf_to_gguf_xq.py writes it) so that running
+# the file needs no flags; arguments given explicitly override it key by key.
+RECIPE_KEYS = {"mode": "xquant.cache.mode", "bits": "xquant.cache.bits", "group": "xquant.cache.group",
+               "residual": "xquant.cache.residual", "base_layers": "xquant.cache.base_layers"}
+
+
+def file_recipe(metadata: dict) -> dict:
+    """{mode, bits, group, residual, base_layers}: whichever of them the GGUF records."""
+    recipe = {k: metadata[key] for k, key in RECIPE_KEYS.items() if key in metadata}
+    for k, v in recipe.items():
+        ok = v in CACHE_MODES if k == "mode" else isinstance(v, int) and 0 <= v < 1 << 20
+        if not ok:
+            raise XQError(f"GGUF metadata {RECIPE_KEYS[k]} = {v!r} is not a valid cache setting")
+    return recipe
+
+
+def check_recipe(mode: str, config: ModelConfig, options: CacheOptions):
+    """Fails with the message `make_cache` would give, without building anything."""
     if mode not in CACHE_MODES:
         raise XQError(f"unknown cache mode {mode!r} (choose from: {', '.join(CACHE_MODES)})")
+    if mode != "fp16":
+        CACHE_MODES[mode].resolve(config, options)
+
+
+def make_cache(mode: str, model: Model, n_ctx: int, options: CacheOptions = CacheOptions(), log=None) -> Cache:
+    check_recipe(mode, model.config, options)
     if mode == "fp16":
         return FP16KV(model, n_ctx, options)
     return CACHE_MODES[mode](model, n_ctx, options, log)

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .cache import Cache, CacheOptions, make_cache
+from .cache import Cache, CacheOptions, file_recipe, make_cache
 from .errors import XQError
 from .factors import stderr_log
 from .gguf_model import Model, QMatrix, load_model
@@ -55,17 +55,22 @@ def kernels_compiled() -> bool:
 
 
 class Engine:
-    def __init__(self, model: str | Model, ctx: int | None = None, cache: str = "fp16", bits: int = 4,
+    def __init__(self, model: str | Model, ctx: int | None = None, cache: str | None = None, bits: int | None = None,
                  group: int | None = None, residual: int | None = None, base_layers: int | None = None,
                  threads: int | None = None, batch: int = 512, verbose: bool = False):
+        """Cache settings left as None come from the GGUF's recipe when it has one (converted files
+        do), else: fp16 KV; bits 4, group, residual and base layers as `CacheOptions` chooses."""
         self.model = model if isinstance(model, Model) else load_model(str(model))
         self.config = c = self.model.config
         self.tokenizer = Tokenizer(self.model.metadata)
         self.n_ctx = int(ctx or min(c.ctx_train, 4096))
         if self.n_ctx <= 0:
             raise XQError(f"invalid context size {self.n_ctx}")
-        self.cache_mode = cache
-        self.cache_options = CacheOptions(bits=bits, group=group, residual=residual, base_layers=base_layers)
+        given = dict(mode=cache, bits=bits, group=group, residual=residual, base_layers=base_layers)
+        recipe = file_recipe(self.model.metadata)
+        chosen = {k: recipe.get(k) if v is None else v for k, v in given.items()}
+        self.cache_mode = chosen.pop("mode") or "fp16"
+        self.cache_options = CacheOptions(bits=chosen.pop("bits") or 4, **chosen)
         self._log = stderr_log if verbose else None
         self.batch = max(1, int(batch))
         if threads:

@@ -9,16 +9,16 @@ class XQError(Exception):
     """Bad input or an unsupported request: the message is meant for the user as it is."""
 
 
-def cli_exit_code(body: Callable[[], int]) -> int:
-    """Run a command line's body; bad input becomes one `xqrt: error:` line and exit 1."""
+def cli_exit_code(body: Callable[[], int], prog: str = "xqrt") -> int:
+    """Run a command line's body; bad input becomes one `PROG: error:` line and exit 1."""
     try:
         return body()
     except XQError as e:
-        print(f"xqrt: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"xqrt: error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
+        print(f"{prog}: error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\nxqrt: interrupted", file=sys.stderr)
+        print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130

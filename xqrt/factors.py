@@ -9,8 +9,10 @@ GGUF's permuted RoPE row order). For a GQA model the thin SVD Wk = U·Σ·Bᵀ (
 and likewise uv, mv for Wv, and ukv (d × 2·kv_dim) from the SVD of [Wk | Wv] for XQuant-CL's
 deltas. With quantization off every path is exact up to float32 round-off.
 
-Stored tensor names (written by convert/hf_to_gguf_xq.py): blk.N.xq_uk, blk.N.xq_mk,
-blk.N.xq_uv, blk.N.xq_mv, blk.N.xq_ukv, each float32 with the shapes above.
+Stored form (written by convert/hf_to_gguf_xq.py): tensors blk.N.xq_uk, blk.N.xq_mk, blk.N.xq_uv,
+blk.N.xq_mv, blk.N.xq_ukv, float32 with the shapes above (ggml lists them column count first), and
+the keys xquant.version (FORMAT_VERSION), xquant.rank (kv_dim) and xquant.layers (the layers that
+carry factors). MHA models need none: their caches project through Wk and Wv themselves.
 """
 from __future__ import annotations
 
@@ -19,10 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import XQError
 from .gguf_model import float_tensor
 from .kernels import cpu
 
 FACTOR_NAMES = ("uk", "mk", "uv", "mv", "ukv")
+FORMAT_VERSION = 1
+KEY_VERSION, KEY_RANK, KEY_LAYERS = "xquant.version", "xquant.rank", "xquant.layers"
 
 
 @dataclass
@@ -63,30 +68,52 @@ def _c32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def needs_factors(config) -> bool:
+    """GQA models cache SVD latents; MHA models cache X itself."""
+    return config.n_kv_head < config.n_head
+
+
+def factor_shapes(config) -> dict[str, tuple[int, int]]:
+    d, kv = config.d_model, config.kv_dim
+    return {"uk": (d, kv), "mk": (kv, kv), "uv": (d, kv), "mv": (kv, kv), "ukv": (d, min(d, 2 * kv))}
+
+
+def compute_factors(wk: np.ndarray, wv: np.ndarray) -> dict[str, np.ndarray]:
+    """One layer's factors from its dense d × kv_dim key and value weights."""
+    uk, mk = thin_svd(wk)
+    uv, mv = thin_svd(wv)
+    ukv, _ = thin_svd(np.concatenate([wk, wv], axis=1))
+    return {"uk": uk, "mk": mk, "uv": uv, "mv": mv, "ukv": ukv}
+
+
+def dense_kv(layer) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's Wk and Wv as d × kv_dim float32, exactly as the kernels read the file's blocks."""
+    return _dense_t(layer.wk), _dense_t(layer.wv)
+
+
 def layer_factors(model, log=None) -> list[LayerFactors]:
     """The factors for every layer, cached on the model; SVDs are computed only when the file
     does not carry them."""
     if getattr(model, "_xq_factors", None) is not None:
         return model._xq_factors
     c = model.config
-    d, kv = c.d_model, c.kv_dim
-    gqa = c.n_kv_head < c.n_head
+    version = model.metadata.get(KEY_VERSION, FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise XQError(f"{model.path}: XQuant factors of format version {version!r}; this xqrt reads "
+                      f"version {FORMAT_VERSION} (re-add them: convert/hf_to_gguf_xq.py --add-xq)")
+    shapes = factor_shapes(c)
     out, computed = [], False
     for i, L in enumerate(model.layers):
-        f = LayerFactors(wk=_dense_t(L.wk), wv=_dense_t(L.wv))
-        if gqa:
-            r = min(c.d_model, 2 * c.kv_dim)
-            shapes = {"uk": (d, kv), "mk": (kv, kv), "uv": (d, kv), "mv": (kv, kv), "ukv": (d, r)}
+        f = LayerFactors(*dense_kv(L))
+        if needs_factors(c):
             have = {n: float_tensor(model, f"blk.{i}.xq_{n}", shapes[n]) for n in FACTOR_NAMES}
-            if all(v is not None for v in have.values()):
-                f.uk, f.mk, f.uv, f.mv, f.ukv = (have[n] for n in FACTOR_NAMES)
-            else:
+            if any(v is None for v in have.values()):
                 if not computed and log:
-                    log(f"xqrt: computing XQuant SVD factors for {c.n_layer} layers (not stored in this GGUF)...")
+                    log(f"xqrt: computing XQuant SVD factors for {c.n_layer} layers (not stored in this GGUF; "
+                        "convert/hf_to_gguf_xq.py --add-xq stores them)...")
                 computed = True
-                f.uk, f.mk = thin_svd(f.wk)
-                f.uv, f.mv = thin_svd(f.wv)
-                f.ukv, _ = thin_svd(np.concatenate([f.wk, f.wv], axis=1))
+                have = compute_factors(f.wk, f.wv)
+            f.uk, f.mk, f.uv, f.mv, f.ukv = (have[n] for n in FACTOR_NAMES)
         out.append(f)
     model._xq_factors = out
     return out

@@ -89,6 +89,7 @@ class Model:
     metadata: dict = field(default_factory=dict)  # scalar/str keys; arrays only for the tokenizer
     path: str = ""
     extra_tensors: dict = field(default_factory=dict)  # tensors not named above (e.g. blk.N.xq_*), as read
+    reader: object = None  # gguf-py's GGUFReader over the file (tools that copy it reuse its mapping)
 
 
 def _field_value(f):
@@ -286,6 +287,6 @@ def load_model(path: str) -> Model:
     known = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"}
     return Model(
         config=cfg, tok_embd=tok_embd, layers=layers, out_norm=need("output_norm.weight", (d,)), output=output,
-        rope_freqs=rope_inv_freqs(cfg, freq_factors), metadata=md, path=path,
+        rope_freqs=rope_inv_freqs(cfg, freq_factors), metadata=md, path=path, reader=reader,
         extra_tensors={n: t for n, t in tensors.items() if n not in known and not _LAYER_ROLE.fullmatch(n)},
     )

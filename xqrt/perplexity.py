@@ -140,7 +140,7 @@ def _run(args) -> int:
     print(f"xqrt perplexity: {len(tokens)} tokens in {args.file}; {len(wins)} windows of {args.ctx} "
           f"(non-overlapping, from the start), {len(wins) * (args.ctx - 1)} scored tokens; "
           f"cache {engine.new_cache().describe()}; eval {args.eval_mode}", file=sys.stderr)
-    res = evaluate(engine, wins, args.cache, args.eval_mode, reference=reference_logits(engine, wins))
+    res = evaluate(engine, wins, engine.cache_mode, args.eval_mode, reference=reference_logits(engine, wins))
     print(res.summary())
     return 0
 

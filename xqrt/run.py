@@ -10,18 +10,19 @@ import sys
 from .errors import cli_exit_code
 
 
-def add_cache_args(ap: argparse.ArgumentParser):
+def add_cache_args(ap: argparse.ArgumentParser, defaults: str = "the GGUF's recipe if it has one, else "):
+    """The cache flags; each left unset (None) falls back to `defaults` + the value named in its help."""
     from .cache import CACHE_MODES
-    g = ap.add_argument_group("cache")
-    g.add_argument("--cache", default="fp16", metavar="MODE", help=f"cache mode: {', '.join(CACHE_MODES)} (default fp16)")
-    g.add_argument("--bits", type=int, default=4, metavar="B",
-                   help="bits per cached value: 2, 3, 4, 8 (16/32: floats, quantization off); default 4")
+    g = ap.add_argument_group("cache", f"unset flags take {defaults}the value in brackets")
+    g.add_argument("--cache", default=None, metavar="MODE", help=f"cache mode: {', '.join(CACHE_MODES)} [fp16]")
+    g.add_argument("--bits", type=int, default=None, metavar="B",
+                   help="bits per cached value: 2, 3, 4, 8 (16/32: floats, quantization off) [4]")
     g.add_argument("--group", type=int, default=None, metavar="G",
-                   help="quantization group size (default: the largest power of two <= 128 dividing the model)")
+                   help="quantization group size [the largest power of two <= 128 dividing the model's widths]")
     g.add_argument("--residual", type=int, default=None, metavar="R",
-                   help="recent tokens kept exact, 0 or a multiple of G (default G)")
+                   help="recent tokens kept exact, 0 or a multiple of G [G]")
     g.add_argument("--base-layers", type=int, default=None, metavar="N",
-                   help="xquant-cl: first layers stored at >= 4 bits, the last seeding the accumulator (default 3)")
+                   help="xquant-cl: first layers stored at >= 4 bits, the last seeding the accumulator [3]")
 
 
 def build_parser() -> argparse.ArgumentParser:

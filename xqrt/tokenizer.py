@@ -30,6 +30,25 @@ _PRE_TOKENIZERS = {
 }
 
 
+def pre_tokenizer_name(pre: dict | None) -> str | None:
+    """The llama.cpp name (a key of _PRE_TOKENIZERS) of a tokenizer.json pre-tokenizer, or None
+    when it is none of them: the inverse of `_byte_level`, for the converter."""
+    steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre] if pre else []
+    kinds = [p.get("type") for p in steps]
+    byte_level = steps[-1] if kinds and kinds[-1] == "ByteLevel" and not steps[-1].get("add_prefix_space") else None
+    if byte_level is None:
+        return None
+    if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level.get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True) \
+            and str(steps[0].get("behavior", "")).lower() == "isolated" and not steps[0].get("invert"):
+        pattern = (steps[0].get("pattern") or {}).get("Regex")
+        return {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}.get(pattern)
+    return None
+
+
 def _byte_level(tokens, merges, pre):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     if pre not in _PRE_TOKENIZERS:
