@@ -42,6 +42,19 @@ def test_matvec_and_dequantize(qtype):
     np.testing.assert_array_equal(dense, ref)
 
 
+def test_matvec_n_runs_several_products_of_mixed_types_in_one_region():
+    shapes, types = [(70, 96), (33, 96), (129, 96)], [T.Q4_1, T.Q8_0, T.F16]
+    ws = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    data = [np.ascontiguousarray(blocks(w, t)) for w, t in zip(ws, types)]
+    x = rng.standard_normal(96).astype(np.float32)
+    xsum = np.zeros(3, np.float32)
+    cpu.block_sums(x, xsum)
+    outs = tuple(np.zeros(s[0], np.float32) for s in shapes)
+    cpu.matvec_n(tuple(data), tuple(int(t) for t in types), x, xsum, outs)
+    for d, t, w, out in zip(data, types, ws, outs):
+        np.testing.assert_allclose(out, reference(d, t, w.shape) @ x, rtol=1e-5, atol=1e-4)
+
+
 def test_half_conversions_round_to_nearest_even():
     x = (rng.standard_normal(10000) * 1000).astype(np.float32)
     out = np.zeros((1, x.size), np.uint16)

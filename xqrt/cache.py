@@ -143,22 +143,19 @@ class FP16KV(Cache):
         # np.zeros maps pages lazily: memory is committed as the context fills.
         self.k = np.zeros(shape, np.uint16)
         self.v = np.zeros(shape, np.uint16)
+        self._step_out = np.zeros((1, self.config.q_dim), np.float32)
 
     def attend(self, layer, pos0, xn, q, k, v):
         c, n = self.config, q.shape[0]
         end = pos0 + n
+        if n == 1:  # the decode step: one compiled call, into a reused buffer
+            cpu.attend_f16_step(q[0], k[0], v[0], self.k[layer], self.v[layer], pos0, self.inv_freq, c.n_head,
+                                c.n_kv_head, c.head_dim, self._scores, self._step_out[0])
+            return self._step_out
         k = k.copy()
-        if n == 1:  # a parallel launch costs more than rotating one row
-            cpu.rope_row(k[0], c.n_kv_head, c.head_dim, pos0, self.inv_freq)
-        else:
-            cpu.rope_rows(k, c.n_kv_head, c.head_dim, pos0, self.inv_freq)
+        cpu.rope_rows(k, c.n_kv_head, c.head_dim, pos0, self.inv_freq)
         cpu.to_f16(k, self.k[layer, pos0:end])
         cpu.to_f16(v, self.v[layer, pos0:end])
-        if n == 1:
-            out = np.empty((1, c.q_dim), np.float32)
-            cpu.attend_f16(q[0], self.k[layer], self.v[layer], end, c.n_head, c.n_kv_head, c.head_dim,
-                           self._scores, out[0])
-            return out
         keys = self.k[layer, :end].view(np.float16).astype(np.float32)
         values = self.v[layer, :end].view(np.float16).astype(np.float32)
         bound = np.arange(pos0, end) + 1

@@ -222,6 +222,7 @@ def _to_native(t) -> QMatrix | np.ndarray:
     except (NotImplementedError, ValueError) as e:
         name = getattr(t.tensor_type, "name", qtype)
         raise XQError(f"tensor {t.name!r} has unsupported type {name} ({e})") from None
+    out.flags.writeable = False  # the same (read-only) array type as the mapped tensors, for the kernels
     return QMatrix(out, Q8_0, n_cols)
 
 

@@ -58,8 +58,8 @@ def dot_row(row, qtype, x, xsum):
             xb = b * 2 * half
             s = np.float32(0.0)
             for j in range(half):
-                q = row[o + 4 + j]
-                s += np.float32(q & np.uint8(15)) * x[xb + j] + np.float32(q >> np.uint8(4)) * x[xb + half + j]
+                q = np.int32(row[o + 4 + j])  # nibbles as int32: LLVM widens and converts them 8 at a time
+                s += np.float32(q & 15) * x[xb + j] + np.float32(q >> 4) * x[xb + half + j]
             acc += _half_at(row, o) * s + _half_at(row, o + 2) * xsum[b]
     elif qtype == Q4_0:
         n_blocks = row.shape[0] // 18
@@ -69,8 +69,8 @@ def dot_row(row, qtype, x, xsum):
             xb = b * 2 * half
             s = np.float32(0.0)
             for j in range(half):
-                q = row[o + 2 + j]
-                s += np.float32(q & np.uint8(15)) * x[xb + j] + np.float32(q >> np.uint8(4)) * x[xb + half + j]
+                q = np.int32(row[o + 2 + j])
+                s += np.float32(q & 15) * x[xb + j] + np.float32(q >> 4) * x[xb + half + j]
             acc += _half_at(row, o) * (s - np.float32(8.0) * xsum[b])
     elif qtype == Q8_0:
         n_blocks = row.shape[0] // 34
@@ -144,6 +144,21 @@ def matvec(w, qtype, x, xsum, out):
 
 
 @njit(parallel=True, **_OPT)
+def matvec_n(ws, qtypes, x, xsum, outs):
+    """outs[i] = ws[i]·x for several matrices in one parallel region (Q/K/V; gate/up): one launch
+    instead of several, and the threads share the bands of all of them."""
+    starts = np.zeros(len(ws) + 1, np.int64)
+    for i in range(len(ws)):
+        starts[i + 1] = starts[i] + (ws[i].shape[0] + _BAND - 1) // _BAND
+    for c in prange(starts[len(ws)]):
+        i = 0
+        while c >= starts[i + 1]:
+            i += 1
+        r0 = (c - starts[i]) * _BAND
+        _matvec_rows(ws[i], qtypes[i], x, xsum, outs[i], r0, min(ws[i].shape[0], r0 + _BAND))
+
+
+@njit(parallel=True, **_OPT)
 def dequantize(w, qtype, out):
     """Rows of W as float32 (out: rows × cols), for products that reuse each weight many times."""
     for r in prange(w.shape[0]):
@@ -186,11 +201,6 @@ def rope(vec, n_heads, head_dim, pos, inv_freq):
             vec[o + 1] = a * s + b * c
 
 
-@njit(**_OPT)
-def rope_row(vec, n_heads, head_dim, pos, inv_freq):
-    rope(vec, n_heads, head_dim, np.float64(pos), inv_freq)
-
-
 @njit(parallel=True, **_OPT)
 def rope_rows(x, n_heads, head_dim, pos0, inv_freq):
     for t in prange(x.shape[0]):
@@ -217,9 +227,7 @@ def attn_in(x, norm_w, eps, wq, tq, wk, tk, wv, tv, pos, inv_freq, n_head, n_kv_
     rotates k: KIVI stores it unrotated)."""
     rmsnorm(x, norm_w, eps, xn)
     block_sums(xn, xsum)
-    matvec(wq, tq, xn, xsum, q)
-    matvec(wk, tk, xn, xsum, k)
-    matvec(wv, tv, xn, xsum, v)
+    matvec_n((wq, wk, wv), (tq, tk, tv), xn, xsum, (q, k, v))
     rope(q, n_head, head_dim, np.float64(pos), inv_freq)
 
 
@@ -233,8 +241,7 @@ def attn_out_ffn(x, attn, wo, to, ffn_norm, eps, w_gate, tg, w_up, tu, w_down, t
         x[i] += proj[i]
     rmsnorm(x, ffn_norm, eps, xn)
     block_sums(xn, xsum)
-    matvec(w_gate, tg, xn, xsum, gate)
-    matvec(w_up, tu, xn, xsum, up)
+    matvec_n((w_gate, w_up), (tg, tu), xn, xsum, (gate, up))
     silu_mul(gate, up, hidden)
     block_sums(hidden, xsum_ff)
     matvec(w_down, td, hidden, xsum_ff, proj)
@@ -284,6 +291,18 @@ def attend_f16(q, k_cache, v_cache, n_ctx, n_head, n_kv_head, head_dim, scores, 
         q0 = h * head_dim
         _attend_head_f16(q[q0:q0 + head_dim], k_cache, v_cache, n_ctx, (h // group) * head_dim, scale,
                          scores[h], out[q0:q0 + head_dim])
+
+
+@njit(**_OPT)
+def attend_f16_step(q, k, v, k_cache, v_cache, pos, inv_freq, n_head, n_kv_head, head_dim, scores, out):
+    """A decode step on an fp16 cache in one call: store position `pos` (K rotated, V), then
+    attend over [0, pos]. k is pre-RoPE and left as it is."""
+    k_rot = k.copy()
+    rope(k_rot, n_kv_head, head_dim, np.float64(pos), inv_freq)
+    for j in range(k_rot.shape[0]):
+        k_cache[pos, j] = f32_to_f16(k_rot[j])
+        v_cache[pos, j] = f32_to_f16(v[j])
+    attend_f16(q, k_cache, v_cache, pos + 1, n_head, n_kv_head, head_dim, scores, out)
 
 
 @njit(**_OPT)
