@@ -32,14 +32,32 @@ def test_matvec_and_dequantize(qtype):
     data = np.ascontiguousarray(blocks(w, qtype))
     ref = reference(data, qtype, w.shape)
     x = rng.standard_normal(96).astype(np.float32)
-    xsum = np.zeros(3, np.float32)
-    cpu.block_sums(x, xsum)
+    act = cpu.new_act(96)
+    cpu.quantize_act(x, act)
     out = np.zeros(70, np.float32)
-    cpu.matvec(data, int(qtype), x, xsum, out)
-    np.testing.assert_allclose(out, ref @ x, rtol=1e-5, atol=1e-4)
+    cpu.matvec(data, int(qtype), x, act, out)
+    assert_within_act_rounding(out, ref, x, act)
     dense = np.zeros_like(w)
     cpu.dequantize(data, int(qtype), dense)
     np.testing.assert_array_equal(dense, ref)
+
+
+def assert_within_act_rounding(out, w, x, act):
+    """The block formats multiply int16 activations: each x_j is off by at most half its block's
+    step, so |out − w·x| ≤ |w|·(step/2), plus float32 round-off."""
+    step = np.repeat(act[1], 32)[:x.size]
+    bound = np.abs(w) @ (step / 2) + 1e-5 * (np.abs(w) @ np.abs(x))
+    assert np.all(np.abs(out - w @ x) <= bound)
+
+
+def test_quantize_act_codes():
+    x = rng.standard_normal(64).astype(np.float32) * np.repeat([1e-3, 50.0], 32).astype(np.float32)
+    x[40:48] = 0.0
+    xsum, xd, x16 = act = cpu.new_act(64)
+    cpu.quantize_act(x, act)
+    np.testing.assert_allclose(xsum, x.reshape(2, 32).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(xd, np.abs(x).reshape(2, 32).max(1) / 32767, rtol=1e-6)
+    np.testing.assert_array_equal(x16, np.round(x / np.repeat(xd, 32)).astype(np.int16))
 
 
 def test_matvec_n_runs_several_products_of_mixed_types_in_one_region():
@@ -47,12 +65,12 @@ def test_matvec_n_runs_several_products_of_mixed_types_in_one_region():
     ws = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     data = [np.ascontiguousarray(blocks(w, t)) for w, t in zip(ws, types)]
     x = rng.standard_normal(96).astype(np.float32)
-    xsum = np.zeros(3, np.float32)
-    cpu.block_sums(x, xsum)
+    act = cpu.new_act(96)
+    cpu.quantize_act(x, act)
     outs = tuple(np.zeros(s[0], np.float32) for s in shapes)
-    cpu.matvec_n(tuple(data), tuple(int(t) for t in types), x, xsum, outs)
+    cpu.matvec_n(tuple(data), tuple(int(t) for t in types), x, act, outs)
     for d, t, w, out in zip(data, types, ws, outs):
-        np.testing.assert_allclose(out, reference(d, t, w.shape) @ x, rtol=1e-5, atol=1e-4)
+        assert_within_act_rounding(out, reference(d, t, w.shape), x, act)
 
 
 def test_half_conversions_round_to_nearest_even():

@@ -94,7 +94,7 @@ class Cache:
         self.n_ctx = n_ctx
         self.options = options
         self.n_tokens = 0  # positions [0, n_tokens) are stored
-        self._scores = np.zeros((self.config.n_head, n_ctx), np.float32)
+        self.scores = np.zeros((self.config.n_head, n_ctx), np.float32)  # attention scratch (the fused step too)
 
     def check_room(self, pos0: int, n: int):
         if pos0 != self.n_tokens:
@@ -150,7 +150,7 @@ class FP16KV(Cache):
         end = pos0 + n
         if n == 1:  # the decode step: one compiled call, into a reused buffer
             cpu.attend_f16_step(q[0], k[0], v[0], self.k[layer], self.v[layer], pos0, self.inv_freq, c.n_head,
-                                c.n_kv_head, c.head_dim, self._scores, self._step_out[0])
+                                c.n_kv_head, c.head_dim, self.scores, self._step_out[0])
             return self._step_out
         k = k.copy()
         cpu.rope_rows(k, c.n_kv_head, c.head_dim, pos0, self.inv_freq)
@@ -443,7 +443,7 @@ class LatentCache(Cache):
                           vc, vs, vz, vb, value.width, mv, bv, self.group,
                           np.ascontiguousarray(ek[bk - lo:]), _or_empty(L.mk),
                           np.ascontiguousarray(ev[bv - lo:]), _or_empty(L.mv),
-                          self.inv_freq, c.n_head, c.n_kv_head, c.head_dim, self._n_threads, self._scores, out[0])
+                          self.inv_freq, c.n_head, c.n_kv_head, c.head_dim, self._n_threads, self.scores, out[0])
         return out
 
     def _kernel_streams(self, L):

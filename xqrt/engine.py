@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass, replace
 from typing import Iterator
 
+import numba
 import numpy as np
 
-from .cache import Cache, CacheOptions, file_recipe, make_cache
+from .cache import FP16KV, Cache, CacheOptions, file_recipe, make_cache
 from .errors import XQError
 from .factors import stderr_log
 from .gguf_model import Model, QMatrix, load_model
@@ -74,27 +75,37 @@ class Engine:
         self._log = stderr_log if verbose else None
         self.batch = max(1, int(batch))
         if threads:
-            import numba
             numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
         self.cache = self.new_cache()  # the session cache `generate` reuses across calls
         self._cached_ids: list[int] = []  # the tokens self.cache holds
         self.stats = Stats()
-        d, nb = c.d_model, lambda n: max(n // 32, 1)
+        d = c.d_model
         # Decode scratch, allocated once: the token loop allocates nothing per layer.
         self._x = np.zeros(d, np.float32)
         self._xn = np.zeros(d, np.float32)
         self._q = np.zeros(c.q_dim, np.float32)
         self._k = np.zeros(c.kv_dim, np.float32)
         self._v = np.zeros(c.kv_dim, np.float32)
-        self._xsum = np.zeros(nb(max(d, c.q_dim)), np.float32)
-        self._xsum_attn = np.zeros(nb(c.q_dim), np.float32)
-        self._xsum_ff = np.zeros(nb(c.n_ff), np.float32)
+        self._act = cpu.new_act(d)  # int16 activations for the block products, one per input width
+        self._act_attn = cpu.new_act(c.q_dim)
+        self._act_ff = cpu.new_act(c.n_ff)
         self._proj = np.zeros(d, np.float32)
         self._gate = np.zeros(c.n_ff, np.float32)
         self._up = np.zeros(c.n_ff, np.float32)
         self._hidden = np.zeros(c.n_ff, np.float32)
         self._logits = np.zeros(c.vocab_size, np.float32)
         self._dense_scratch = np.zeros(0, np.float32)
+        self._attn = np.zeros(c.q_dim, np.float32)
+        # The fused fp16-KV step reads every layer's matrices from one typed list.
+        self._mats = numba.typed.List.empty_list(numba.types.Array(numba.types.uint8, 2, "C", readonly=True))
+        for L in self.model.layers:
+            for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down):
+                view = w.data.view()
+                view.flags.writeable = False
+                self._mats.append(view)
+        self._qtypes = np.array([[w.qtype for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
+                                 for L in self.model.layers], np.int64)
+        self._norms = np.stack([np.stack([L.attn_norm, L.ffn_norm]) for L in self.model.layers]).astype(np.float32)
         if verbose and not kernels_compiled():
             print("xqrt: compiling kernels (first run only, about a minute)...", file=sys.stderr, flush=True)
 
@@ -120,17 +131,25 @@ class Engine:
     def _decode(self, token: int, pos: int, cache: Cache) -> np.ndarray:
         c, m = self.config, self.model
         x, xn, q, k, v = self._x, self._xn, self._q, self._k, self._v
+        if isinstance(cache, FP16KV):
+            cpu.decode_fp16(token, pos, m.tok_embd.data, m.tok_embd.qtype, self._mats, self._qtypes, self._norms,
+                            m.out_norm, m.output.data, m.output.qtype, m.rope_freqs, c.n_head, c.n_kv_head,
+                            c.head_dim, c.norm_eps, cache.k, cache.v, cache.scores,
+                            (x, xn, q, k, v, self._proj, self._gate, self._up, self._hidden, self._attn),
+                            (self._act, self._act_attn, self._act_ff), self._logits)
+            cache.advance(1)
+            return self._logits
         cpu.dequantize_row(m.tok_embd.data, m.tok_embd.qtype, token, x)
         for i, L in enumerate(m.layers):
             cpu.attn_in(x, L.attn_norm, c.norm_eps, L.wq.data, L.wq.qtype, L.wk.data, L.wk.qtype, L.wv.data,
-                        L.wv.qtype, pos, m.rope_freqs, c.n_head, c.n_kv_head, c.head_dim, xn, self._xsum, q, k, v)
+                        L.wv.qtype, pos, m.rope_freqs, c.n_head, c.n_kv_head, c.head_dim, xn, self._act, q, k, v)
             attn = cache.attend(i, pos, xn[None], q[None], k[None], v[None])
             cpu.attn_out_ffn(x, attn[0], L.wo.data, L.wo.qtype, L.ffn_norm, c.norm_eps, L.w_gate.data,
                              L.w_gate.qtype, L.w_up.data, L.w_up.qtype, L.w_down.data, L.w_down.qtype, xn,
-                             self._xsum, self._xsum_attn, self._xsum_ff, self._proj, self._gate, self._up,
+                             self._act, self._act_attn, self._act_ff, self._proj, self._gate, self._up,
                              self._hidden)
         cache.advance(1)
-        cpu.lm_head(x, m.out_norm, c.norm_eps, m.output.data, m.output.qtype, xn, self._xsum, self._logits)
+        cpu.lm_head(x, m.out_norm, c.norm_eps, m.output.data, m.output.qtype, xn, self._act, self._logits)
         return self._logits
 
     def _prefill(self, tokens: np.ndarray, pos0: int, cache: Cache, all_logits: bool) -> np.ndarray:
@@ -154,7 +173,7 @@ class Engine:
             x += self._matmul(gate, L.w_down)
         cache.advance(n)
         if not all_logits:
-            cpu.lm_head(x[-1], m.out_norm, c.norm_eps, m.output.data, m.output.qtype, self._xn, self._xsum,
+            cpu.lm_head(x[-1], m.out_norm, c.norm_eps, m.output.data, m.output.qtype, self._xn, self._act,
                         self._logits)
             return self._logits[None].copy()
         cpu.rmsnorm_rows(x, m.out_norm, c.norm_eps, xn)

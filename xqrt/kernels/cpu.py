@@ -13,6 +13,7 @@ from numba import njit, prange
 
 from ..gguf_model import BF16, F16, Q4_0, Q4_1, Q8_0
 from ..quant import dequantize_row as dequantize_latent, quantize_row as quantize_latent
+from . import simd
 from .bits import f16_to_f32, f32_to_f16, u32_as_f32
 
 _OPT = dict(cache=True, fastmath=True, nogil=True)
@@ -32,56 +33,68 @@ def _f32_at(row, o):
 
 
 @njit(**_OPT)
-def block_sums(x, out):
-    """Sums of x over 32-element blocks: the Q4_1 minimum and the Q4_0 offset multiply these."""
-    for b in range(out.shape[0]):
+def quantize_act(x, act):
+    """act = (xsum, xd, x16) for the integer block products: per block of 32, the exact float sum
+    (Q4_1's minimum and Q4_0's offset multiply it), and x as int16 codes with a float scale."""
+    xsum, xd, x16 = act
+    for b in range(x.shape[0] // 32):
+        amax = np.float32(0.0)
         s = np.float32(0.0)
         for j in range(32):
-            s += x[b * 32 + j]
-        out[b] = s
+            v = x[b * 32 + j]
+            amax = max(amax, abs(v))
+            s += v
+        d = amax / np.float32(32767.0)
+        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        for j in range(32):
+            x16[b * 32 + j] = np.int16(np.int32(round(x[b * 32 + j] * inv)))
+        xsum[b] = s
+        xd[b] = d
+
+
+def new_act(n: int):
+    """Scratch for quantize_act of a vector of n floats."""
+    nb = max(n // 32, 1)
+    return np.zeros(nb, np.float32), np.zeros(nb, np.float32), np.zeros(max(n, 32), np.int16)
+
+
+_ZERO_LANES = (np.float32(0.0),) * simd.LANES
 
 
 @njit(inline="always", **_OPT)
-def dot_row(row, qtype, x, xsum):
-    """row · x for one row of raw blocks; xsum holds x's 32-element block sums.
+def _lanes_sum(acc):
+    s = np.float32(0.0)
+    for i in range(simd.LANES):
+        s += acc[i]
+    return s
 
-    The in-block loops run to `half`/`blk`, computed from the shapes rather than written as 16
-    and 32: LLVM fails to vectorize these loops when it knows their trip count is that short.
-    """
+
+@njit(inline="always", **_OPT)
+def dot_row(row, qtype, x, act):
+    """row · x for one row of raw blocks; act = quantize_act(x) for the block formats."""
     n = x.shape[0]
-    acc = np.float32(0.0)
+    xsum, xd, x16 = act
     if qtype == Q4_1:
-        n_blocks = row.shape[0] // 20
-        half = n // n_blocks // 2
-        for b in range(n_blocks):
+        acc, mins = _ZERO_LANES, np.float32(0.0)
+        for b in range(row.shape[0] // 20):
             o = b * 20
-            xb = b * 2 * half
-            s = np.float32(0.0)
-            for j in range(half):
-                q = np.int32(row[o + 4 + j])  # nibbles as int32: LLVM widens and converts them 8 at a time
-                s += np.float32(q & 15) * x[xb + j] + np.float32(q >> 4) * x[xb + half + j]
-            acc += _half_at(row, o) * s + _half_at(row, o + 2) * xsum[b]
-    elif qtype == Q4_0:
-        n_blocks = row.shape[0] // 18
-        half = n // n_blocks // 2
-        for b in range(n_blocks):
-            o = b * 18
-            xb = b * 2 * half
-            s = np.float32(0.0)
-            for j in range(half):
-                q = np.int32(row[o + 2 + j])
-                s += np.float32(q & 15) * x[xb + j] + np.float32(q >> 4) * x[xb + half + j]
-            acc += _half_at(row, o) * (s - np.float32(8.0) * xsum[b])
-    elif qtype == Q8_0:
-        n_blocks = row.shape[0] // 34
-        blk = n // n_blocks
-        for b in range(n_blocks):
-            o = b * 34
-            s = np.float32(0.0)
-            for j in range(blk):
-                s += np.float32(np.int8(row[o + 2 + j])) * x[b * blk + j]
-            acc += _half_at(row, o) * s
-    elif qtype == F16:
+            acc = simd.nibble_dot(acc, row, o + 4, x16, b * 32, _half_at(row, o) * xd[b])
+            mins += _half_at(row, o + 2) * xsum[b]
+        return _lanes_sum(acc) + mins
+    if qtype == Q4_0:  # nibbles hold q + 8
+        acc, offset = _ZERO_LANES, np.float32(0.0)
+        for b in range(row.shape[0] // 18):
+            d = _half_at(row, b * 18)
+            acc = simd.nibble_dot(acc, row, b * 18 + 2, x16, b * 32, d * xd[b])
+            offset += d * xsum[b]
+        return _lanes_sum(acc) - np.float32(8.0) * offset
+    if qtype == Q8_0:
+        acc = _ZERO_LANES
+        for b in range(row.shape[0] // 34):
+            acc = simd.byte_dot(acc, row, b * 34 + 2, x16, b * 32, _half_at(row, b * 34) * xd[b])
+        return _lanes_sum(acc)
+    acc = np.float32(0.0)
+    if qtype == F16:
         for j in range(n):
             acc += _half_at(row, 2 * j) * x[j]
     elif qtype == BF16:
@@ -95,9 +108,9 @@ def dot_row(row, qtype, x, xsum):
 
 
 @njit(**_OPT)
-def _matvec_rows(w, qtype, x, xsum, out, r0, r1):
+def _matvec_rows(w, qtype, x, act, out, r0, r1):
     for r in range(r0, r1):
-        out[r] = dot_row(w[r], qtype, x, xsum)
+        out[r] = dot_row(w[r], qtype, x, act)
 
 
 @njit(inline="always", **_OPT)
@@ -132,7 +145,7 @@ def dequant_row(row, qtype, out):
 
 
 @njit(parallel=True, **_OPT)
-def matvec(w, qtype, x, xsum, out):
+def matvec(w, qtype, x, act, out):
     """out[r] = W[r] · x, one contiguous band of rows per thread.
 
     The row loop lives in its own function: inside a prange body Numba's outlining keeps LLVM
@@ -140,11 +153,11 @@ def matvec(w, qtype, x, xsum, out):
     """
     n = w.shape[0]
     for c in prange((n + _BAND - 1) // _BAND):
-        _matvec_rows(w, qtype, x, xsum, out, c * _BAND, min(n, (c + 1) * _BAND))
+        _matvec_rows(w, qtype, x, act, out, c * _BAND, min(n, (c + 1) * _BAND))
 
 
 @njit(parallel=True, **_OPT)
-def matvec_n(ws, qtypes, x, xsum, outs):
+def matvec_n(ws, qtypes, x, act, outs):
     """outs[i] = ws[i]·x for several matrices in one parallel region (Q/K/V; gate/up): one launch
     instead of several, and the threads share the bands of all of them."""
     starts = np.zeros(len(ws) + 1, np.int64)
@@ -155,7 +168,7 @@ def matvec_n(ws, qtypes, x, xsum, outs):
         while c >= starts[i + 1]:
             i += 1
         r0 = (c - starts[i]) * _BAND
-        _matvec_rows(ws[i], qtypes[i], x, xsum, outs[i], r0, min(ws[i].shape[0], r0 + _BAND))
+        _matvec_rows(ws[i], qtypes[i], x, act, outs[i], r0, min(ws[i].shape[0], r0 + _BAND))
 
 
 @njit(parallel=True, **_OPT)
@@ -222,38 +235,56 @@ def silu_mul_rows(gate, up, out):
 
 @njit(**_OPT)
 def attn_in(x, norm_w, eps, wq, tq, wk, tk, wv, tv, pos, inv_freq, n_head, n_kv_head, head_dim,
-            xn, xsum, q, k, v):
+            xn, act, q, k, v):
     """Decode step, attention half-entry: xn = RMSNorm(x); q, k, v = xn·W; RoPE on q (the cache
     rotates k: KIVI stores it unrotated)."""
     rmsnorm(x, norm_w, eps, xn)
-    block_sums(xn, xsum)
-    matvec_n((wq, wk, wv), (tq, tk, tv), xn, xsum, (q, k, v))
+    quantize_act(xn, act)
+    matvec_n((wq, wk, wv), (tq, tk, tv), xn, act, (q, k, v))
     rope(q, n_head, head_dim, np.float64(pos), inv_freq)
 
 
 @njit(**_OPT)
 def attn_out_ffn(x, attn, wo, to, ffn_norm, eps, w_gate, tg, w_up, tu, w_down, td,
-                 xn, xsum, xsum_attn, xsum_ff, proj, gate, up, hidden):
+                 xn, act, act_attn, act_ff, proj, gate, up, hidden):
     """Decode step, the rest of the layer: x += attn·Wo; x += W_down·(silu(W_gate·n) ⊙ W_up·n)."""
-    block_sums(attn, xsum_attn)
-    matvec(wo, to, attn, xsum_attn, proj)
+    quantize_act(attn, act_attn)
+    matvec(wo, to, attn, act_attn, proj)
     for i in range(x.shape[0]):
         x[i] += proj[i]
     rmsnorm(x, ffn_norm, eps, xn)
-    block_sums(xn, xsum)
-    matvec_n((w_gate, w_up), (tg, tu), xn, xsum, (gate, up))
+    quantize_act(xn, act)
+    matvec_n((w_gate, w_up), (tg, tu), xn, act, (gate, up))
     silu_mul(gate, up, hidden)
-    block_sums(hidden, xsum_ff)
-    matvec(w_down, td, hidden, xsum_ff, proj)
+    quantize_act(hidden, act_ff)
+    matvec(w_down, td, hidden, act_ff, proj)
     for i in range(x.shape[0]):
         x[i] += proj[i]
 
 
 @njit(**_OPT)
-def lm_head(x, norm_w, eps, w, qtype, xn, xsum, logits):
+def lm_head(x, norm_w, eps, w, qtype, xn, act, logits):
     rmsnorm(x, norm_w, eps, xn)
-    block_sums(xn, xsum)
-    matvec(w, qtype, xn, xsum, logits)
+    quantize_act(xn, act)
+    matvec(w, qtype, xn, act, logits)
+
+
+@njit(**_OPT)
+def decode_fp16(token, pos, tok_embd, tok_type, mats, qtypes, norms, out_norm, w_out, t_out, inv_freq, n_head,
+                n_kv_head, head_dim, eps, k_cache, v_cache, scores, bufs, acts, logits):
+    """A whole decode step over an fp16 KV cache in one compiled call (no Python between layers).
+    mats: per layer Wq, Wk, Wv, Wo, W_gate, W_up, W_down (7·i + j), their types in qtypes[i, j]."""
+    x, xn, q, k, v, proj, gate, up, hidden, attn = bufs
+    act, act_attn, act_ff = acts
+    dequantize_row(tok_embd, tok_type, token, x)
+    for i in range(qtypes.shape[0]):
+        t, j = qtypes[i], 7 * i
+        attn_in(x, norms[i, 0], eps, mats[j], t[0], mats[j + 1], t[1], mats[j + 2], t[2], pos, inv_freq, n_head,
+                n_kv_head, head_dim, xn, act, q, k, v)
+        attend_f16_step(q, k, v, k_cache[i], v_cache[i], pos, inv_freq, n_head, n_kv_head, head_dim, scores, attn)
+        attn_out_ffn(x, attn, mats[j + 3], t[3], norms[i, 1], eps, mats[j + 4], t[4], mats[j + 5], t[5],
+                     mats[j + 6], t[6], xn, act, act_attn, act_ff, proj, gate, up, hidden)
+    lm_head(x, out_norm, eps, w_out, t_out, xn, act, logits)
 
 
 @njit(**_OPT)

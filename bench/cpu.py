@@ -1,0 +1,295 @@
+"""CPU speed, side by side in one run: xqrt's cache modes, llama.cpp and transformers on one GGUF.
+
+    python bench/cpu.py [MODEL.gguf] [--threads 2] [--contexts 128 1024 4096 8192] [--gen-tokens 16]
+                        [--modes fp16 kivi:4 kivi:2 xquant:4 xquant:3 xquant:2 xquant-cl:3 xquant-cl:2]
+                        [--llama-cpp f16 q8_0 q4_0] [--no-transformers] [--out docs/performance.md]
+
+Measured per engine: prompt processing (a 512-token prompt on an empty cache), generation tokens/s
+with the cache filled to each context (WikiText-2 text, then --gen-tokens greedy steps), cache bytes
+per token, and peak resident memory. Each engine runs in a child process of its own, one after the
+other, so memory is its own and no engine's threads compete with another's; run it on an otherwise
+idle machine. The compute yardstick is NumPy's float32 matmul (its BLAS, same thread count).
+
+llama.cpp runs through llama-cpp-python (`--llama-cpp TYPES`, its KV cache types; quantized V
+needs flash attention, which is then on for every type). Install it from source so it is built
+for this CPU: CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-binary llama-cpp-python llama-cpp-python.
+transformers runs the same GGUF dequantized to float32, its only way to read it.
+
+Ratios: prompt and generation speeds against llama.cpp with an f16 KV cache when it ran, else
+against xqrt's fp16 KV. Rematerialization: the FLOPs a step spends rebuilding K (and, for
+XQuant-CL, the accumulator) from the cache, divided by the step time it adds over fp16 KV, next
+to the matmul yardstick. Writes the table and a plot of tokens/s against context to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+TEXT = os.path.join(ROOT, "..", "shared", "data", "wikitext-2-raw", "wiki.test.raw")
+KV_TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # per K or V element, llama.cpp's types
+
+
+def text_tokens(tokenize, n: int) -> list[int]:
+    text = open(TEXT, encoding="utf-8").read()
+    ids = tokenize(text[:n * 8])
+    while len(ids) < n:  # the file is long enough for any sensible context; repeat if not
+        ids = ids + ids
+    return ids[:n]
+
+
+def peak_rss_mib() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- one engine per child process ------------------------------------------------------------------
+def run_xqrt(spec: dict) -> dict:
+    import numpy as np
+
+    from xqrt import Engine
+    mode, bits = spec["mode"], spec["bits"]
+    contexts, n_gen = spec["contexts"], spec["gen_tokens"]
+    eng = Engine(spec["model"], ctx=max(max(contexts), 512) + n_gen + 8, cache=mode, bits=bits, threads=spec["threads"])
+    ids = text_tokens(lambda s: eng.tokenizer.encode(s, add_bos=False), max(contexts) + 512)
+    eng.forward(ids[:64], eng.new_cache())  # load kernels, compute factors
+    cache = eng.new_cache()
+    t0 = time.perf_counter()
+    eng.forward(ids[:512], cache)
+    pp = 512 / (time.perf_counter() - t0)
+    cache, tg, step = eng.new_cache(), {}, {}
+    for c in contexts:
+        logits = eng.forward(ids[cache.n_tokens:c], cache)
+        t0 = time.perf_counter()
+        for _ in range(n_gen):
+            logits = eng.forward([int(np.argmax(logits))], cache)
+        dt = time.perf_counter() - t0
+        tg[c], step[c] = n_gen / dt, dt / n_gen
+    return {"name": "xqrt fp16 KV" if mode == "fp16" else f"xqrt {mode} {bits}-bit", "pp": pp, "tg": tg,
+            "step_s": step, "bytes_per_token": cache.nbytes() / cache.n_tokens, "describe": cache.describe(),
+            "remat_flops_per_token": remat_flops_per_position(cache)}
+
+
+def remat_flops_per_position(cache) -> float:
+    """FLOPs a decode step spends per cached position rebuilding keys (latent × fused matrix; for
+    XQuant-CL the accumulator Â·Wk and its update Δ̂·Ukvᵀ); values are summed in latent space."""
+    c = cache.config
+    if cache.mode in ("fp16", "kivi"):
+        return 0.0
+    gqa = c.n_kv_head < c.n_head
+    xquant_layer = 2.0 * (c.kv_dim if gqa else c.d_model) * c.kv_dim
+    if cache.mode == "xquant":
+        return xquant_layer * c.n_layer
+    n_plain = cache.base_layers - 1  # the seed layer and all after it read the accumulator
+    update = 2.0 * min(c.d_model, 2 * c.kv_dim) * c.d_model if gqa else 0.0
+    return xquant_layer * n_plain + (2.0 * c.d_model * c.kv_dim + update) * (c.n_layer - n_plain)
+
+
+def run_llama_cpp(spec: dict) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+    kv = spec["kv_type"]
+    ggml_type = {"f16": 1, "q8_0": 8, "q4_0": 2}[kv]
+    contexts, n_gen = spec["contexts"], spec["gen_tokens"]
+    llm = Llama(spec["model"], n_ctx=max(max(contexts), 512) + n_gen + 8, n_threads=spec["threads"],
+                n_threads_batch=spec["threads"], n_batch=512, type_k=ggml_type, type_v=ggml_type,
+                flash_attn=True, verbose=False)
+    ids = text_tokens(lambda s: llm.tokenize(s.encode("utf-8"), add_bos=False), max(contexts) + 512)
+    llm.eval(ids[:64])
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids[:512])
+    pp = 512 / (time.perf_counter() - t0)
+    llm.reset()
+    tg, step = {}, {}
+    for c in contexts:
+        llm.eval(ids[llm.n_tokens:c])
+        t0 = time.perf_counter()
+        for _ in range(n_gen):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        dt = time.perf_counter() - t0
+        tg[c], step[c] = n_gen / dt, dt / n_gen
+    m = llm.metadata
+    arch = m.get("general.architecture", "llama")
+    n_layer, n_kv, n_head = (int(m[f"{arch}.{k}"]) for k in ("block_count", "attention.head_count_kv",
+                                                              "attention.head_count"))
+    kv_dim = n_kv * int(m[f"{arch}.embedding_length"]) // n_head
+    return {"name": f"llama.cpp {kv} KV", "pp": pp, "tg": tg, "step_s": step,
+            "bytes_per_token": 2 * kv_dim * n_layer * KV_TYPE_BYTES[kv], "remat_flops_per_token": 0.0}
+
+
+def run_transformers(spec: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+    torch.set_num_threads(spec["threads"])
+    path = spec["model"]
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                                 gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    from xqrt.gguf_model import read_gguf
+    from xqrt.tokenizer import Tokenizer
+    tok = Tokenizer(read_gguf(path)[1])
+    contexts, n_gen = spec["contexts"], spec["gen_tokens"]
+    ids = text_tokens(lambda s: tok.encode(s, add_bos=False), max(contexts) + 512)
+    with torch.no_grad():
+        model(torch.tensor([ids[:16]]))
+        t0 = time.perf_counter()
+        model(torch.tensor([ids[:512]]))
+        pp = 512 / (time.perf_counter() - t0)
+        past, n, tg, step = DynamicCache(), 0, {}, {}
+        for c in contexts:
+            for s in range(n, c, 512):
+                out = model(torch.tensor([ids[s:min(c, s + 512)]]), past_key_values=past, use_cache=True)
+            n = c
+            t0 = time.perf_counter()
+            for _ in range(n_gen):
+                out = model(out.logits[:, -1:].argmax(-1), past_key_values=past, use_cache=True)
+            dt = time.perf_counter() - t0
+            n += n_gen
+            tg[c], step[c] = n_gen / dt, dt / n_gen
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {"name": "transformers fp32", "pp": pp, "tg": tg, "step_s": step,
+            "bytes_per_token": 2 * 4 * cfg.num_key_value_heads * head_dim * cfg.num_hidden_layers,
+            "remat_flops_per_token": 0.0}
+
+
+def run_numpy(spec: dict) -> dict:
+    import numpy as np
+    n = 2048
+    a, b = np.random.rand(n, n).astype(np.float32), np.random.rand(n, n).astype(np.float32)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    return {"name": "numpy matmul", "gflops": 2 * n ** 3 / best / 1e9}
+
+
+def _timed(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+CHILDREN = {"xqrt": run_xqrt, "llama.cpp": run_llama_cpp, "transformers": run_transformers, "numpy": run_numpy}
+
+
+def child(spec: dict) -> dict:
+    threads = str(spec["threads"])
+    env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+               NUMBA_NUM_THREADS=threads)
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"  {spec['kind']} {spec.get('mode', spec.get('kv_type', ''))}: failed ({tail})", file=sys.stderr)
+        return {}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- report ------------------------------------------------------------------------------------------
+def report(results: list[dict], yardstick: float, args) -> str:
+    contexts = args.contexts
+    anchor = next((r for r in results if r["name"] == "llama.cpp f16 KV"), None) or \
+        next((r for r in results if r["name"] == "xqrt fp16 KV"), results[0])
+    fp16 = next((r for r in results if r["name"] == "xqrt fp16 KV"), None)
+    lines = [f"Model `{os.path.basename(args.model)}`, {args.threads} threads, prompt 512 tokens, "
+             f"{args.gen_tokens} generated tokens per context; ratios against **{anchor['name']}** (same run). "
+             f"NumPy float32 matmul: {yardstick:.1f} GFLOP/s.", "",
+             "| engine | prompt tok/s | " + " | ".join(f"gen @{c} tok/s" for c in contexts)
+             + " | cache B/token | × smaller than fp16 | peak RSS MiB |",
+             "|---" * (5 + len(contexts)) + "|"]
+    fp16_bytes = fp16["bytes_per_token"] if fp16 else anchor["bytes_per_token"]
+    for r in results:
+        cells = [f"{r['pp']:.1f} ({r['pp'] / anchor['pp']:.2f}×)"]
+        cells += [f"{r['tg'][c]:.1f} ({r['tg'][c] / anchor['tg'][c]:.2f}×)" for c in contexts]
+        cells += [f"{r['bytes_per_token']:.0f}", f"{fp16_bytes / r['bytes_per_token']:.2f}", f"{r['peak_rss_mib']:.0f}"]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    if fp16:
+        lines += ["", "Rematerialization: FLOPs per step spent rebuilding from the cache, and the rate they run "
+                  "at, taking the step time the mode adds over xqrt's fp16 KV:", "",
+                  "| engine | " + " | ".join(f"@{c}: GFLOP/step, GFLOP/s (% of matmul)" for c in contexts) + " |",
+                  "|---" * (1 + len(contexts)) + "|"]
+        for r in results:
+            if not r.get("remat_flops_per_token"):
+                continue
+            cells = []
+            for c in contexts:
+                flops = r["remat_flops_per_token"] * c
+                extra = r["step_s"][c] - fp16["step_s"][c]
+                rate = flops / extra / 1e9 if extra > 0 else float("inf")
+                cells.append(f"{flops / 1e9:.2f}, {rate:.1f} ({100 * rate / yardstick:.0f}%)")
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], contexts, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        ax.plot(contexts, [r["tg"][c] for c in contexts], marker="o", label=r["name"])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("filled context (tokens)")
+    ax.set_ylabel("generation tokens/s")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096, 8192])
+    ap.add_argument("--gen-tokens", type=int, default=16)
+    ap.add_argument("--modes", nargs="+", default=["fp16", "kivi:4", "kivi:2", "xquant:4", "xquant:3", "xquant:2",
+                                                  "xquant-cl:3", "xquant-cl:2"], help="xqrt modes as MODE[:BITS]")
+    ap.add_argument("--llama-cpp", nargs="*", default=None, metavar="TYPE",
+                    help="also run llama.cpp with these KV cache types (default when given alone: f16 q8_0 q4_0)")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "performance.md"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        result = CHILDREN[spec["kind"]](spec)
+        result["peak_rss_mib"] = peak_rss_mib()
+        print(json.dumps(result))
+        return
+    from xqrt.default_model import default_model_path
+    args.model = args.model or default_model_path()
+    base = {"model": args.model, "threads": args.threads, "contexts": args.contexts, "gen_tokens": args.gen_tokens}
+    specs = [dict(base, kind="xqrt", mode=m.split(":")[0], bits=int(m.split(":")[1]) if ":" in m else 4)
+             for m in args.modes]
+    if args.llama_cpp is not None:
+        specs += [dict(base, kind="llama.cpp", kv_type=t) for t in (args.llama_cpp or ["f16", "q8_0", "q4_0"])]
+    if not args.no_transformers:
+        specs.append(dict(base, kind="transformers"))
+    t_start = time.perf_counter()
+    yardstick = child(dict(base, kind="numpy"))["gflops"]
+    results = []
+    for spec in specs:
+        print(f"running {spec['kind']} {spec.get('mode', spec.get('kv_type', ''))} ...", file=sys.stderr, flush=True)
+        r = child(spec)
+        if r:
+            r["tg"] = {int(k): v for k, v in r["tg"].items()}
+            r["step_s"] = {int(k): v for k, v in r["step_s"].items()}
+            results.append(r)
+    text = report(results, yardstick, args)
+    print(text)
+    png = os.path.splitext(args.out)[0] + ".png"
+    plot(results, args.contexts, png)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write("# CPU performance\n\nWritten by `python bench/cpu.py " + " ".join(sys.argv[1:]) + "` in "
+                f"{time.perf_counter() - t_start:.0f} s.\n\n{text}\n\n![tokens/s against context]"
+                f"({os.path.basename(png)})\n")
+
+
+if __name__ == "__main__":
+    main()
