@@ -281,6 +281,8 @@ def main():
             r["tg"] = {int(k): v for k, v in r["tg"].items()}
             r["step_s"] = {int(k): v for k, v in r["step_s"].items()}
             results.append(r)
+            print(f"  {r['name']}: prompt {r['pp']:.1f} tok/s, generation "
+                  + ", ".join(f"{r['tg'][c]:.1f} @{c}" for c in args.contexts), file=sys.stderr, flush=True)
     text = report(results, yardstick, args)
     print(text)
     png = os.path.splitext(args.out)[0] + ".png"

@@ -73,6 +73,15 @@ def test_matvec_n_runs_several_products_of_mixed_types_in_one_region():
         assert_within_act_rounding(out, reference(d, t, w.shape), x, act)
 
 
+@pytest.mark.parametrize("n, width, cols", [(7, 192, 192), (5, 40, 24), (4, 16, 16), (3, 8, 0)])
+def test_rebuild_register_blocked_product(n, width, cols):
+    lat = rng.standard_normal((n, width)).astype(np.float32)
+    m = rng.standard_normal((width, cols)).astype(np.float32)
+    out = np.zeros((n, cols or width), np.float32)
+    cpu.rebuild(lat, n, m if cols else np.zeros((0, 0), np.float32), out)
+    np.testing.assert_allclose(out, lat @ m if cols else lat, rtol=1e-5, atol=1e-5)
+
+
 def test_half_conversions_round_to_nearest_even():
     x = (rng.standard_normal(10000) * 1000).astype(np.float32)
     out = np.zeros((1, x.size), np.uint16)

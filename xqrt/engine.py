@@ -50,7 +50,8 @@ _DECODE_MAX = 8  # prompts up to this many tokens go through the decode step, to
 def kernels_compiled() -> bool:
     """Whether Numba's on-disk cache already holds the kernels (so start-up is fast)."""
     try:
-        return all(os.path.exists(k._cache._cache_file._index_path) for k in (cpu.matvec, cpu.attn_in, cpu.attend_f16, cpu.attend_latent))
+        kernels = (cpu.decode_fp16, cpu.attn_in, cpu.attn_out_ffn, cpu.attend_latent)
+        return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
     except AttributeError:  # a Numba without these internals: assume the worst, say nothing wrong
         return False
 

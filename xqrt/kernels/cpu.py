@@ -58,41 +58,30 @@ def new_act(n: int):
     return np.zeros(nb, np.float32), np.zeros(nb, np.float32), np.zeros(max(n, 32), np.int16)
 
 
-_ZERO_LANES = (np.float32(0.0),) * simd.LANES
-
-
-@njit(inline="always", **_OPT)
-def _lanes_sum(acc):
-    s = np.float32(0.0)
-    for i in range(simd.LANES):
-        s += acc[i]
-    return s
-
-
 @njit(inline="always", **_OPT)
 def dot_row(row, qtype, x, act):
     """row · x for one row of raw blocks; act = quantize_act(x) for the block formats."""
     n = x.shape[0]
     xsum, xd, x16 = act
     if qtype == Q4_1:
-        acc, mins = _ZERO_LANES, np.float32(0.0)
+        acc, mins = simd.lanes_zero(), np.float32(0.0)
         for b in range(row.shape[0] // 20):
             o = b * 20
             acc = simd.nibble_dot(acc, row, o + 4, x16, b * 32, _half_at(row, o) * xd[b])
             mins += _half_at(row, o + 2) * xsum[b]
-        return _lanes_sum(acc) + mins
+        return simd.lanes_sum(acc) + mins
     if qtype == Q4_0:  # nibbles hold q + 8
-        acc, offset = _ZERO_LANES, np.float32(0.0)
+        acc, offset = simd.lanes_zero(), np.float32(0.0)
         for b in range(row.shape[0] // 18):
             d = _half_at(row, b * 18)
             acc = simd.nibble_dot(acc, row, b * 18 + 2, x16, b * 32, d * xd[b])
             offset += d * xsum[b]
-        return _lanes_sum(acc) - np.float32(8.0) * offset
+        return simd.lanes_sum(acc) - np.float32(8.0) * offset
     if qtype == Q8_0:
-        acc = _ZERO_LANES
+        acc = simd.lanes_zero()
         for b in range(row.shape[0] // 34):
             acc = simd.byte_dot(acc, row, b * 34 + 2, x16, b * 32, _half_at(row, b * 34) * xd[b])
-        return _lanes_sum(acc)
+        return simd.lanes_sum(acc)
     acc = np.float32(0.0)
     if qtype == F16:
         for j in range(n):
@@ -364,21 +353,56 @@ def _latent_rows(codes, scale, zero, bits, group, per_channel, t0, t1, column, l
             dequantize_latent(codes[t, 0], scale[t, 0], zero[t, 0], bits, group, lat[t - t0])
 
 
-@njit(inline="always", **_OPT)
-def _rebuild(lat, n, m, out):
-    """out[:n] = lat[:n] · m (or lat itself when m is empty)."""
+@njit(**_OPT)
+def rebuild(lat, n, m, out):
+    """out[:n] = lat[:n] · m (or lat itself when m is empty; m and out C-contiguous).
+
+    Register-blocked: a 4-row × 16-column tile of out lives in eight vector accumulators while
+    the shared dimension streams past, so each loaded row piece of m feeds eight FMAs and nothing
+    is stored until the tile is done (a row at a time, the stores would bound it at one FMA per
+    cycle)."""
     if m.shape[0] == 0:
         for t in range(n):
             for c in range(out.shape[1]):
                 out[t, c] = lat[t, c]
         return
+    width, cols = m.shape
+    out_cols = out.shape[1]
+    tile_cols = cols - cols % 16
+    n4 = n - n % 4
+    for t in range(0, n4, 4):
+        for c0 in range(0, tile_cols, 16):
+            a0 = b0 = a1 = b1 = a2 = b2 = a3 = b3 = simd.lanes_zero()
+            for r in range(width):
+                o = r * cols + c0
+                x0, x1, x2, x3 = lat[t, r], lat[t + 1, r], lat[t + 2, r], lat[t + 3, r]
+                a0, b0 = simd.fma_lanes(a0, x0, m, o), simd.fma_lanes(b0, x0, m, o + 8)
+                a1, b1 = simd.fma_lanes(a1, x1, m, o), simd.fma_lanes(b1, x1, m, o + 8)
+                a2, b2 = simd.fma_lanes(a2, x2, m, o), simd.fma_lanes(b2, x2, m, o + 8)
+                a3, b3 = simd.fma_lanes(a3, x3, m, o), simd.fma_lanes(b3, x3, m, o + 8)
+            o = t * out_cols + c0
+            simd.lanes_store(a0, out, o)
+            simd.lanes_store(b0, out, o + 8)
+            simd.lanes_store(a1, out, o + out_cols)
+            simd.lanes_store(b1, out, o + out_cols + 8)
+            simd.lanes_store(a2, out, o + 2 * out_cols)
+            simd.lanes_store(b2, out, o + 2 * out_cols + 8)
+            simd.lanes_store(a3, out, o + 3 * out_cols)
+            simd.lanes_store(b3, out, o + 3 * out_cols + 8)
+    for t in range(n4, n):  # rows left over, and columns left over, the plain way
+        for c0 in range(0, tile_cols, 16):
+            a0 = b0 = simd.lanes_zero()
+            for r in range(width):
+                a0 = simd.fma_lanes(a0, lat[t, r], m, r * cols + c0)
+                b0 = simd.fma_lanes(b0, lat[t, r], m, r * cols + c0 + 8)
+            simd.lanes_store(a0, out, t * out_cols + c0)
+            simd.lanes_store(b0, out, t * out_cols + c0 + 8)
     for t in range(n):
-        for c in range(out.shape[1]):
-            out[t, c] = 0.0
-        for r in range(m.shape[0]):
-            a = lat[t, r]
-            for c in range(out.shape[1]):
-                out[t, c] += a * m[r, c]
+        for c in range(tile_cols, cols):
+            acc = np.float32(0.0)
+            for r in range(width):
+                acc += lat[t, r] * m[r, c]
+            out[t, c] = acc
 
 
 @njit(inline="always", **_OPT)
@@ -429,10 +453,10 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, mk, n_qk,
         keys = np.empty((group, kv_dim), np.float32)
         column = np.empty(group, np.float32)
         _latent_rows(kc, ks, kz, k_bits, group, k_per_channel, t0, t1, column, lat)
-        _rebuild(lat, t1 - t0, mk, keys)
+        rebuild(lat, t1 - t0, mk, keys)
         _score_rows(q, keys, t1 - t0, t0, inv_freq, n_head, n_kv_head, head_dim, scale, scores)
     keys = np.empty((n - n_qk, kv_dim), np.float32)
-    _rebuild(k_tail, n - n_qk, mk_tail, keys)
+    rebuild(k_tail, n - n_qk, mk_tail, keys)
     _score_rows(q, keys, n - n_qk, n_qk, inv_freq, n_head, n_kv_head, head_dim, scale, scores)
     for h in range(n_head):
         mx = np.float32(-np.inf)
