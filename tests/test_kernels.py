@@ -82,6 +82,14 @@ def test_rebuild_register_blocked_product(n, width, cols):
     np.testing.assert_allclose(out, lat @ m if cols else lat, rtol=1e-5, atol=1e-5)
 
 
+def test_expf_matches_numpy():
+    from numba import njit
+    x = np.concatenate([np.linspace(-90, 90, 20001), rng.standard_normal(1000) * 5]).astype(np.float32)
+    got = njit(lambda v: np.array([cpu.expf(e) for e in v], np.float32))(x)
+    want = np.exp(np.clip(x, -87.3, 88.0).astype(np.float64))
+    assert np.all(np.abs(got / want - 1) < 3e-7)
+
+
 def test_half_conversions_round_to_nearest_even():
     x = (rng.standard_normal(10000) * 1000).astype(np.float32)
     out = np.zeros((1, x.size), np.uint16)

@@ -309,6 +309,7 @@ class LatentCache(Cache):
         self._tail_dtype = np.float32 if self.bits == 32 else np.float16
         self._ring = [self._new_ring(L) for L in self.layers]
         self._n_threads = numba.get_num_threads()
+        self._rope_cos, self._rope_sin = cpu.rope_table(self.inv_freq, n_ctx)  # keys are rotated as rebuilt
 
     @classmethod
     def resolve(cls, c: ModelConfig, o: CacheOptions) -> tuple[int, int]:
@@ -443,7 +444,8 @@ class LatentCache(Cache):
                           vc, vs, vz, vb, value.width, mv, bv, self.group,
                           np.ascontiguousarray(ek[bk - lo:]), _or_empty(L.mk),
                           np.ascontiguousarray(ev[bv - lo:]), _or_empty(L.mv),
-                          self.inv_freq, c.n_head, c.n_kv_head, c.head_dim, self._n_threads, self.scores, out[0])
+                          self._rope_cos, self._rope_sin, c.n_head, c.n_kv_head, c.head_dim, self._n_threads,
+                          self.scores, out[0])
         return out
 
     def _kernel_streams(self, L):

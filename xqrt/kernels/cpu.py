@@ -173,6 +173,23 @@ def dequantize_row(w, qtype, r, out):
 
 
 @njit(inline="always", **_OPT)
+def expf(x):
+    """e^x in float32 without a libm call, so loops over it vectorize (softmax over thousands of
+    positions, SiLU): Cephes' expf, 2^n · e^r with |r| ≤ ln2/2, relative error about 1e-7."""
+    x = min(max(x, np.float32(-87.3)), np.float32(88.0))  # 2^n stays a normal float
+    n = np.floor(x * np.float32(1.44269504) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * u32_as_f32(np.uint32((np.int32(n) + 127) << 23))
+
+
+@njit(inline="always", **_OPT)
 def rmsnorm(x, weight, eps, out):
     ss = np.float32(0.0)
     for i in range(x.shape[0]):
@@ -203,6 +220,26 @@ def rope(vec, n_heads, head_dim, pos, inv_freq):
             vec[o + 1] = a * s + b * c
 
 
+@njit(inline="always", **_OPT)
+def rope_at(vec, n_heads, head_dim, cos, sin):
+    """rope() with the angles' cosines and sines looked up (rope_table): a decode step rotates
+    every rebuilt key, and two libm calls per pair per key would cost more than the product."""
+    for i in range(cos.shape[0]):
+        c, s = cos[i], sin[i]
+        for h in range(n_heads):
+            o = h * head_dim + 2 * i
+            a = vec[o]
+            b = vec[o + 1]
+            vec[o] = a * c - b * s
+            vec[o + 1] = a * s + b * c
+
+
+def rope_table(inv_freq: np.ndarray, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of pos · θᵢ for every position (n_ctx × rope_dim/2 each), as rope() computes them."""
+    angles = np.arange(n_ctx, dtype=np.float64)[:, None] * inv_freq.astype(np.float64)[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
 @njit(parallel=True, **_OPT)
 def rope_rows(x, n_heads, head_dim, pos0, inv_freq):
     for t in prange(x.shape[0]):
@@ -213,7 +250,7 @@ def rope_rows(x, n_heads, head_dim, pos0, inv_freq):
 def silu_mul(gate, up, out):
     for i in range(gate.shape[0]):
         g = gate[i]
-        out[i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[i]
+        out[i] = g / (np.float32(1.0) + expf(-g)) * up[i]
 
 
 @njit(parallel=True, **_OPT)
@@ -291,7 +328,7 @@ def _attend_head_f16(q, k_cache, v_cache, n_ctx, kv0, scale, scores, out):
         mx = max(mx, acc)
     total = np.float32(0.0)
     for t in range(n_ctx):
-        e = np.float32(math.exp(scores[t] - mx))
+        e = expf(scores[t] - mx)
         scores[t] = e
         total += e
     out[:] = 0.0
@@ -406,11 +443,11 @@ def rebuild(lat, n, m, out):
 
 
 @njit(inline="always", **_OPT)
-def _score_rows(q, keys, n, pos0, inv_freq, n_head, n_kv_head, head_dim, scale, scores):
+def _score_rows(q, keys, n, pos0, rope_cos, rope_sin, n_head, n_kv_head, head_dim, scale, scores):
     """RoPE the pre-RoPE key rows keys[:n] (positions pos0…) and write their scores."""
     group = n_head // n_kv_head
     for t in range(n):
-        rope(keys[t], n_kv_head, head_dim, np.float64(pos0 + t), inv_freq)
+        rope_at(keys[t], n_kv_head, head_dim, rope_cos[pos0 + t], rope_sin[pos0 + t])
         for h in range(n_head):
             k0 = (h // group) * head_dim
             acc = np.float32(0.0)
@@ -435,8 +472,9 @@ def _add_projected(u, m, k0, out):
 @njit(parallel=True, **_OPT)
 def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, mk, n_qk,
                   vc, vs, vz, v_bits, v_width, mv, n_qv, group, k_tail, mk_tail, v_tail, mv_tail,
-                  inv_freq, n_head, n_kv_head, head_dim, n_threads, scores, out):
-    """Single-query attention over a latent cache, for the token at `pos`.
+                  rope_cos, rope_sin, n_head, n_kv_head, head_dim, n_threads, scores, out):
+    """Single-query attention over a latent cache, for the token at `pos` (rope_table gives the
+    rotations).
 
     Keys of positions [0, n_qk) are rebuilt block by block from the packed key latents
     (dequantize → ·mk → RoPE → score); those of [n_qk, pos] from the exact tail latents k_tail
@@ -454,17 +492,17 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, mk, n_qk,
         column = np.empty(group, np.float32)
         _latent_rows(kc, ks, kz, k_bits, group, k_per_channel, t0, t1, column, lat)
         rebuild(lat, t1 - t0, mk, keys)
-        _score_rows(q, keys, t1 - t0, t0, inv_freq, n_head, n_kv_head, head_dim, scale, scores)
+        _score_rows(q, keys, t1 - t0, t0, rope_cos, rope_sin, n_head, n_kv_head, head_dim, scale, scores)
     keys = np.empty((n - n_qk, kv_dim), np.float32)
     rebuild(k_tail, n - n_qk, mk_tail, keys)
-    _score_rows(q, keys, n - n_qk, n_qk, inv_freq, n_head, n_kv_head, head_dim, scale, scores)
+    _score_rows(q, keys, n - n_qk, n_qk, rope_cos, rope_sin, n_head, n_kv_head, head_dim, scale, scores)
     for h in range(n_head):
         mx = np.float32(-np.inf)
         for t in range(n):
             mx = max(mx, scores[h, t])
         total = np.float32(0.0)
         for t in range(n):
-            e = np.float32(math.exp(scores[h, t] - mx))
+            e = expf(scores[h, t] - mx)
             scores[h, t] = e
             total += e
         inv = np.float32(1.0) / total
