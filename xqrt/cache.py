@@ -144,13 +144,14 @@ class FP16KV(Cache):
         self.k = np.zeros(shape, np.uint16)
         self.v = np.zeros(shape, np.uint16)
         self._step_out = np.zeros((1, self.config.q_dim), np.float32)
+        self._k_rot = np.zeros(self.config.kv_dim, np.float32)
 
     def attend(self, layer, pos0, xn, q, k, v):
         c, n = self.config, q.shape[0]
         end = pos0 + n
         if n == 1:  # the decode step: one compiled call, into a reused buffer
             cpu.attend_f16_step(q[0], k[0], v[0], self.k[layer], self.v[layer], pos0, self.inv_freq, c.n_head,
-                                c.n_kv_head, c.head_dim, self.scores, self._step_out[0])
+                                c.n_kv_head, c.head_dim, self._k_rot, self.scores, self._step_out[0])
             return self._step_out
         k = k.copy()
         cpu.rope_rows(k, c.n_kv_head, c.head_dim, pos0, self.inv_freq)

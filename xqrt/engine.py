@@ -97,6 +97,7 @@ class Engine:
         self._logits = np.zeros(c.vocab_size, np.float32)
         self._dense_scratch = np.zeros(0, np.float32)
         self._attn = np.zeros(c.q_dim, np.float32)
+        self._k_rot = np.zeros(c.kv_dim, np.float32)
         # The fused fp16-KV step reads every layer's matrices from one typed list.
         self._mats = numba.typed.List.empty_list(numba.types.Array(numba.types.uint8, 2, "C", readonly=True))
         for L in self.model.layers:
@@ -136,7 +137,7 @@ class Engine:
             cpu.decode_fp16(token, pos, m.tok_embd.data, m.tok_embd.qtype, self._mats, self._qtypes, self._norms,
                             m.out_norm, m.output.data, m.output.qtype, m.rope_freqs, c.n_head, c.n_kv_head,
                             c.head_dim, c.norm_eps, cache.k, cache.v, cache.scores,
-                            (x, xn, q, k, v, self._proj, self._gate, self._up, self._hidden, self._attn),
+                            (x, xn, q, k, v, self._k_rot, self._proj, self._gate, self._up, self._hidden, self._attn),
                             (self._act, self._act_attn, self._act_ff), self._logits)
             cache.advance(1)
             return self._logits

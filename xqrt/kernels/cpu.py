@@ -149,14 +149,14 @@ def matvec(w, qtype, x, act, out):
 def matvec_n(ws, qtypes, x, act, outs):
     """outs[i] = ws[i]·x for several matrices in one parallel region (Q/K/V; gate/up): one launch
     instead of several, and the threads share the bands of all of them."""
-    starts = np.zeros(len(ws) + 1, np.int64)
-    for i in range(len(ws)):
-        starts[i + 1] = starts[i] + (ws[i].shape[0] + _BAND - 1) // _BAND
-    for c in prange(starts[len(ws)]):
-        i = 0
-        while c >= starts[i + 1]:
+    n_bands = 0
+    for w in ws:
+        n_bands += (w.shape[0] + _BAND - 1) // _BAND
+    for c in prange(n_bands):
+        i, r0 = 0, c * _BAND  # find the matrix band c falls in, without a table (no allocation per call)
+        while r0 >= (ws[i].shape[0] + _BAND - 1) // _BAND * _BAND:
+            r0 -= (ws[i].shape[0] + _BAND - 1) // _BAND * _BAND
             i += 1
-        r0 = (c - starts[i]) * _BAND
         _matvec_rows(ws[i], qtypes[i], x, act, outs[i], r0, min(ws[i].shape[0], r0 + _BAND))
 
 
@@ -206,18 +206,22 @@ def rmsnorm_rows(x, weight, eps, out):
 
 
 @njit(inline="always", **_OPT)
+def _rotate_pairs(vec, n_heads, head_dim, i, c, s):
+    """Pair i of every head turned by the angle whose cosine and sine are c, s."""
+    for h in range(n_heads):
+        o = h * head_dim + 2 * i
+        a = vec[o]
+        b = vec[o + 1]
+        vec[o] = a * c - b * s
+        vec[o + 1] = a * s + b * c
+
+
+@njit(inline="always", **_OPT)
 def rope(vec, n_heads, head_dim, pos, inv_freq):
     """Rotate adjacent pairs (GGUF's layout: llama.cpp permutes Q/K rows at conversion)."""
     for i in range(inv_freq.shape[0]):
         angle = pos * inv_freq[i]
-        c = np.float32(math.cos(angle))
-        s = np.float32(math.sin(angle))
-        for h in range(n_heads):
-            o = h * head_dim + 2 * i
-            a = vec[o]
-            b = vec[o + 1]
-            vec[o] = a * c - b * s
-            vec[o + 1] = a * s + b * c
+        _rotate_pairs(vec, n_heads, head_dim, i, np.float32(math.cos(angle)), np.float32(math.sin(angle)))
 
 
 @njit(inline="always", **_OPT)
@@ -225,13 +229,7 @@ def rope_at(vec, n_heads, head_dim, cos, sin):
     """rope() with the angles' cosines and sines looked up (rope_table): a decode step rotates
     every rebuilt key, and two libm calls per pair per key would cost more than the product."""
     for i in range(cos.shape[0]):
-        c, s = cos[i], sin[i]
-        for h in range(n_heads):
-            o = h * head_dim + 2 * i
-            a = vec[o]
-            b = vec[o + 1]
-            vec[o] = a * c - b * s
-            vec[o + 1] = a * s + b * c
+        _rotate_pairs(vec, n_heads, head_dim, i, cos[i], sin[i])
 
 
 def rope_table(inv_freq: np.ndarray, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
@@ -300,14 +298,15 @@ def decode_fp16(token, pos, tok_embd, tok_type, mats, qtypes, norms, out_norm, w
                 n_kv_head, head_dim, eps, k_cache, v_cache, scores, bufs, acts, logits):
     """A whole decode step over an fp16 KV cache in one compiled call (no Python between layers).
     mats: per layer Wq, Wk, Wv, Wo, W_gate, W_up, W_down (7·i + j), their types in qtypes[i, j]."""
-    x, xn, q, k, v, proj, gate, up, hidden, attn = bufs
+    x, xn, q, k, v, k_rot, proj, gate, up, hidden, attn = bufs
     act, act_attn, act_ff = acts
     dequantize_row(tok_embd, tok_type, token, x)
     for i in range(qtypes.shape[0]):
         t, j = qtypes[i], 7 * i
         attn_in(x, norms[i, 0], eps, mats[j], t[0], mats[j + 1], t[1], mats[j + 2], t[2], pos, inv_freq, n_head,
                 n_kv_head, head_dim, xn, act, q, k, v)
-        attend_f16_step(q, k, v, k_cache[i], v_cache[i], pos, inv_freq, n_head, n_kv_head, head_dim, scores, attn)
+        attend_f16_step(q, k, v, k_cache[i], v_cache[i], pos, inv_freq, n_head, n_kv_head, head_dim, k_rot, scores,
+                        attn)
         attn_out_ffn(x, attn, mats[j + 3], t[3], norms[i, 1], eps, mats[j + 4], t[4], mats[j + 5], t[5],
                      mats[j + 6], t[6], xn, act, act_attn, act_ff, proj, gate, up, hidden)
     lm_head(x, out_norm, eps, w_out, t_out, xn, act, logits)
@@ -351,10 +350,10 @@ def attend_f16(q, k_cache, v_cache, n_ctx, n_head, n_kv_head, head_dim, scores, 
 
 
 @njit(**_OPT)
-def attend_f16_step(q, k, v, k_cache, v_cache, pos, inv_freq, n_head, n_kv_head, head_dim, scores, out):
+def attend_f16_step(q, k, v, k_cache, v_cache, pos, inv_freq, n_head, n_kv_head, head_dim, k_rot, scores, out):
     """A decode step on an fp16 cache in one call: store position `pos` (K rotated, V), then
-    attend over [0, pos]. k is pre-RoPE and left as it is."""
-    k_rot = k.copy()
+    attend over [0, pos]. k is pre-RoPE and left as it is; k_rot is scratch of its size."""
+    k_rot[:] = k
     rope(k_rot, n_kv_head, head_dim, np.float64(pos), inv_freq)
     for j in range(k_rot.shape[0]):
         k_cache[pos, j] = f32_to_f16(k_rot[j])
