@@ -26,38 +26,80 @@ def reference(data, qtype, shape):
     return dequantize(data, qtype).reshape(shape).astype(np.float32)
 
 
+@pytest.mark.parametrize("act_bits", [8, 16])
 @pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1])
-def test_matvec_and_dequantize(qtype):
+def test_matvec_and_dequantize(qtype, act_bits):
     w = rng.standard_normal((70, 96)).astype(np.float32)
     data = np.ascontiguousarray(blocks(w, qtype))
     ref = reference(data, qtype, w.shape)
     x = rng.standard_normal(96).astype(np.float32)
-    act = cpu.new_act(96)
+    act = cpu.new_act(96, act_bits)
     cpu.quantize_act(x, act)
     out = np.zeros(70, np.float32)
     cpu.matvec(data, int(qtype), x, act, out)
-    assert_within_act_rounding(out, ref, x, act)
+    assert_within_act_rounding(out, ref, data, qtype, x, act)
     dense = np.zeros_like(w)
     cpu.dequantize(data, int(qtype), dense)
     np.testing.assert_array_equal(dense, ref)
 
 
-def assert_within_act_rounding(out, w, x, act):
-    """The block formats multiply int16 activations: each x_j is off by at most half its block's
-    step, so |out − w·x| ≤ |w|·(step/2), plus float32 round-off."""
-    step = np.repeat(act[1], 32)[:x.size]
-    bound = np.abs(w) @ (step / 2) + 1e-5 * (np.abs(w) @ np.abs(x))
+def assert_within_act_rounding(out, w, data, qtype, x, act):
+    """The block formats multiply int8 activations: each x_j is off by at most half its block's
+    step, so |out − w·x| ≤ |c|·(step/2) plus float32 round-off, where c is the weight the codes
+    stand for: w itself, or for Q4_1 d·(q − 8) (its minimum and 8d meet the exact block sums)."""
+    codes = w
+    if qtype == T.Q4_1:
+        d, m = np.ascontiguousarray(data.reshape(len(w), -1, 20)[:, :, :4]).view(np.float16).astype(np.float32).transpose(2, 0, 1)
+        codes = w - np.repeat(m + 8 * d, 32, axis=1)
+    step = np.repeat(act[0], 32)[:x.size]
+    bound = np.abs(codes) @ (step / 2) * 1.001 + 1e-5 * (np.abs(w) @ np.abs(x))
     assert np.all(np.abs(out - w @ x) <= bound)
+
+
+def test_block_products_without_avx2_match():
+    """The generic-vector IR computes the same sums as the AVX2 instructions (compiled for Ivy
+    Bridge: AVX and F16C, no AVX2)."""
+    script = """
+import numpy as np, sys
+from gguf import GGMLQuantizationType as T, quantize
+from xqrt.kernels import cpu
+rng = np.random.default_rng(1)
+w, x = rng.standard_normal((40, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+outs = []
+for t in (T.Q4_1, T.Q4_0, T.Q8_0):
+    for bits in (8, 16):
+        act = cpu.new_act(64, bits)
+        cpu.quantize_act(x, act)
+        out = np.zeros(40, np.float32)
+        cpu.matvec(np.ascontiguousarray(quantize(w, t)), int(t), x, act, out)
+        outs.append(out)
+np.save(sys.argv[1], np.array(outs))
+"""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for name, cpu_name in (("host", ""), ("ivybridge", "ivybridge")):
+            env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(tmp, name))
+            if cpu_name:
+                env["NUMBA_CPU_NAME"] = cpu_name
+            out = os.path.join(tmp, name + ".npy")
+            subprocess.run([sys.executable, "-c", script, out], env=env, check=True)
+            results.append(np.load(out))
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
 
 
 def test_quantize_act_codes():
     x = rng.standard_normal(64).astype(np.float32) * np.repeat([1e-3, 50.0], 32).astype(np.float32)
     x[40:48] = 0.0
-    xsum, xd, x16 = act = cpu.new_act(64)
+    xd, xsum, xerr, x8 = act = cpu.new_act(64)
     cpu.quantize_act(x, act)
     np.testing.assert_allclose(xsum, x.reshape(2, 32).sum(1), rtol=1e-5)
-    np.testing.assert_allclose(xd, np.abs(x).reshape(2, 32).max(1) / 32767, rtol=1e-6)
-    np.testing.assert_array_equal(x16, np.round(x / np.repeat(xd, 32)).astype(np.int16))
+    np.testing.assert_allclose(xd, np.abs(x).reshape(2, 32).max(1) / 127, rtol=1e-6)
+    np.testing.assert_array_equal(x8, np.round(x / np.repeat(xd, 32)).astype(np.int8))
+    np.testing.assert_allclose(xerr, xsum - xd * x8.reshape(2, 32).sum(1), rtol=1e-5, atol=1e-6 * np.abs(x).max())
 
 
 def test_matvec_n_runs_several_products_of_mixed_types_in_one_region():
@@ -70,7 +112,7 @@ def test_matvec_n_runs_several_products_of_mixed_types_in_one_region():
     outs = tuple(np.zeros(s[0], np.float32) for s in shapes)
     cpu.matvec_n(tuple(data), tuple(int(t) for t in types), x, act, outs)
     for d, t, w, out in zip(data, types, ws, outs):
-        assert_within_act_rounding(out, reference(d, t, w.shape), x, act)
+        assert_within_act_rounding(out, reference(d, t, w.shape), d, t, x, act)
 
 
 @pytest.mark.parametrize("n, width, cols", [(7, 192, 192), (5, 40, 24), (4, 16, 16), (3, 8, 0)])

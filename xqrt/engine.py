@@ -59,9 +59,16 @@ def kernels_compiled() -> bool:
 class Engine:
     def __init__(self, model: str | Model, ctx: int | None = None, cache: str | None = None, bits: int | None = None,
                  group: int | None = None, residual: int | None = None, base_layers: int | None = None,
-                 threads: int | None = None, batch: int = 512, verbose: bool = False):
+                 threads: int | None = None, batch: int = 512, act_bits: int = 8, verbose: bool = False):
         """Cache settings left as None come from the GGUF's recipe when it has one (converted files
-        do), else: fp16 KV; bits 4, group, residual and base layers as `CacheOptions` chooses."""
+        do), else: fp16 KV; bits 4, group, residual and base layers as `CacheOptions` chooses.
+
+        act_bits: the decode step multiplies quantized weights by activations rounded to integer
+        codes per block of 32: 8 as llama.cpp does (fastest; products within ~1e-3 of float), or
+        16 (about 1.3× slower matrix products, within ~1e-5: greedy text follows a float reference
+        through near-ties)."""
+        if act_bits not in (8, 16):
+            raise XQError(f"act_bits must be 8 or 16, not {act_bits}")
         self.model = model if isinstance(model, Model) else load_model(str(model))
         self.config = c = self.model.config
         self.tokenizer = Tokenizer(self.model.metadata)
@@ -87,9 +94,9 @@ class Engine:
         self._q = np.zeros(c.q_dim, np.float32)
         self._k = np.zeros(c.kv_dim, np.float32)
         self._v = np.zeros(c.kv_dim, np.float32)
-        self._act = cpu.new_act(d)  # int16 activations for the block products, one per input width
-        self._act_attn = cpu.new_act(c.q_dim)
-        self._act_ff = cpu.new_act(c.n_ff)
+        self._act = cpu.new_act(d, act_bits)  # activation codes for the block products, one per input width
+        self._act_attn = cpu.new_act(c.q_dim, act_bits)
+        self._act_ff = cpu.new_act(c.n_ff, act_bits)
         self._proj = np.zeros(d, np.float32)
         self._gate = np.zeros(c.n_ff, np.float32)
         self._up = np.zeros(c.n_ff, np.float32)

@@ -115,14 +115,14 @@ def reference_logits(engine, wins, progress=True) -> list[np.ndarray]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .run import add_cache_args
+    from .run import add_cache_args, add_compute_args
     ap = argparse.ArgumentParser(prog="python -m xqrt.perplexity", description=__doc__.split("\n")[0])
     ap.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
     ap.add_argument("-f", "--file", required=True, help="text file (e.g. wiki.test.raw)")
     ap.add_argument("-c", "--ctx", type=int, default=1024, help="window length in tokens")
     ap.add_argument("--chunks", type=int, default=None, help="score only the first K windows")
     ap.add_argument("--eval", choices=("decode", "simulated"), default="decode", dest="eval_mode")
-    ap.add_argument("-t", "--threads", type=int, default=None)
+    add_compute_args(ap)
     add_cache_args(ap)
     return ap
 

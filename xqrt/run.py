@@ -10,6 +10,13 @@ import sys
 from .errors import cli_exit_code
 
 
+def add_compute_args(ap: argparse.ArgumentParser):
+    ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--act-bits", type=int, default=8, choices=(8, 16),
+                    help="integer activations in quantized-weight products: 8 as llama.cpp (fastest), 16 (closer to "
+                         "float, ~1.3x slower products) [8]")
+
+
 def add_cache_args(ap: argparse.ArgumentParser, defaults: str = "the GGUF's recipe if it has one, else "):
     """The cache flags; each left unset (None) falls back to `defaults` + the value named in its help."""
     from .cache import CACHE_MODES
@@ -40,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("-c", "--ctx", type=int, default=None, help="context size in tokens (default: min(train, 4096))")
-    ap.add_argument("-t", "--threads", type=int, default=None)
+    add_compute_args(ap)
     add_cache_args(ap)
     ap.add_argument("--chat", action="store_true", help="interactive chat with the model's template")
     ap.add_argument("--system", default=None, help="system message for --chat")
@@ -64,7 +71,8 @@ def engine_from_args(args, ctx):
     from .default_model import default_model_path
     from .engine import Engine
     return Engine(args.model or default_model_path(), ctx=ctx, cache=args.cache, bits=args.bits, group=args.group,
-                  residual=args.residual, base_layers=args.base_layers, threads=args.threads, verbose=True)
+                  residual=args.residual, base_layers=args.base_layers, threads=args.threads,
+                  act_bits=args.act_bits, verbose=True)
 
 
 def main(argv=None) -> int:

@@ -34,9 +34,13 @@ def _f32_at(row, o):
 
 @njit(**_OPT)
 def quantize_act(x, act):
-    """act = (xsum, xd, x16) for the integer block products: per block of 32, the exact float sum
-    (Q4_1's minimum and Q4_0's offset multiply it), and x as int16 codes with a float scale."""
-    xsum, xd, x16 = act
+    """act = (xd, xsum, xerr, codes) for the integer block products: per block of 32, x as integer
+    codes (int8 or int16, the array's dtype) with scale xd, the exact float sum xsum, and
+    xerr = xsum − xd·Σcodes, the part of the sum the codes miss. Q4_1's minimum multiplies the
+    exact sum and its nibbles count as centred on 8 (q − 8), so the codes' rounding meets weights of
+    half the size."""
+    xd, xsum, xerr, codes = act
+    qmax = np.float32(127.0) if codes.itemsize == 1 else np.float32(32767.0)
     for b in range(x.shape[0] // 32):
         amax = np.float32(0.0)
         s = np.float32(0.0)
@@ -44,62 +48,95 @@ def quantize_act(x, act):
             v = x[b * 32 + j]
             amax = max(amax, abs(v))
             s += v
-        d = amax / np.float32(32767.0)
+        d = amax / qmax
         inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        total = np.int32(0)
         for j in range(32):
-            x16[b * 32 + j] = np.int16(np.int32(round(x[b * 32 + j] * inv)))
-        xsum[b] = s
+            c = np.int32(round(x[b * 32 + j] * inv))
+            codes[b * 32 + j] = c
+            total += c
         xd[b] = d
+        xsum[b] = s
+        xerr[b] = s - d * np.float32(total)
 
 
-def new_act(n: int):
-    """Scratch for quantize_act of a vector of n floats."""
+def new_act(n: int, act_bits: int = 8):
+    """Scratch for quantize_act of a vector of n floats, with int8 or int16 codes."""
     nb = max(n // 32, 1)
-    return np.zeros(nb, np.float32), np.zeros(nb, np.float32), np.zeros(max(n, 32), np.int16)
+    codes = np.zeros(max(n, 32), np.int8 if act_bits == 8 else np.int16)
+    return np.zeros(nb, np.float32), np.zeros(nb, np.float32), np.zeros(nb, np.float32), codes
 
 
 @njit(inline="always", **_OPT)
-def dot_row(row, qtype, x, act):
-    """row · x for one row of raw blocks; act = quantize_act(x) for the block formats."""
-    n = x.shape[0]
-    xsum, xd, x16 = act
-    if qtype == Q4_1:
-        acc, mins = simd.lanes_zero(), np.float32(0.0)
-        for b in range(row.shape[0] // 20):
-            o = b * 20
-            acc = simd.nibble_dot(acc, row, o + 4, x16, b * 32, _half_at(row, o) * xd[b])
-            mins += _half_at(row, o + 2) * xsum[b]
-        return simd.lanes_sum(acc) + mins
-    if qtype == Q4_0:  # nibbles hold q + 8
-        acc, offset = simd.lanes_zero(), np.float32(0.0)
-        for b in range(row.shape[0] // 18):
-            d = _half_at(row, b * 18)
-            acc = simd.nibble_dot(acc, row, b * 18 + 2, x16, b * 32, d * xd[b])
-            offset += d * xsum[b]
-        return simd.lanes_sum(acc) - np.float32(8.0) * offset
-    if qtype == Q8_0:
-        acc = simd.lanes_zero()
-        for b in range(row.shape[0] // 34):
-            acc = simd.byte_dot(acc, row, b * 34 + 2, x16, b * 32, _half_at(row, b * 34) * xd[b])
-        return simd.lanes_sum(acc)
+def _half_in(w, r, o):
+    """The half float at byte o of row r (no row view: a view per row costs reference counting)."""
+    return f16_to_f32(np.uint16(w[r, o]) | (np.uint16(w[r, o + 1]) << np.uint16(8)))
+
+
+@njit(inline="always", **_OPT)
+def _block_step(acc, rest, w, r, qtype, b, xd, xsum, xerr, codes):
+    """Block b of row r in a block format against quantize_act's codes: the codes' product into
+    the lanes acc, the float terms into rest."""
+    if qtype == Q4_1:  # d·q + m = d·(q − 8) + (m + 8d): the codes meet q − 8, the sums the rest
+        o = b * 20
+        d = _half_in(w, r, o)
+        return (simd.nibble_dot(acc, w, r * w.shape[1] + o + 4, codes, b * 32, d * xd[b]),
+                rest + (_half_in(w, r, o + 2) * xsum[b] + np.float32(8.0) * d * xerr[b]))
+    if qtype == Q4_0:  # nibbles hold q + 8: subtract 8·Σx̂, the sum the codes saw
+        o = b * 18
+        d = _half_in(w, r, o)
+        return (simd.nibble_dot(acc, w, r * w.shape[1] + o + 2, codes, b * 32, d * xd[b]),
+                rest - np.float32(8.0) * d * (xsum[b] - xerr[b]))
+    o = b * 34  # Q8_0
+    return simd.byte_dot(acc, w, r * w.shape[1] + o + 2, codes, b * 32, _half_in(w, r, o) * xd[b]), rest
+
+
+@njit(inline="always", **_OPT)
+def _block_rows(w, qtype, size, act, out, r0, r1):
+    """out[r] = W[r] · x for a block format (qtype a constant, so no branch runs per block).
+    Two independent accumulator pairs: one chain of dependent FMAs through every block would bound
+    the loop at the FMA latency rather than at its instruction throughput."""
+    xd, xsum, xerr, codes = act
+    n_blocks = w.shape[1] // size
+    for r in range(r0, r1):
+        acc0 = acc1 = simd.lanes_zero()
+        rest0 = rest1 = np.float32(0.0)
+        for i in range(n_blocks // 2):
+            acc0, rest0 = _block_step(acc0, rest0, w, r, qtype, 2 * i, xd, xsum, xerr, codes)
+            acc1, rest1 = _block_step(acc1, rest1, w, r, qtype, 2 * i + 1, xd, xsum, xerr, codes)
+        if n_blocks % 2:
+            acc0, rest0 = _block_step(acc0, rest0, w, r, qtype, n_blocks - 1, xd, xsum, xerr, codes)
+        out[r] = simd.lanes_sum(simd.lanes_add(acc0, acc1)) + (rest0 + rest1)
+
+
+@njit(inline="always", **_OPT)
+def _float_dot_row(row, qtype, x):
     acc = np.float32(0.0)
     if qtype == F16:
-        for j in range(n):
+        for j in range(x.shape[0]):
             acc += _half_at(row, 2 * j) * x[j]
     elif qtype == BF16:
-        for j in range(n):
+        for j in range(x.shape[0]):
             bits = (np.uint32(row[2 * j]) << np.uint32(16)) | (np.uint32(row[2 * j + 1]) << np.uint32(24))
             acc += u32_as_f32(bits) * x[j]
     else:  # F32
-        for j in range(n):
+        for j in range(x.shape[0]):
             acc += _f32_at(row, 4 * j) * x[j]
     return acc
 
 
 @njit(**_OPT)
 def _matvec_rows(w, qtype, x, act, out, r0, r1):
-    for r in range(r0, r1):
-        out[r] = dot_row(w[r], qtype, x, act)
+    """Rows [r0, r1) of W · x; act = quantize_act(x) for the block formats."""
+    if qtype == Q4_1:
+        _block_rows(w, Q4_1, 20, act, out, r0, r1)
+    elif qtype == Q4_0:
+        _block_rows(w, Q4_0, 18, act, out, r0, r1)
+    elif qtype == Q8_0:
+        _block_rows(w, Q8_0, 34, act, out, r0, r1)
+    else:
+        for r in range(r0, r1):
+            out[r] = _float_dot_row(w[r], qtype, x)
 
 
 @njit(inline="always", **_OPT)

@@ -5,11 +5,13 @@ per-block scale of "32 packed weights · 32 activations" forces a horizontal sum
 row-at-a-time matrix product is bound by its stores. Written with `Lanes` (an LLVM <8 x float>
 that a loop carries in one register) they are:
 
-- block dot products: the weights widen to int16, `pmaddwd` multiplies and adds pairs into eight
-  int32 lanes, and the lanes accumulate scale · sums across blocks; a row ends in one horizontal
-  sum. The activations are int16 with a float scale per block of 32 (cpu.quantize_act): a relative
-  error of 1.5e-5 per element, far below the weights' own rounding, so the products keep float
-  precision (llama.cpp's int8 activations cost ~1% per product).
+- block dot products: the activations are integer codes with a float scale per block of 32
+  (cpu.quantize_act). With int8 codes (llama.cpp's choice) 32 weight codes (unsigned nibbles, or
+  int8 made unsigned by moving their sign onto the activations) meet 32 activations in one
+  `pmaddubsw`, and a `pmaddwd` by ones sums them into eight int32 lanes. With int16 codes the
+  weights widen to int16 and two `pmaddwd` do it: about 1.3× slower, but the products then match
+  float arithmetic to ~1e-5 instead of ~1e-3. The lanes accumulate scale · sums across blocks; a
+  row ends in one horizontal sum. The dtype of the codes array picks the variant at compile time.
 - register-blocked products: `fma` of a broadcast scalar with eight consecutive floats.
 
 Without AVX2 the same IR uses generic vector operations, which every LLVM target lowers.
@@ -81,6 +83,13 @@ def lanes_zero(typingctx):
 
 
 @intrinsic
+def lanes_add(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+    return lanes_type(lanes_type, lanes_type), codegen
+
+
+@intrinsic
 def lanes_sum(typingctx, acc):
     def codegen(context, builder, sig, args):
         total = builder.extract_element(args[0], ir.Constant(_I32, 0))
@@ -114,24 +123,42 @@ def fma_lanes(typingctx, acc, a, m, offset):
     return lanes_type(lanes_type, types.float32, m, types.int64), codegen
 
 
-def _pair_sums(builder, w16, x16):
-    """<32 x i16> · <32 x i16> → <8 x i32>, each lane the sum of four products."""
-    halves = [_const(_I32, 16, range(k, k + 16)) for k in (0, 16)]
-    if _has_avx2():
-        pmaddwd = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_vec(_I32, 8), [_vec(_I16, 16)] * 2), "llvm.x86.avx2.pmadd.wd")
-        parts = [builder.call(pmaddwd, [builder.shuffle_vector(w16, w16, h), builder.shuffle_vector(x16, x16, h)])
-                 for h in halves]
-        return builder.add(*parts)
-    prod = builder.mul(builder.sext(w16, _vec(_I32, 32)), builder.sext(x16, _vec(_I32, 32)))
-    quarters = [builder.shuffle_vector(prod, prod, _const(_I32, 8, range(k, k + 8))) for k in (0, 8, 16, 24)]
+def _x86(builder, name, result, operand, args):
+    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, [operand] * len(args)), name)
+    return builder.call(f, args)
+
+
+def _quad_sums(builder, w8, x, signed_w: bool, wide_x: bool):
+    """<32 x i8> weights · 32 activations (i8, or i16 when wide_x) → <8 x i32>, each lane the sum
+    of four products (weights unsigned unless signed_w)."""
+    if _has_avx2() and not wide_x:
+        if signed_w:  # pmaddubsw wants unsigned weights: |w| times x with w's sign (|w| ≤ 128 fits u8)
+            x = _x86(builder, "llvm.x86.avx2.psign.b", _vec(_I8, 32), _vec(_I8, 32), [x, w8])
+            w8 = _x86(builder, "llvm.x86.avx2.psign.b", _vec(_I8, 32), _vec(_I8, 32), [w8, w8])
+        # Pair sums reach 2·128·127 < 2^15: pmaddubsw's saturation never triggers.
+        pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), _vec(_I8, 32), [w8, x])
+        return _x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), _vec(_I16, 16),
+                    [pairs, _const(_I16, 16, [1] * 16)])
+    widen = builder.sext if signed_w else builder.zext
+    if _has_avx2():  # int16 activations: pmaddwd on the widened weights, one per 16 elements
+        w16 = widen(w8, _vec(_I16, 32))
+        halves = [_const(_I32, 16, range(k, k + 16)) for k in (0, 16)]
+        return builder.add(*[_x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), _vec(_I16, 16),
+                                  [builder.shuffle_vector(w16, w16, h), builder.shuffle_vector(x, x, h)])
+                             for h in halves])
+    prod = builder.mul(widen(w8, _vec(_I32, 32)), builder.sext(x, _vec(_I32, 32)))
+    quarters = [builder.shuffle_vector(prod, prod, _const(_I32, 8, range(k, k + 32, 4))) for k in range(4)]
     return builder.add(builder.add(quarters[0], quarters[1]), builder.add(quarters[2], quarters[3]))
 
 
-def _block_dot(w, x16, nibbles: bool):
+def _block_dot(w, x, nibbles: bool):
     _check_c(w, "the weight row")
-    _check_c(x16, "the int16 activations")
-    sig = lanes_type(lanes_type, w, types.int64, x16, types.int64, types.float32)
+    _check_c(x, "the activation codes")
+    if x.dtype not in (types.int8, types.int16):
+        raise errors.TypingError(f"activation codes must be int8 or int16, got {x.dtype}")
+    wide_x = x.dtype == types.int16
+    x_type = _I16 if wide_x else _I8
+    sig = lanes_type(lanes_type, w, types.int64, x, types.int64, types.float32)
 
     def codegen(context, builder, sig, args):
         acc_v, w_v, w_off_v, x_v, x_off_v, scale_v = args
@@ -139,23 +166,22 @@ def _block_dot(w, x16, nibbles: bool):
             q = builder.load(_pointer(context, builder, sig.args[1], w_v, w_off_v, _vec(_I8, 16)), align=1)
             lo = builder.and_(q, _const(_I8, 16, [15] * 16))
             hi = builder.lshr(q, _const(_I8, 16, [4] * 16))
-            w16 = builder.zext(builder.shuffle_vector(lo, hi, _const(_I32, 32, range(32))), _vec(_I16, 32))
+            w8 = builder.shuffle_vector(lo, hi, _const(_I32, 32, range(32)))
         else:  # 32 signed bytes (Q8_0)
-            q = builder.load(_pointer(context, builder, sig.args[1], w_v, w_off_v, _vec(_I8, 32)), align=1)
-            w16 = builder.sext(q, _vec(_I16, 32))
-        x16_v = builder.load(_pointer(context, builder, sig.args[3], x_v, x_off_v, _vec(_I16, 32)), align=2)
-        sums = builder.sitofp(_pair_sums(builder, w16, x16_v), _vec(_F32, LANES))
+            w8 = builder.load(_pointer(context, builder, sig.args[1], w_v, w_off_v, _vec(_I8, 32)), align=1)
+        x_v = builder.load(_pointer(context, builder, sig.args[3], x_v, x_off_v, _vec(x_type, 32)), align=1)
+        sums = builder.sitofp(_quad_sums(builder, w8, x_v, signed_w=not nibbles, wide_x=wide_x), _vec(_F32, LANES))
         return _fma(builder, sums, _splat(builder, scale_v), acc_v)
     return sig, codegen
 
 
 @intrinsic
-def nibble_dot(typingctx, acc, w, w_off, x16, x_off, scale):
-    """acc + scale · (the 32 nibbles in w[w_off:w_off+16] · x16[x_off:x_off+32]), over 8 lanes."""
-    return _block_dot(w, x16, nibbles=True)
+def nibble_dot(typingctx, acc, w, w_off, x, x_off, scale):
+    """acc + scale · (the 32 nibbles in w[w_off:w_off+16] · x[x_off:x_off+32]), over 8 lanes."""
+    return _block_dot(w, x, nibbles=True)
 
 
 @intrinsic
-def byte_dot(typingctx, acc, w, w_off, x16, x_off, scale):
-    """acc + scale · (the 32 int8 in w[w_off:w_off+32] · x16[x_off:x_off+32]), over 8 lanes."""
-    return _block_dot(w, x16, nibbles=False)
+def byte_dot(typingctx, acc, w, w_off, x, x_off, scale):
+    """acc + scale · (the 32 int8 in w[w_off:w_off+32] · x[x_off:x_off+32]), over 8 lanes."""
+    return _block_dot(w, x, nibbles=False)
