@@ -2,6 +2,7 @@
 
     python bench/cpu.py [MODEL.gguf] [--threads 2] [--contexts 128 1024 4096 8192] [--gen-tokens 16]
                         [--modes fp16 kivi:4 kivi:2 xquant:4 xquant:3 xquant:2 xquant-cl:3 xquant-cl:2]
+                        [--budget-curve xquant:3] [--budget-fractions 0 0.125 0.25 0.5 1]
                         [--llama-cpp f16 q8_0 q4_0] [--no-transformers] [--out docs/performance.md]
 
 Measured per engine: prompt processing (a 512-token prompt on an empty cache), generation tokens/s
@@ -18,7 +19,10 @@ transformers runs the same GGUF dequantized to float32, its only way to read it.
 Ratios: prompt and generation speeds against llama.cpp with an f16 KV cache when it ran, else
 against xqrt's fp16 KV. Rematerialization: the FLOPs a step spends rebuilding K (and, for
 XQuant-CL, the accumulator) from the cache, divided by the step time it adds over fp16 KV, next
-to the matmul yardstick. Writes the table and a plot of tokens/s against context to --out.
+to the matmul yardstick. The --kv-budget curve: one latent mode at the largest context with fp16
+windows of each fraction of the context (budget = fraction × context × fp16 bytes per token), generation
+speed against cache bytes per token. Writes the tables and plots (tokens/s against context; the
+budget curve) to --out.
 """
 from __future__ import annotations
 
@@ -55,7 +59,8 @@ def run_xqrt(spec: dict) -> dict:
     from xqrt import Engine
     mode, bits = spec["mode"], spec["bits"]
     contexts, n_gen = spec["contexts"], spec["gen_tokens"]
-    eng = Engine(spec["model"], ctx=max(max(contexts), 512) + n_gen + 8, cache=mode, bits=bits, threads=spec["threads"])
+    eng = Engine(spec["model"], ctx=max(max(contexts), 512) + n_gen + 8, cache=mode, bits=bits,
+                 kv_budget=spec.get("kv_budget", 0), threads=spec["threads"])
     ids = text_tokens(lambda s: eng.tokenizer.encode(s, add_bos=False), max(contexts) + 512)
     warm = eng.new_cache()  # load the compiled prefill and decode kernels, compute factors: untimed
     eng.forward(ids[:64], warm)
@@ -72,7 +77,10 @@ def run_xqrt(spec: dict) -> dict:
             logits = eng.forward([int(np.argmax(logits))], cache)
         dt = time.perf_counter() - t0
         tg[c], step[c] = n_gen / dt, dt / n_gen
-    return {"name": "xqrt fp16 KV" if mode == "fp16" else f"xqrt {mode} {bits}-bit", "pp": pp, "tg": tg,
+    name = "xqrt fp16 KV" if mode == "fp16" else f"xqrt {mode} {bits}-bit"
+    if getattr(cache, "window", 0):
+        name += f" + fp16 window {cache.window}"
+    return {"name": name, "pp": pp, "tg": tg,
             "step_s": step, "bytes_per_token": cache.nbytes() / cache.n_tokens, "describe": cache.describe(),
             "remat_flops_per_token": remat_flops_per_position(cache)}
 
@@ -228,6 +236,34 @@ def report(results: list[dict], yardstick: float, args) -> str:
     return "\n".join(lines)
 
 
+def budget_report(curve: list[dict], fp16: dict | None, context: int) -> str:
+    lines = [f"`--kv-budget` at {context} tokens of context: the last W tokens' K/V in fp16, older ones rematerialized "
+             "(ratios against xqrt's fp16 KV at the same context):", "",
+             "| engine | budget MiB | gen tok/s | cache B/token | × smaller than fp16 |", "|---|---|---|---|---|"]
+    for r in curve:
+        speed = f"{r['tg'][context]:.1f}" + (f" ({r['tg'][context] / fp16['tg'][context]:.2f}×)" if fp16 else "")
+        ratio = f"{fp16['bytes_per_token'] / r['bytes_per_token']:.2f}" if fp16 else ""
+        lines.append(f"| {r['name']} | {r['kv_budget'] / 2 ** 20:.1f} | {speed} | {r['bytes_per_token']:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot_budget(curve: list[dict], fp16: dict | None, context: int, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([r["bytes_per_token"] for r in curve], [r["tg"][context] for r in curve], marker="o",
+            label=curve[0]["name"].split(" + ")[0] + " + fp16 window")
+    if fp16:
+        ax.plot([fp16["bytes_per_token"]], [fp16["tg"][context]], marker="s", linestyle="", label="xqrt fp16 KV")
+    ax.set_xlabel("cache bytes per token")
+    ax.set_ylabel(f"generation tokens/s at {context} tokens")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def plot(results: list[dict], contexts, path: str):
     import matplotlib
     matplotlib.use("Agg")
@@ -253,6 +289,9 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=16)
     ap.add_argument("--modes", nargs="+", default=["fp16", "kivi:4", "kivi:2", "xquant:4", "xquant:3", "xquant:2",
                                                   "xquant-cl:3", "xquant-cl:2"], help="xqrt modes as MODE[:BITS]")
+    ap.add_argument("--budget-curve", default="xquant:3", metavar="MODE:BITS",
+                    help="latent mode whose --kv-budget curve is measured at the largest context ('' to skip)")
+    ap.add_argument("--budget-fractions", type=float, nargs="+", default=[0.0, 0.125, 0.25, 0.5, 1.0])
     ap.add_argument("--llama-cpp", nargs="*", default=None, metavar="TYPE",
                     help="also run llama.cpp with these KV cache types (default when given alone: f16 q8_0 q4_0)")
     ap.add_argument("--no-transformers", action="store_true")
@@ -274,26 +313,42 @@ def main():
         specs += [dict(base, kind="llama.cpp", kv_type=t) for t in (args.llama_cpp or ["f16", "q8_0", "q4_0"])]
     if not args.no_transformers:
         specs.append(dict(base, kind="transformers"))
+    curve_specs = []
+    if args.budget_curve:
+        from xqrt.cache import FP16KV
+        from xqrt.gguf_model import load_model
+        fp16_per_token = FP16KV.bytes_per_position(load_model(args.model).config)
+        mode, _, bits = args.budget_curve.partition(":")
+        c = max(args.contexts)
+        curve_specs = [dict(base, kind="xqrt", mode=mode, bits=int(bits or 4), contexts=[c], curve=True,
+                            kv_budget=int(f * c * fp16_per_token)) for f in args.budget_fractions]
     t_start = time.perf_counter()
     yardstick = child(dict(base, kind="numpy"))["gflops"]
-    results = []
-    for spec in specs:
+    results, curve = [], []
+    for spec in specs + curve_specs:
         print(f"running {spec['kind']} {spec.get('mode', spec.get('kv_type', ''))} ...", file=sys.stderr, flush=True)
         r = child(spec)
         if r:
             r["tg"] = {int(k): v for k, v in r["tg"].items()}
             r["step_s"] = {int(k): v for k, v in r["step_s"].items()}
-            results.append(r)
+            r["kv_budget"] = spec.get("kv_budget", 0)
+            (curve if spec.get("curve") else results).append(r)
             print(f"  {r['name']}: prompt {r['pp']:.1f} tok/s, generation "
-                  + ", ".join(f"{r['tg'][c]:.1f} @{c}" for c in args.contexts), file=sys.stderr, flush=True)
+                  + ", ".join(f"{v:.1f} @{c}" for c, v in r["tg"].items()), file=sys.stderr, flush=True)
     text = report(results, yardstick, args)
-    print(text)
     png = os.path.splitext(args.out)[0] + ".png"
     plot(results, args.contexts, png)
+    figures = f"![tokens/s against context]({os.path.basename(png)})"
+    if curve:
+        fp16 = next((r for r in results if r["name"] == "xqrt fp16 KV"), None)
+        text += "\n\n" + budget_report(curve, fp16, max(args.contexts))
+        budget_png = os.path.splitext(args.out)[0] + "-kv-budget.png"
+        plot_budget(curve, fp16, max(args.contexts), budget_png)
+        figures += f"\n\n![tokens/s against cache bytes per token, --kv-budget]({os.path.basename(budget_png)})"
+    print(text)
     with open(args.out, "w", encoding="utf-8") as f:
         f.write("# CPU performance\n\nWritten by `python bench/cpu.py " + " ".join(sys.argv[1:]) + "` in "
-                f"{time.perf_counter() - t_start:.0f} s.\n\n{text}\n\n![tokens/s against context]"
-                f"({os.path.basename(png)})\n")
+                f"{time.perf_counter() - t_start:.0f} s.\n\n{text}\n\n{figures}\n")
 
 
 if __name__ == "__main__":

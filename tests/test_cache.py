@@ -15,17 +15,21 @@ def rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def test_mixed_attention_per_query_reference():
+@pytest.mark.parametrize("window", [0, 3])
+def test_mixed_attention_per_query_reference(window):
     n_head, n_kv, hd, pos0, n = 4, 2, 8, 5, 6
     end = pos0 + n
     q = rng.standard_normal((n, n_head * hd)).astype(np.float32)
-    kq, vq, ke, ve = (rng.standard_normal((end, n_kv * hd)).astype(np.float32) for _ in range(4))
+    kq, vq, ke, ve, kw, vw = (rng.standard_normal((end, n_kv * hd)).astype(np.float32) for _ in range(6))
     bk, bv = np.array([0, 2, 2, 4, 8, 11]), np.array([1, 1, 3, 9, 10, 11])
-    out = mixed_attention(q, pos0, kq[:bk.max()], vq[:bv.max()], ke[bk.min():], ve[bv.min():], bk, bv, n_head, n_kv)
+    w0 = pos0 + 1 - window  # the window rows the batch needs start here
+    out = mixed_attention(q, pos0, kq[:bk.max()], vq[:bv.max()], ke[bk.min():], ve[bv.min():], bk, bv, n_head, n_kv,
+                          window, kw[w0:], vw[w0:])
     for i in range(n):
         t = pos0 + i
-        keys = np.where((np.arange(t + 1) < bk[i])[:, None], kq[:t + 1], ke[:t + 1])
-        vals = np.where((np.arange(t + 1) < bv[i])[:, None], vq[:t + 1], ve[:t + 1])
+        in_window = (t - np.arange(t + 1) < window)[:, None]
+        keys = np.where(in_window, kw[:t + 1], np.where((np.arange(t + 1) < bk[i])[:, None], kq[:t + 1], ke[:t + 1]))
+        vals = np.where(in_window, vw[:t + 1], np.where((np.arange(t + 1) < bv[i])[:, None], vq[:t + 1], ve[:t + 1]))
         for h in range(n_head):
             g = h // (n_head // n_kv)
             s = keys[:, g * hd:(g + 1) * hd] @ q[i, h * hd:(h + 1) * hd] / np.sqrt(hd)
@@ -188,13 +192,13 @@ def test_smollm2_decode_steps_equal_batched_evaluation(smollm2, mode):
 
 
 @pytest.mark.parametrize("mode", ["kivi", "xquant", "xquant-cl"])
-@pytest.mark.parametrize("residual", [None, 0, 128])
-def test_cache_steps_equal_one_batch_on_identical_inputs(tiny_mha, mode, residual):
+@pytest.mark.parametrize("residual, window", [(None, 0), (0, 0), (128, 0), (None, 40), (0, 300)])
+def test_cache_steps_equal_one_batch_on_identical_inputs(tiny_mha, mode, residual, window):
     """Cache level, no model in between: the same latents stored one token at a time (decode
     kernel) or all at once (batched path) give the same attention outputs, 3-bit. On an MHA model
     KIVI's and XQuant's latents are the inputs themselves, so both paths quantize identical
-    values: this pins the residual rule and the ring exactly."""
-    from xqrt.cache import CacheOptions, make_cache
+    values: this pins the residual rule, the ring and the fp16 window exactly."""
+    from xqrt.cache import FP16KV, CacheOptions, make_cache
     from xqrt.gguf_model import load_model
     model = load_model(tiny_mha[1])
     c = model.config
@@ -202,7 +206,7 @@ def test_cache_steps_equal_one_batch_on_identical_inputs(tiny_mha, mode, residua
     r = np.random.default_rng(3)
     inputs = [[r.standard_normal((n, w)).astype(np.float32) for w in (c.d_model, c.q_dim, c.kv_dim, c.kv_dim)]
               for _ in range(c.n_layer)]
-    opts = CacheOptions(bits=3, residual=residual, base_layers=1)
+    opts = CacheOptions(bits=3, residual=residual, base_layers=1, kv_budget=window * FP16KV.bytes_per_position(c))
     whole = make_cache(mode, model, 256, opts)
     want = [whole.attend(i, 0, *inputs[i]) for i in range(c.n_layer)]
     step = make_cache(mode, model, 256, opts)
@@ -212,3 +216,37 @@ def test_cache_steps_equal_one_batch_on_identical_inputs(tiny_mha, mode, residua
             got = step.attend(i, t, xn, q, k, v)
             np.testing.assert_allclose(got[0], want[i][t], rtol=1e-4, atol=1e-4)
         step.advance(1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kv_budget_window(tiny_gqa, mode):
+    """--kv-budget: a budget for every position reads fp16 K/V only (fp16 KV's logits); a smaller
+    one keeps the last W = budget / (fp16 bytes per position) tokens in fp16 and counts them."""
+    from xqrt.cache import FP16KV
+    _, path = tiny_gqa
+    eng = Engine(path, ctx=256)
+    ids = list(rng.integers(0, eng.config.vocab_size, 100))
+    per = FP16KV.bytes_per_position(eng.config)
+
+    def decode(cache_mode, **opts):
+        cache = eng.new_cache(cache_mode, bits=2, base_layers=1, **opts)
+        eng.forward(ids[:60], cache)
+        return np.array([eng.forward([t], cache) for t in ids[60:]]), cache
+
+    fp16, _ = decode("fp16")
+    everything, _ = decode(mode, kv_budget=256 * per)
+    assert rel(everything, fp16) < 1e-5
+    none, plain = decode(mode)
+    some, windowed = decode(mode, kv_budget=30 * per + per // 2)
+    assert windowed.window == 30 and windowed.describe().endswith("fp16 window 30")
+    assert windowed.nbytes() == plain.nbytes() + 30 * per
+    assert rel(some, fp16) < rel(none, fp16)
+    assert windowed.truncate(64) == 0  # the window rows before a cut are gone: start over
+
+
+def test_kv_budget_flag_sizes():
+    from xqrt.run import build_parser
+    parse = lambda v: build_parser().parse_args(["m.gguf", "--kv-budget", v]).kv_budget  # noqa: E731
+    assert (parse("65536"), parse("512K"), parse("64M"), parse("1.5GiB")) == (65536, 512 << 10, 64 << 20, 3 << 29)
+    with pytest.raises(SystemExit):
+        parse("lots")

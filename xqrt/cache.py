@@ -18,12 +18,14 @@ from .gguf_model import Model, ModelConfig
 from .kernels import cpu
 
 
-def mixed_attention(q, pos0, k_quant, v_quant, k_exact, v_exact, bound_k, bound_v, n_head, n_kv_head):
-    """Prefill-shaped attention (NumPy BLAS) where each query sees two versions of the history.
+def mixed_attention(q, pos0, k_quant, v_quant, k_exact, v_exact, bound_k, bound_v, n_head, n_kv_head,
+                    window: int = 0, k_win=None, v_win=None):
+    """Prefill-shaped attention (NumPy BLAS) where each query sees up to three versions of the history.
 
-    q: (n, n_head·hd) post-RoPE, for positions pos0 … pos0+n−1. Query i reads position j from
-    k_quant[j] / v_quant[j] when j < bound_k[i] / bound_v[i], else from the exact rows
-    k_exact[j − e_k] / v_exact[j − e_v], which end at pos0+n−1 (e = end − len(exact)).
+    q: (n, n_head·hd) post-RoPE, for positions pos0 … pos0+n−1. Query i at position p reads
+    position j from the window rows k_win[j − e_w] / v_win[j − e_w] when p − j < window (they end
+    at pos0+n−1, e = end − len(rows)); otherwise from k_quant[j] / v_quant[j] when
+    j < bound_k[i] / bound_v[i], else from the exact rows k_exact[j − e_k] / v_exact[j − e_v].
     Keys are post-RoPE. A plain cache passes everything as "quant" with bounds at j ≤ i.
     """
     n, end = q.shape[0], pos0 + q.shape[0]
@@ -31,6 +33,7 @@ def mixed_attention(q, pos0, k_quant, v_quant, k_exact, v_exact, bound_k, bound_
     group = n_head // n_kv_head
     qh = q.reshape(n, n_kv_head, group, hd).transpose(1, 2, 0, 3).reshape(n_kv_head, group * n, hd)
     pos = pos0 + np.arange(n)
+    win_lo = pos + 1 - window  # the first position each query reads from the window
     scale = np.float32(1.0 / np.sqrt(hd))
 
     def scores_of(keys):
@@ -41,11 +44,17 @@ def mixed_attention(q, pos0, k_quant, v_quant, k_exact, v_exact, bound_k, bound_
     hq, ek = len(k_quant), end - len(k_exact)
     if hq:
         cols = np.arange(hq)
-        s[..., :hq] = np.where(cols[None, :] < bound_k[:, None], scores_of(k_quant), -np.inf)
+        use = (cols[None, :] < bound_k[:, None]) & (cols[None, :] < win_lo[:, None])
+        s[..., :hq] = np.where(use, scores_of(k_quant), -np.inf)
     if len(k_exact):
         cols = np.arange(ek, end)
-        use = (cols[None, :] >= bound_k[:, None]) & (cols[None, :] <= pos[:, None])
+        use = (cols[None, :] >= bound_k[:, None]) & (cols[None, :] <= pos[:, None]) & (cols[None, :] < win_lo[:, None])
         s[..., ek:] = np.where(use, scores_of(k_exact), s[..., ek:])
+    ew = end - (0 if k_win is None else len(k_win))
+    if ew < end:
+        cols = np.arange(ew, end)
+        use = (cols[None, :] >= win_lo[:, None]) & (cols[None, :] <= pos[:, None])
+        s[..., ew:] = np.where(use, scores_of(k_win), s[..., ew:])
     s -= s.max(axis=-1, keepdims=True)
     np.exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)
@@ -57,9 +66,13 @@ def mixed_attention(q, pos0, k_quant, v_quant, k_exact, v_exact, bound_k, bound_
 
     hv, ev = len(v_quant), end - len(v_exact)
     if hv:
-        add(np.where(np.arange(hv)[None, :] < bound_v[:, None], s[..., :hv], 0.0), v_quant)
+        cols = np.arange(hv)[None, :]
+        add(np.where((cols < bound_v[:, None]) & (cols < win_lo[:, None]), s[..., :hv], 0.0), v_quant)
     if len(v_exact):
-        add(np.where(np.arange(ev, end)[None, :] >= bound_v[:, None], s[..., ev:], 0.0), v_exact)
+        cols = np.arange(ev, end)[None, :]
+        add(np.where((cols >= bound_v[:, None]) & (cols < win_lo[:, None]), s[..., ev:], 0.0), v_exact)
+    if ew < end:
+        add(np.where(np.arange(ew, end)[None, :] >= win_lo[:, None], s[..., ew:], 0.0), v_win)
     return out.reshape(n_kv_head, group, n, hd).transpose(2, 0, 1, 3).reshape(n, n_head * hd)
 
 
@@ -71,10 +84,13 @@ class CacheOptions:
     residual: int | None = None  # R: recent tokens kept exact, a multiple of G (None: G; 0: none)
     base_layers: int | None = None  # XQuant-CL: layers at ≥ 4 bits, the last seeding Â (None: 3)
     simulated: bool = False  # evaluation only: every K/V read from the quantized cache, no tail
+    kv_budget: int = 0  # bytes of fp16 K/V (all layers) for the most recent tokens, read without remat
 
     def __post_init__(self):
         if self.bits not in quant.BITS:
             raise XQError(f"--bits {self.bits} is not supported (choose from 2, 3, 4, 8; 16/32 store floats)")
+        if self.kv_budget < 0:
+            raise XQError(f"--kv-budget {self.kv_budget} must be 0 or more bytes")
 
 
 def default_group(config: ModelConfig) -> int:
@@ -163,9 +179,12 @@ class FP16KV(Cache):
         empty = keys[:0]
         return mixed_attention(q, pos0, keys, values, empty, empty, bound, bound, c.n_head, c.n_kv_head)
 
+    @staticmethod
+    def bytes_per_position(c: ModelConfig) -> int:
+        return 2 * 2 * c.kv_dim * c.n_layer
+
     def nbytes(self):
-        c = self.config
-        return 2 * 2 * c.kv_dim * c.n_layer * self.n_tokens
+        return self.bytes_per_position(self.config) * self.n_tokens
 
 
 class Stream:
@@ -311,6 +330,11 @@ class LatentCache(Cache):
         self._ring = [self._new_ring(L) for L in self.layers]
         self._n_threads = numba.get_num_threads()
         self._rope_cos, self._rope_sin = cpu.rope_table(self.inv_freq, n_ctx)  # keys are rotated as rebuilt
+        # --kv-budget: the last W positions' K (post-RoPE) and V also as fp16, in a ring (position
+        # t in row t mod W), read as they are; only older positions are rematerialized.
+        self.window = 0 if self.simulated else min(o.kv_budget // FP16KV.bytes_per_position(c), n_ctx)
+        self._win_k = np.zeros((c.n_layer, self.window, c.kv_dim), np.uint16)
+        self._win_v = np.zeros_like(self._win_k)
 
     @classmethod
     def resolve(cls, c: ModelConfig, o: CacheOptions) -> tuple[int, int]:
@@ -410,10 +434,33 @@ class LatentCache(Cache):
             L.value.write(pos0, zv)
 
     # ---- attention -----------------------------------------------------------------------------
+    def _store_window(self, layer, pos0, k, v):
+        """Put the new positions' K (rotated) and V into the fp16 window ring. A batch also gets
+        back the window rows its queries read, positions [max(pos0 − W + 1, 0), end), as float32
+        (a decode step's kernel reads the ring itself)."""
+        c, W, n = self.config, self.window, len(k)
+        k = np.array(k, np.float32)
+        cpu.rope_rows(k, c.n_kv_head, c.head_dim, pos0, self.inv_freq)
+        keep = max(pos0, pos0 + n - W)  # the new positions that stay in the ring
+        if n == 1:
+            cpu.to_f16(k, self._win_k[layer, pos0 % W:pos0 % W + 1])
+            cpu.to_f16(np.ascontiguousarray(v, np.float32), self._win_v[layer, pos0 % W:pos0 % W + 1])
+            return None, None
+        new_k, new_v = np.empty((n, c.kv_dim), np.uint16), np.empty((n, c.kv_dim), np.uint16)
+        cpu.to_f16(k, new_k)
+        cpu.to_f16(np.ascontiguousarray(v, np.float32), new_v)
+        old = np.arange(max(pos0 - W + 1, 0), pos0) % W
+        rows_k = np.concatenate([self._win_k[layer, old], new_k])
+        rows_v = np.concatenate([self._win_v[layer, old], new_v])
+        self._win_k[layer, np.arange(keep, pos0 + n) % W] = new_k[keep - pos0:]
+        self._win_v[layer, np.arange(keep, pos0 + n) % W] = new_v[keep - pos0:]
+        return rows_k.view(np.float16).astype(np.float32), rows_v.view(np.float16).astype(np.float32)
+
     def attend(self, layer, pos0, xn, q, k, v):
         L = self.layers[layer]
         zk, zv = L.latents(xn, k, v)
         lo, ek, ev = self._store(layer, pos0, zk, zv)
+        k_win, v_win = self._store_window(layer, pos0, k, v) if self.window else (None, None)
         n, end = q.shape[0], pos0 + q.shape[0]
         c = self.config
         if n == 1 and not self.simulated:
@@ -428,7 +475,7 @@ class LatentCache(Cache):
         ke = np.array(L.keys(ek[lk - lo:]), np.float32)
         cpu.rope_rows(ke, c.n_kv_head, c.head_dim, lk, self.inv_freq)
         ve = L.values(ev[lv - lo:])
-        return mixed_attention(q, pos0, kq, vq, ke, ve, bk, bv, c.n_head, c.n_kv_head)
+        return mixed_attention(q, pos0, kq, vq, ke, ve, bk, bv, c.n_head, c.n_kv_head, self.window, k_win, v_win)
 
     def _quantized_kv(self, layer, L, hk, hv):
         """Pre-RoPE keys of positions [0, hk) and values of [0, hv) from the quantized latents."""
@@ -436,17 +483,20 @@ class LatentCache(Cache):
 
     def _attend_one(self, layer, L, pos, q, lo, ek, ev):
         c = self.config
+        w0 = pos + 1 - min(self.window, pos + 1)  # positions from w0 on are read from the fp16 window
         bk, bv = int(self._bound(pos, L.key_per_channel)), int(self._bound(pos, False))
+        k_tail = ek[bk - lo:w0 - lo] if bk < w0 else ek[:0]
+        v_tail = ev[bv - lo:w0 - lo] if bv < w0 else ev[:0]
+        bk, bv = min(bk, w0), min(bv, w0)
         key, value, mk, mv = self._kernel_streams(L)
         out = np.empty((1, c.q_dim), np.float32)
         kc, ks, kz, kb = key.kernel_args()
         vc, vs, vz, vb = value.kernel_args()
         cpu.attend_latent(q[0], pos, kc, ks, kz, kb, key.per_channel, key.width, mk, bk,
                           vc, vs, vz, vb, value.width, mv, bv, self.group,
-                          np.ascontiguousarray(ek[bk - lo:]), _or_empty(L.mk),
-                          np.ascontiguousarray(ev[bv - lo:]), _or_empty(L.mv),
-                          self._rope_cos, self._rope_sin, c.n_head, c.n_kv_head, c.head_dim, self._n_threads,
-                          self.scores, out[0])
+                          np.ascontiguousarray(k_tail), _or_empty(L.mk), np.ascontiguousarray(v_tail), _or_empty(L.mv),
+                          self._win_k[layer], self._win_v[layer], self._rope_cos, self._rope_sin, c.n_head,
+                          c.n_kv_head, c.head_dim, self._n_threads, self.scores, out[0])
         return out
 
     def _kernel_streams(self, L):
@@ -462,6 +512,7 @@ class LatentCache(Cache):
         cut = n_tokens // self.group * self.group
         held = [max(self._keep_from(L, self.n_tokens), self.n_tokens - self._ring_size) for L in self.layers]
         ok = all(self._keep_from(L, cut) >= lo for L, lo in zip(self.layers, held))
+        ok = ok and not self.window  # later positions have overwritten the window rows before the cut
         self.n_tokens = cut if ok else 0
         return self.n_tokens
 
@@ -471,7 +522,8 @@ class LatentCache(Cache):
         return rows * np.dtype(self._tail_dtype).itemsize * (wk if L.shared else wk + wv)
 
     def nbytes(self):
-        n, total = self.n_tokens, 0
+        n = self.n_tokens
+        total = min(n, self.window) * FP16KV.bytes_per_position(self.config)
         for L in self.layers:
             for s in {id(x): x for x in (L.key, L.value, L.delta) if x is not None}.values():
                 total += s.nbytes(n)
@@ -480,7 +532,8 @@ class LatentCache(Cache):
 
     def describe(self):
         tail = "no tail (simulated)" if self.simulated else f"residual {self.residual}"
-        return f"{self.mode} {self.bits}-bit, group {self.group}, {tail}"
+        window = f", fp16 window {self.window}" if self.window else ""
+        return f"{self.mode} {self.bits}-bit, group {self.group}, {tail}{window}"
 
 
 class KIVI(LatentCache):

@@ -59,9 +59,12 @@ def kernels_compiled() -> bool:
 class Engine:
     def __init__(self, model: str | Model, ctx: int | None = None, cache: str | None = None, bits: int | None = None,
                  group: int | None = None, residual: int | None = None, base_layers: int | None = None,
-                 threads: int | None = None, batch: int = 512, act_bits: int = 8, verbose: bool = False):
+                 kv_budget: int = 0, threads: int | None = None, batch: int = 512, act_bits: int = 8,
+                 verbose: bool = False):
         """Cache settings left as None come from the GGUF's recipe when it has one (converted files
         do), else: fp16 KV; bits 4, group, residual and base layers as `CacheOptions` chooses.
+        kv_budget: bytes of fp16 K/V for the most recent tokens, which a latent cache then reads
+        without rematerializing (0: none; fp16 KV's own bytes per token × n: the last n tokens).
 
         act_bits: the decode step multiplies quantized weights by activations rounded to integer
         codes per block of 32: 8 as llama.cpp does (fastest; products within ~1e-3 of float), or
@@ -79,7 +82,7 @@ class Engine:
         recipe = file_recipe(self.model.metadata)
         chosen = {k: recipe.get(k) if v is None else v for k, v in given.items()}
         self.cache_mode = chosen.pop("mode") or "fp16"
-        self.cache_options = CacheOptions(bits=chosen.pop("bits") or 4, **chosen)
+        self.cache_options = CacheOptions(bits=chosen.pop("bits") or 4, kv_budget=int(kv_budget), **chosen)
         self._log = stderr_log if verbose else None
         self.batch = max(1, int(batch))
         if threads:
@@ -298,5 +301,4 @@ class Engine:
             st.cache_bytes, st.cache_tokens = cache.nbytes(), cache.n_tokens
 
     def fp16_bytes_per_token(self) -> int:
-        c = self.config
-        return 2 * 2 * c.kv_dim * c.n_layer
+        return FP16KV.bytes_per_position(self.config)

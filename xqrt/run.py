@@ -10,6 +10,20 @@ import sys
 from .errors import cli_exit_code
 
 
+def byte_size(text: str) -> int:
+    """'65536', '512K', '64M', '1.5G' (powers of 1024) → bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in units else ""
+    try:
+        value = float(t[:len(t) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 65536, 512K, 64M, 1G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"byte size must not be negative: {text!r}")
+    return int(value * units[unit])
+
+
 def add_compute_args(ap: argparse.ArgumentParser):
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--act-bits", type=int, default=8, choices=(8, 16),
@@ -30,6 +44,10 @@ def add_cache_args(ap: argparse.ArgumentParser, defaults: str = "the GGUF's reci
                    help="recent tokens kept exact, 0 or a multiple of G [G]")
     g.add_argument("--base-layers", type=int, default=None, metavar="N",
                    help="xquant-cl: first layers stored at >= 4 bits, the last seeding the accumulator [3]")
+    g.add_argument("--kv-budget", type=byte_size, default=0, metavar="BYTES",
+                   help="kivi/xquant/xquant-cl: also keep the most recent tokens' K/V in fp16 within BYTES "
+                        "(e.g. 64M; all layers), read without rematerialization: between fastest (all fp16) "
+                        "and smallest (0) [0]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +89,7 @@ def engine_from_args(args, ctx):
     from .default_model import default_model_path
     from .engine import Engine
     return Engine(args.model or default_model_path(), ctx=ctx, cache=args.cache, bits=args.bits, group=args.group,
-                  residual=args.residual, base_layers=args.base_layers, threads=args.threads,
+                  residual=args.residual, base_layers=args.base_layers, kv_budget=args.kv_budget, threads=args.threads,
                   act_bits=args.act_bits, verbose=True)
 
 

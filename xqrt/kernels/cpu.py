@@ -505,20 +505,54 @@ def _add_projected(u, m, k0, out):
             out[d] += a * m[r, k0 + d]
 
 
+@njit(inline="always", **_OPT)
+def _window_scores(q, k_win, k0, w0, n, scale, scores):
+    """scores[t] for positions [w0, n) from the fp16 window ring (position t in row t mod W)."""
+    hd = q.shape[0]
+    slot = w0 % max(k_win.shape[0], 1)
+    for t in range(w0, n):
+        row = k_win[slot, k0:k0 + hd]
+        acc = np.float32(0.0)
+        for d in range(hd):
+            acc += q[d] * f16_to_f32(row[d])
+        scores[t] = acc * scale
+        slot = slot + 1 if slot + 1 < k_win.shape[0] else 0
+
+
+@njit(inline="always", **_OPT)
+def _window_values(p, v_win, k0, w0, n, out):
+    """out += Σ p[t]·V[t] over positions [w0, n) of the fp16 window ring."""
+    hd = out.shape[0]
+    acc = np.zeros(hd, np.float32)
+    slot = w0 % max(v_win.shape[0], 1)
+    for t in range(w0, n):
+        row = v_win[slot, k0:k0 + hd]
+        a = p[t]
+        for d in range(hd):
+            acc[d] += a * f16_to_f32(row[d])
+        slot = slot + 1 if slot + 1 < v_win.shape[0] else 0
+    for d in range(hd):
+        out[d] += acc[d]
+
+
 @njit(parallel=True, **_OPT)
 def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, mk, n_qk,
                   vc, vs, vz, v_bits, v_width, mv, n_qv, group, k_tail, mk_tail, v_tail, mv_tail,
-                  rope_cos, rope_sin, n_head, n_kv_head, head_dim, n_threads, scores, out):
+                  k_win, v_win, rope_cos, rope_sin, n_head, n_kv_head, head_dim, n_threads, scores, out):
     """Single-query attention over a latent cache, for the token at `pos` (rope_table gives the
     rotations).
 
-    Keys of positions [0, n_qk) are rebuilt block by block from the packed key latents
-    (dequantize → ·mk → RoPE → score); those of [n_qk, pos] from the exact tail latents k_tail
-    (·mk_tail). Values use the absorbed form: Σⱼ aⱼ·v̂ⱼ is summed in latent space and projected
-    once through mv (and the tail's through mv_tail). No K/V history exists beyond one block.
+    The last positions up to W = len(k_win) come from an fp16 window of post-RoPE K and V (a ring:
+    position t in row t mod W); the older ones, [0, w0), are rematerialized. Keys of [0, n_qk) are
+    rebuilt block by block from the packed key latents (dequantize → ·mk → RoPE → score); those of
+    [n_qk, w0) from the exact tail latents k_tail (·mk_tail). Values use the absorbed form:
+    Σⱼ aⱼ·v̂ⱼ is summed in latent space and projected once through mv (and the tail's through
+    mv_tail). No K/V history exists beyond one block.
     """
     kv_dim = n_kv_head * head_dim
     n = pos + 1
+    n_win = min(k_win.shape[0], n)
+    w0 = n - n_win
     scale = np.float32(1.0 / math.sqrt(head_dim))
     for b in prange((n_qk + group - 1) // group):
         t0 = b * group
@@ -529,9 +563,12 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, mk, n_qk,
         _latent_rows(kc, ks, kz, k_bits, group, k_per_channel, t0, t1, column, lat)
         rebuild(lat, t1 - t0, mk, keys)
         _score_rows(q, keys, t1 - t0, t0, rope_cos, rope_sin, n_head, n_kv_head, head_dim, scale, scores)
-    keys = np.empty((n - n_qk, kv_dim), np.float32)
-    rebuild(k_tail, n - n_qk, mk_tail, keys)
-    _score_rows(q, keys, n - n_qk, n_qk, rope_cos, rope_sin, n_head, n_kv_head, head_dim, scale, scores)
+    keys = np.empty((w0 - n_qk, kv_dim), np.float32)
+    rebuild(k_tail, w0 - n_qk, mk_tail, keys)
+    _score_rows(q, keys, w0 - n_qk, n_qk, rope_cos, rope_sin, n_head, n_kv_head, head_dim, scale, scores)
+    group_h = n_head // n_kv_head
+    for h in prange(n_head):
+        _window_scores(q[h * head_dim:(h + 1) * head_dim], k_win, (h // group_h) * head_dim, w0, n, scale, scores[h])
     for h in range(n_head):
         mx = np.float32(-np.inf)
         for t in range(n):
@@ -559,9 +596,7 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, mk, n_qk,
                     a = scores[h, t0 + t]
                     for c in range(v_width):
                         parts[p, h, c] += a * lat[t, c]
-    u_tail = np.zeros(v_tail.shape[1], np.float32)
-    group_h = n_head // n_kv_head
-    for h in range(n_head):
+    for h in prange(n_head):
         o = out[h * head_dim:(h + 1) * head_dim]
         k0 = (h // group_h) * head_dim
         o[:] = 0.0
@@ -569,12 +604,13 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, mk, n_qk,
             for c in range(v_width):
                 parts[0, h, c] += parts[p, h, c]
         _add_projected(parts[0, h], mv, k0, o)
-        u_tail[:] = 0.0
-        for t in range(n - n_qv):
+        u_tail = np.zeros(v_tail.shape[1], np.float32)
+        for t in range(w0 - n_qv):
             a = scores[h, n_qv + t]
             for c in range(u_tail.shape[0]):
                 u_tail[c] += a * v_tail[t, c]
         _add_projected(u_tail, mv_tail, k0, o)
+        _window_values(scores[h], v_win, k0, w0, n, o)
 
 
 @njit(parallel=True, **_OPT)
