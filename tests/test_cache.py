@@ -17,6 +17,7 @@ def rel(a, b):
 
 @pytest.mark.parametrize("window", [0, 3])
 def test_mixed_attention_per_query_reference(window):
+    rng = np.random.default_rng(window)  # its own draws: the module's stay as the other tests expect
     n_head, n_kv, hd, pos0, n = 4, 2, 8, 5, 6
     end = pos0 + n
     q = rng.standard_normal((n, n_head * hd)).astype(np.float32)
@@ -66,7 +67,7 @@ def test_decode_steps_equal_batched_evaluation(fixture, mode, residual, request)
     # BLAS and the kernel round float32 differently, which may flip a code by one step (and
     # XQuant-CL's fp16 accumulator by one ulp, feeding later deltas): tolerate that, not more
     assert rel(steps, batched[70:]) < 5e-3
-    median_tol = 1e-3 if mode == "xquant-cl" else 1e-4
+    median_tol = 1e-3  # a code flipped in a per-channel key group reaches every position of it
     assert np.median(np.abs(steps - batched[70:])) < median_tol * np.abs(batched).max()
 
 
