@@ -335,6 +335,7 @@ class LatentCache(Cache):
         self.window = 0 if self.simulated else min(o.kv_budget // FP16KV.bytes_per_position(c), n_ctx)
         self._win_k = np.zeros((c.n_layer, self.window, c.kv_dim), np.uint16)
         self._win_v = np.zeros_like(self._win_k)
+        self._k_rot = np.zeros(c.kv_dim, np.float32)
 
     @classmethod
     def resolve(cls, c: ModelConfig, o: CacheOptions) -> tuple[int, int]:
@@ -439,13 +440,13 @@ class LatentCache(Cache):
         back the window rows its queries read, positions [max(pos0 − W + 1, 0), end), as float32
         (a decode step's kernel reads the ring itself)."""
         c, W, n = self.config, self.window, len(k)
+        if n == 1:  # the decode step: one compiled call, no parallel region for a single row
+            cpu.store_kv_f16(k[0], v[0], pos0, self.inv_freq, c.n_kv_head, c.head_dim, self._k_rot,
+                             self._win_k[layer, pos0 % W], self._win_v[layer, pos0 % W])
+            return None, None
         k = np.array(k, np.float32)
         cpu.rope_rows(k, c.n_kv_head, c.head_dim, pos0, self.inv_freq)
         keep = max(pos0, pos0 + n - W)  # the new positions that stay in the ring
-        if n == 1:
-            cpu.to_f16(k, self._win_k[layer, pos0 % W:pos0 % W + 1])
-            cpu.to_f16(np.ascontiguousarray(v, np.float32), self._win_v[layer, pos0 % W:pos0 % W + 1])
-            return None, None
         new_k, new_v = np.empty((n, c.kv_dim), np.uint16), np.empty((n, c.kv_dim), np.uint16)
         cpu.to_f16(k, new_k)
         cpu.to_f16(np.ascontiguousarray(v, np.float32), new_v)

@@ -390,12 +390,19 @@ def attend_f16(q, k_cache, v_cache, n_ctx, n_head, n_kv_head, head_dim, scores, 
 def attend_f16_step(q, k, v, k_cache, v_cache, pos, inv_freq, n_head, n_kv_head, head_dim, k_rot, scores, out):
     """A decode step on an fp16 cache in one call: store position `pos` (K rotated, V), then
     attend over [0, pos]. k is pre-RoPE and left as it is; k_rot is scratch of its size."""
+    store_kv_f16(k, v, pos, inv_freq, n_kv_head, head_dim, k_rot, k_cache[pos], v_cache[pos])
+    attend_f16(q, k_cache, v_cache, pos + 1, n_head, n_kv_head, head_dim, scores, out)
+
+
+@njit(**_OPT)
+def store_kv_f16(k, v, pos, inv_freq, n_kv_head, head_dim, k_rot, k_row, v_row):
+    """One position's K, rotated for `pos`, and V as fp16 bits into k_row / v_row (k_rot: scratch
+    of k's size; k itself is left pre-RoPE)."""
     k_rot[:] = k
     rope(k_rot, n_kv_head, head_dim, np.float64(pos), inv_freq)
     for j in range(k_rot.shape[0]):
-        k_cache[pos, j] = f32_to_f16(k_rot[j])
-        v_cache[pos, j] = f32_to_f16(v[j])
-    attend_f16(q, k_cache, v_cache, pos + 1, n_head, n_kv_head, head_dim, scores, out)
+        k_row[j] = f32_to_f16(k_rot[j])
+        v_row[j] = f32_to_f16(v[j])
 
 
 @njit(**_OPT)
