@@ -293,14 +293,15 @@ def _or_empty(m):
 
 
 def matmul(x: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-    """x · m (m None: x). A decode step's few rows go through Numba, not BLAS: BLAS threads left
-    spinning after a call would take the cores from the next Numba kernel."""
+    """x · m (m None: x). A decode step's few rows go through one serial Numba product, not BLAS:
+    BLAS threads left spinning after a call would take the cores from the next Numba kernel, and
+    a parallel region costs more than this product."""
     if m is None:
         return x
     if len(x) > 4:
         return x @ m
     out = np.empty((len(x), m.shape[1]), np.float32)
-    cpu.project(np.ascontiguousarray(x, np.float32), m, out)
+    cpu.rebuild(np.ascontiguousarray(x, np.float32), len(x), np.ascontiguousarray(m, np.float32), out)
     return out
 
 

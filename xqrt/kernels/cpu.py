@@ -264,9 +264,15 @@ def rope(vec, n_heads, head_dim, pos, inv_freq):
 @njit(inline="always", **_OPT)
 def rope_at(vec, n_heads, head_dim, cos, sin):
     """rope() with the angles' cosines and sines looked up (rope_table): a decode step rotates
-    every rebuilt key, and two libm calls per pair per key would cost more than the product."""
-    for i in range(cos.shape[0]):
-        _rotate_pairs(vec, n_heads, head_dim, i, cos[i], sin[i])
+    every rebuilt key, and two libm calls per pair per key would cost more than the product.
+    Heads outside, pairs inside: the inner loop then walks memory in order (3× faster)."""
+    for h in range(n_heads):
+        o = h * head_dim
+        for i in range(cos.shape[0]):
+            a = vec[o + 2 * i]
+            b = vec[o + 2 * i + 1]
+            vec[o + 2 * i] = a * cos[i] - b * sin[i]
+            vec[o + 2 * i + 1] = a * sin[i] + b * cos[i]
 
 
 def rope_table(inv_freq: np.ndarray, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
@@ -493,23 +499,31 @@ def _score_rows(q, keys, n, pos0, rope_cos, rope_sin, n_head, n_kv_head, head_di
         rope_at(keys[t], n_kv_head, head_dim, rope_cos[pos0 + t], rope_sin[pos0 + t])
         for h in range(n_head):
             k0 = (h // group) * head_dim
+            key = keys[t, k0:k0 + head_dim]
+            qh = q[h * head_dim:(h + 1) * head_dim]
             acc = np.float32(0.0)
             for d in range(head_dim):
-                acc += q[h * head_dim + d] * keys[t, k0 + d]
+                acc += qh[d] * key[d]
             scores[h, pos0 + t] = acc * scale
 
 
 @njit(inline="always", **_OPT)
 def _add_projected(u, m, k0, out):
-    """out += u · m[:, k0:k0+len(out)] (m empty: u's own slice)."""
+    """out += u · m[:, k0:k0+len(out)] (m empty: u's own slice). The sum runs in a local array:
+    accumulated straight into `out`, which might alias m, each step is a store and a reload (5×
+    slower)."""
     if m.shape[0] == 0:
         for d in range(out.shape[0]):
             out[d] += u[k0 + d]
         return
+    acc = np.zeros(out.shape[0], np.float32)
     for r in range(m.shape[0]):
         a = u[r]
+        row = m[r, k0:k0 + out.shape[0]]
         for d in range(out.shape[0]):
-            out[d] += a * m[r, k0 + d]
+            acc[d] += a * row[d]
+    for d in range(out.shape[0]):
+        out[d] += acc[d]
 
 
 @njit(inline="always", **_OPT)
@@ -594,15 +608,19 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, mk, n_qk,
     for p in prange(n_parts):
         lat = np.empty((group, v_width), np.float32)
         column = np.empty(group, np.float32)
+        weights = np.zeros((n_head, group), np.float32)
+        u = np.empty((n_head, v_width), np.float32)
         for b in range(p, n_blocks, n_parts):
             t0 = b * group
             t1 = min(t0 + group, n_qv)
             _latent_rows(vc, vs, vz, v_bits, group, False, t0, t1, column, lat)
-            for t in range(t1 - t0):
-                for h in range(n_head):
-                    a = scores[h, t0 + t]
-                    for c in range(v_width):
-                        parts[p, h, c] += a * lat[t, c]
+            lat[t1 - t0:] = 0.0  # a last, partial block: rows past t1 hold an earlier block's
+            for h in range(n_head):
+                weights[h, :t1 - t0] = scores[h, t0:t1]
+            rebuild(weights, n_head, lat, u)  # the block's Σₜ aₕₜ·latₜ for every head at once
+            for h in range(n_head):
+                for c in range(v_width):
+                    parts[p, h, c] += u[h, c]
     for h in prange(n_head):
         o = out[h * head_dim:(h + 1) * head_dim]
         k0 = (h // group_h) * head_dim
@@ -618,22 +636,6 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, mk, n_qk,
                 u_tail[c] += a * v_tail[t, c]
         _add_projected(u_tail, mv_tail, k0, o)
         _window_values(scores[h], v_win, k0, w0, n, o)
-
-
-@njit(parallel=True, **_OPT)
-def project(x, m, out):
-    """out = x · m for a few rows: the decode step keeps BLAS (and its spinning threads) out."""
-    n_cols = m.shape[1]
-    for b in prange((n_cols + 63) // 64):
-        c0, c1 = b * 64, min(n_cols, b * 64 + 64)
-        for t in range(x.shape[0]):
-            o = out[t, c0:c1]
-            o[:] = 0.0
-            for r in range(m.shape[0]):
-                a = x[t, r]
-                w = m[r, c0:c1]
-                for c in range(c1 - c0):
-                    o[c] += a * w[c]
 
 
 @njit(parallel=True, **_OPT)
