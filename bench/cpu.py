@@ -18,8 +18,8 @@ transformers runs the same GGUF dequantized to float32, its only way to read it.
 
 Ratios: prompt and generation speeds against llama.cpp with an f16 KV cache when it ran, else
 against xqrt's fp16 KV. Rematerialization: the FLOPs a step spends rebuilding K (and, for
-XQuant-CL, the accumulator) from the cache, divided by the step time it adds over fp16 KV, next
-to the matmul yardstick. The --kv-budget curve: one latent mode at the largest context with fp16
+XQuant-CL, the accumulator) from the cache, divided by the step time it adds over fp16 KV and by
+the step time added from one context to the next, next to the matmul yardstick. The --kv-budget curve: one latent mode at the largest context with fp16
 windows of each fraction of the context (budget = fraction × context × fp16 bytes per token), generation
 speed against cache bytes per token. Writes the tables and plots (tokens/s against context; the
 budget curve) to --out.
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -220,18 +221,30 @@ def report(results: list[dict], yardstick: float, args) -> str:
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     if fp16:
         lines += ["", "Rematerialization: FLOPs per step spent rebuilding from the cache, and the rate they run "
-                  "at, taking the step time the mode adds over xqrt's fp16 KV:", "",
-                  "| engine | " + " | ".join(f"@{c}: GFLOP/step, GFLOP/s (% of matmul)" for c in contexts) + " |",
+                  "at two ways: against the step time the mode adds over xqrt's fp16 KV (\"over fp16\"), and "
+                  "against the step time added since the previous context (\"marginal\": everything that grows "
+                  "with the context, dequantization, scores and values included, counts as rebuild time):", "",
+                  "| engine | " + " | ".join(f"@{c}: GFLOP/step; GFLOP/s over fp16, marginal (% of matmul)"
+                                              for c in contexts) + " |",
                   "|---" * (1 + len(contexts)) + "|"]
+
+        def rate(flops, seconds):
+            if seconds <= 0:
+                return "n/a"
+            gflops = flops / seconds / 1e9
+            return f"{gflops:.1f} ({100 * gflops / yardstick:.0f}%)"
+
         for r in results:
             if not r.get("remat_flops_per_token"):
                 continue
-            cells = []
+            cells, previous = [], None
             for c in contexts:
                 flops = r["remat_flops_per_token"] * c
-                extra = r["step_s"][c] - fp16["step_s"][c]
-                rate = flops / extra / 1e9 if extra > 0 else float("inf")
-                cells.append(f"{flops / 1e9:.2f}, {rate:.1f} ({100 * rate / yardstick:.0f}%)")
+                cell = f"{flops / 1e9:.2f}; {rate(flops, r['step_s'][c] - fp16['step_s'][c])}"
+                if previous is not None:
+                    cell += ", " + rate(r["remat_flops_per_token"] * (c - previous), r["step_s"][c] - r["step_s"][previous])
+                cells.append(cell)
+                previous = c
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -347,7 +360,7 @@ def main():
         figures += f"\n\n![tokens/s against cache bytes per token, --kv-budget]({os.path.basename(budget_png)})"
     print(text)
     with open(args.out, "w", encoding="utf-8") as f:
-        f.write("# CPU performance\n\nWritten by `python bench/cpu.py " + " ".join(sys.argv[1:]) + "` in "
+        f.write("# CPU performance\n\nWritten by `python bench/cpu.py " + shlex.join(sys.argv[1:]) + "` in "
                 f"{time.perf_counter() - t_start:.0f} s.\n\n{text}\n\n{figures}\n")
 
 
