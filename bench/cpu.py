@@ -37,6 +37,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 TEXT = os.path.join(ROOT, "..", "shared", "data", "wikitext-2-raw", "wiki.test.raw")
+BASE_ENV = dict(os.environ)  # before xqrt's import sets its thread-spin defaults: those are for its child only
 KV_TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # per K or V element, llama.cpp's types
 
 
@@ -55,9 +56,8 @@ def peak_rss_mib() -> float:
 
 # ---- one engine per child process ------------------------------------------------------------------
 def run_xqrt(spec: dict) -> dict:
+    from xqrt import Engine  # noqa: I001 first: it sets thread-spin defaults that numpy's BLAS reads when it loads
     import numpy as np
-
-    from xqrt import Engine
     mode, bits = spec["mode"], spec["bits"]
     contexts, n_gen = spec["contexts"], spec["gen_tokens"]
     eng = Engine(spec["model"], ctx=max(max(contexts), 512) + n_gen + 8, cache=mode, bits=bits,
@@ -190,7 +190,7 @@ CHILDREN = {"xqrt": run_xqrt, "llama.cpp": run_llama_cpp, "transformers": run_tr
 
 def child(spec: dict) -> dict:
     threads = str(spec["threads"])
-    env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+    env = dict(BASE_ENV, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                NUMBA_NUM_THREADS=threads)
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
                           text=True)
