@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import gguf  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
-from xqrt.cache import RECIPE_KEYS, CacheOptions, check_recipe, default_group  # noqa: E402
+from xqrt.cache import RECIPE_KEYS, RECIPE_TYPES, CacheOptions, check_recipe, default_group  # noqa: E402
 from xqrt.errors import XQError, cli_exit_code  # noqa: E402
 from xqrt.factors import (FACTOR_NAMES, FORMAT_VERSION, KEY_LAYERS, KEY_RANK, KEY_VERSION,  # noqa: E402
                           compute_factors, dense_kv, factor_shapes, needs_factors)
@@ -446,7 +446,15 @@ def add_xquant_keys(w: gguf.GGUFWriter, cfg: ModelConfig, args, factors: bool):
         w.add_array(KEY_LAYERS, list(range(cfg.n_layer)))
     w.add_string(RECIPE_KEYS["mode"], recipe.pop("mode"))
     for k, v in recipe.items():
-        w.add_uint32(RECIPE_KEYS[k], int(v))
+        kind = RECIPE_TYPES.get(k, int)
+        if kind is bool:
+            w.add_bool(RECIPE_KEYS[k], bool(v))
+        elif kind is float:
+            w.add_float32(RECIPE_KEYS[k], float(v))
+        elif kind is tuple:
+            w.add_array(RECIPE_KEYS[k], [int(b) for b in v])
+        else:
+            w.add_uint32(RECIPE_KEYS[k], int(v))
 
 
 def convert(hf_dir: Path, out: Path | None, outtype: str, xq: bool = True, args=None) -> Path:

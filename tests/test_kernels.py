@@ -196,3 +196,13 @@ def test_k_quant_tensor_is_converted_to_q8_0_at_load(tmp_path):
     cpu.dequantize(m.data, m.qtype, dense)
     ref = dequantize(raw, T.Q4_K).reshape(n_rows, n_cols)
     np.testing.assert_allclose(dense, ref, atol=np.abs(ref).max() / 100)
+
+
+def test_block_hadamard_is_orthonormal_and_spreads_an_outlier():
+    from xqrt.factors import block_hadamard
+    h = block_hadamard(24, 8)
+    np.testing.assert_allclose(h @ h.T, np.eye(24), atol=1e-6)
+    spike = np.zeros(24, np.float32)
+    spike[3] = 8.0
+    np.testing.assert_allclose(np.abs(spike @ h)[:8], np.full(8, 8.0 / np.sqrt(8)), rtol=1e-6)
+    assert np.all((spike @ h)[8:] == 0)

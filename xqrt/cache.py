@@ -13,7 +13,7 @@ import numpy as np
 
 from . import quant
 from .errors import XQError
-from .factors import layer_factors
+from .factors import block_hadamard, layer_factors
 from .gguf_model import Model, ModelConfig
 from .kernels import cpu
 
@@ -85,10 +85,19 @@ class CacheOptions:
     base_layers: int | None = None  # XQuant-CL: layers at ≥ 4 bits, the last seeding Â (None: 3)
     simulated: bool = False  # evaluation only: every K/V read from the quantized cache, no tail
     kv_budget: int = 0  # bytes of fp16 K/V (all layers) for the most recent tokens, read without remat
+    value_bits: int | None = None  # bits of the per-token value latents (GQA XQuant / KIVI); None: bits
+    layer_bits: tuple[int, ...] | None = None  # per layer, instead of bits (value_bits still wins for values)
+    value_group: int | None = None  # group of the per-token value latents (GQA XQuant / KIVI); None: G
+    clip: bool = False  # each group's range of least squared error instead of its min/max
+    rotate: bool = True  # per-token latents (and deltas) through a Hadamard transform per group
+    balance: float = 0.0  # value latents scaled by σ^balance (σ: the SVD's), the rebuild by σ^-balance
+    sinks: int = 4  # the first positions' latents also kept exact (fp16, counted), at most G
 
     def __post_init__(self):
-        if self.bits not in quant.BITS:
-            raise XQError(f"--bits {self.bits} is not supported (choose from 2, 3, 4, 8; 16/32 store floats)")
+        for flag, b in (("--bits", self.bits), ("--value-bits", self.value_bits),
+                        *(("--layer-bits", b) for b in self.layer_bits or ())):
+            if b is not None and b not in quant.BITS:
+                raise XQError(f"{flag} {b} is not supported (choose from 2, 3, 4, 8; 16/32 store floats)")
         if self.kv_budget < 0:
             raise XQError(f"--kv-budget {self.kv_budget} must be 0 or more bytes")
 
@@ -192,10 +201,15 @@ class Stream:
 
     per_channel: groups run along G consecutive positions of each channel (KIVI's keys; a group is
     written once its G positions exist). Otherwise along the vector, one token at a time.
+    sinks: the first positions (attention sinks: few, with outsized activations) are also kept
+    exact, as fp16, and read from there; a per-channel group quantizes without them, so their
+    outliers do not set its channels' ranges.
     """
 
-    def __init__(self, n_ctx: int, width: int, bits: int, group: int, per_channel: bool):
-        self.width, self.bits, self.group, self.per_channel = width, bits, group, per_channel
+    def __init__(self, n_ctx: int, width: int, bits: int, group: int, per_channel: bool, clip: bool = False,
+                 sinks: int = 0):
+        self.width, self.bits, self.group, self.per_channel, self.clip = width, bits, group, per_channel, clip
+        self.sink = np.zeros((sinks if bits <= 8 else 0, width), np.float32)
         quantized = bits <= 8
         if per_channel:
             n_groups = -(-n_ctx // group)
@@ -210,17 +224,22 @@ class Stream:
         """Per-token: quantize rows for positions pos0…. Per-channel: rows are the positions of
         one group starting at pos0 (a multiple of G); fewer than G only in simulated mode."""
         rows = np.ascontiguousarray(rows, np.float32)
+        n_sink = max(min(len(self.sink) - pos0, len(rows)), 0)
+        if n_sink:
+            self.sink[pos0:pos0 + n_sink] = rows[:n_sink].astype(np.float16)
         if self.per_channel:
             g = pos0 // self.group
             block = np.empty((self.group, self.width), np.float32)
+            fill = rows[min(n_sink, len(rows) - 1)]  # leaves the min/max of the other rows as they are
             block[:len(rows)] = rows
-            block[len(rows):] = rows[:1]  # padding that leaves the min/max unchanged
+            block[len(rows):] = fill
+            block[:n_sink] = fill  # the sinks are read from self.sink
             quant.quantize_rows(np.ascontiguousarray(block.T), self.bits, self.group, self.codes[g],
-                                self.scale[g], self.zero[g])
+                                self.scale[g], self.zero[g], self.clip)
         else:
             end = pos0 + len(rows)
             quant.quantize_rows(rows, self.bits, self.group, self.codes[pos0:end, 0], self.scale[pos0:end, 0],
-                                self.zero[pos0:end, 0])
+                                self.zero[pos0:end, 0], self.clip)
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         """Dequantized rows of positions [lo, hi), float32."""
@@ -228,31 +247,35 @@ class Stream:
             out = np.empty((hi - lo, self.width), np.float32)
             quant.dequantize_rows(self.codes[lo:hi, 0], self.scale[lo:hi, 0], self.zero[lo:hi, 0], self.bits,
                                   self.group, out)
-            return out
-        g0, g1 = lo // self.group, -(-hi // self.group)
-        cols = np.empty((g1 - g0, self.width, self.group), np.float32)
-        for g in range(g0, g1):
-            quant.dequantize_rows(self.codes[g], self.scale[g], self.zero[g], self.bits, self.group, cols[g - g0])
-        rows = cols.transpose(0, 2, 1).reshape(-1, self.width)
-        return rows[lo - g0 * self.group:hi - g0 * self.group]
+        else:
+            g0, g1 = lo // self.group, -(-hi // self.group)
+            cols = np.empty((g1 - g0, self.width, self.group), np.float32)
+            for g in range(g0, g1):
+                quant.dequantize_rows(self.codes[g], self.scale[g], self.zero[g], self.bits, self.group,
+                                      cols[g - g0])
+            out = cols.transpose(0, 2, 1).reshape(-1, self.width)[lo - g0 * self.group:hi - g0 * self.group]
+        n_sink = max(min(len(self.sink), hi) - lo, 0)
+        out[:n_sink] = self.sink[lo:lo + n_sink]
+        return out
 
     def nbytes(self, n_positions: int) -> int:
-        """Bytes held for n written positions (per-channel: its complete groups)."""
+        """Bytes held for n written positions (per-channel: its complete groups), sinks as fp16."""
+        sinks = min(len(self.sink), n_positions) * self.width * 2
         if self.per_channel:
             n_groups = n_positions // self.group
-            return n_groups * (self.codes[0].nbytes + self.scale[0].nbytes + self.zero[0].nbytes)
-        return n_positions * (self.codes[0].nbytes + self.scale[0].nbytes + self.zero[0].nbytes)
+            return sinks + n_groups * (self.codes[0].nbytes + self.scale[0].nbytes + self.zero[0].nbytes)
+        return sinks + n_positions * (self.codes[0].nbytes + self.scale[0].nbytes + self.zero[0].nbytes)
 
     def kernel_args(self):
-        return self.codes, self.scale, self.zero, self.bits
+        return self.codes, self.scale, self.zero, self.bits, self.sink
 
 
 @dataclass
 class _Layer:
     """How one layer turns its inputs into latents and latents back into K and V.
 
-    Latents: KIVI's are K (pre-RoPE) and V themselves; XQuant's are x·uk and x·uv (GQA) or x
-    itself for both (MHA, `shared`). K = z_k·mk, V = z_v·mv (None: the identity).
+    Latents: KIVI's are K (pre-RoPE) and V themselves; XQuant's are x·uk and x·uv (GQA) or x·uk
+    for both (MHA, `shared`: uk is None, or a rotation). K = z_k·mk, V = z_v·mv (None: the identity).
     """
     uk: np.ndarray | None
     uv: np.ndarray | None
@@ -271,7 +294,8 @@ class _Layer:
         if self.uk is None and not self.shared:
             return k, v
         if self.shared:
-            return xn, xn
+            z = matmul(xn, self.uk)
+            return z, z
         return matmul(xn, self.uk), matmul(xn, self.uv)
 
     def keys(self, z):
@@ -338,6 +362,15 @@ class LatentCache(Cache):
         self._win_v = np.zeros_like(self._win_k)
         self._k_rot = np.zeros(c.kv_dim, np.float32)
 
+    @property
+    def _value_group(self) -> int:
+        return self.group if self.options.value_group is None else int(self.options.value_group)
+
+    @property
+    def _rotation_block(self) -> int:
+        """The Hadamard order: the largest power of two dividing G (blocks never straddle groups)."""
+        return self.group & -self.group
+
     @classmethod
     def resolve(cls, c: ModelConfig, o: CacheOptions) -> tuple[int, int]:
         """(G, R) for these options on this model; any option that does not fit fails here."""
@@ -351,27 +384,58 @@ class LatentCache(Cache):
                               f"cached width {w} (default: {default_group(c)})")
         if R < 0 or R % G:
             raise XQError(f"--residual {R} must be 0 or a multiple of the group size {G}")
+        flag, Gv = ("--group", G) if o.value_group is None else ("--value-group", int(o.value_group))
+        wv = cls._value_width(c)
+        if wv and (Gv <= 0 or Gv % 8 or wv % Gv):
+            raise XQError(f"{flag} {Gv} does not fit this model: it must be a multiple of 8 dividing the "
+                          f"value width {wv} (default: {default_group(c)})")
+        if o.layer_bits is not None and len(o.layer_bits) != c.n_layer:
+            raise XQError(f"--layer-bits has {len(o.layer_bits)} entries; the model has {c.n_layer} layers")
+        if not 0 <= o.sinks <= G:
+            raise XQError(f"--sinks {o.sinks} must be between 0 and the group size {G}")
         return G, R
 
     @staticmethod
     def _token_widths(c: ModelConfig) -> set[int]:
-        """Widths of the per-token streams (groups run along them, so G must divide them)."""
-        return {c.d_model} if c.n_kv_head == c.n_head else {c.kv_dim}
+        """Widths of the per-token streams grouped by G (groups run along them: G must divide them)."""
+        return {c.d_model} if c.n_kv_head == c.n_head else set()
+
+    @staticmethod
+    def _value_width(c: ModelConfig) -> int | None:
+        """Width of the per-token value stream, grouped by value_group (None: there is none)."""
+        return None if c.n_kv_head == c.n_head else c.kv_dim
 
     def _plan(self, model, log):
         c = self.config
         if c.n_kv_head == c.n_head:
             f = layer_factors(model)
-            return [self._layer(None, None, f[i].wk, f[i].wv, True, self.bits) for i in range(c.n_layer)]
+            return [self._layer(None, None, f[i].wk, f[i].wv, True, self.layer_bits(i)) for i in range(c.n_layer)]
         f = layer_factors(model, log)
-        return [self._layer(L.uk, L.uv, L.mk, L.mv, False, self.bits) for L in f]
+        return [self._layer(L.uk, L.uv, L.mk, L.mv, False, self.layer_bits(i)) for i, L in enumerate(f)]
+
+    def layer_bits(self, i: int) -> int:
+        return self.bits if self.options.layer_bits is None else int(self.options.layer_bits[i])
 
     def _layer(self, uk, uv, mk, mv, shared, bits, with_streams=True) -> _Layer:
+        """A layer's latents; `rotate` turns its per-token stream (X̂, or the value latents) by a
+        block Hadamard H, undone in the rebuild matrices: (x·u·H)·(Hᵀ·m) = x·u·m."""
+        o = self.options
+        if o.rotate and shared:
+            h = block_hadamard(mk.shape[0], self._rotation_block)
+            uk, mk, mv = h, h.T @ mk, h.T @ mv
+        if o.balance and uv is not None:
+            s = np.linalg.norm(mv, axis=1) ** np.float32(o.balance)
+            uv, mv = uv * s[None, :], mv / s[:, None]
+        if o.rotate and uv is not None and not shared:
+            h = block_hadamard(uv.shape[1], self._value_group & -self._value_group)
+            uv, mv = uv @ h, h.T @ mv
         L = _Layer(uk, uv, mk, mv, shared)
         if with_streams:
             wk, wv = self._latent_widths(L)
-            L.key = Stream(self.n_ctx, wk, bits, self.group, per_channel=not shared)
-            L.value = L.key if shared else Stream(self.n_ctx, wv, bits, self.group, per_channel=False)
+            L.key = Stream(self.n_ctx, wk, bits, self.group, per_channel=not shared, clip=o.clip, sinks=o.sinks)
+            value_bits = bits if o.value_bits is None or bits == 32 else o.value_bits
+            L.value = L.key if shared else Stream(self.n_ctx, wv, value_bits, self._value_group, per_channel=False,
+                                                  clip=o.clip, sinks=o.sinks)
         return L
 
     def _latent_widths(self, L: _Layer):
@@ -492,10 +556,10 @@ class LatentCache(Cache):
         bk, bv = min(bk, w0), min(bv, w0)
         key, value, mk, mv = self._kernel_streams(L)
         out = np.empty((1, c.q_dim), np.float32)
-        kc, ks, kz, kb = key.kernel_args()
-        vc, vs, vz, vb = value.kernel_args()
-        cpu.attend_latent(q[0], pos, kc, ks, kz, kb, key.per_channel, key.width, mk, bk,
-                          vc, vs, vz, vb, value.width, mv, bv, self.group,
+        kc, ks, kz, kb, k_sink = key.kernel_args()
+        vc, vs, vz, vb, v_sink = value.kernel_args()
+        cpu.attend_latent(q[0], pos, kc, ks, kz, kb, key.per_channel, key.width, k_sink, mk, bk,
+                          vc, vs, vz, vb, value.width, value.group, v_sink, mv, bv, self.group,
                           np.ascontiguousarray(k_tail), _or_empty(L.mk), np.ascontiguousarray(v_tail), _or_empty(L.mv),
                           self._win_k[layer], self._win_v[layer], self._rope_cos, self._rope_sin, c.n_head,
                           c.n_kv_head, c.head_dim, self._n_threads, self.scores, out[0])
@@ -544,10 +608,14 @@ class KIVI(LatentCache):
 
     @staticmethod
     def _token_widths(c):
-        return {c.kv_dim}
+        return set()
+
+    @staticmethod
+    def _value_width(c):
+        return c.kv_dim
 
     def _plan(self, model, log):
-        return [self._layer(None, None, None, None, False, self.bits) for _ in range(self.config.n_layer)]
+        return [self._layer(None, None, None, None, False, self.layer_bits(i)) for i in range(self.config.n_layer)]
 
 
 class XQuant(LatentCache):
@@ -591,9 +659,13 @@ class XQuantCL(LatentCache):
                 L = self._layer(None, None, F.wk, F.wv, True, base_bits, with_streams=i < n_base - 1)
             if i >= n_base - 1:
                 L.ukv = F.ukv if gqa else None
+                if self.options.rotate:
+                    L.ukv = block_hadamard(c.d_model, self._rotation_block) if L.ukv is None else L.ukv @ block_hadamard(
+                        L.ukv.shape[1], self._rotation_block)
                 width = c.d_model if L.ukv is None else L.ukv.shape[1]
-                bits = base_bits if i == n_base - 1 else self.bits
-                L.delta = Stream(self.n_ctx, width, bits, self.group, per_channel=False)
+                bits = base_bits if i == n_base - 1 else self.layer_bits(i)
+                L.delta = Stream(self.n_ctx, width, bits, self.group, per_channel=False, clip=self.options.clip,
+                                 sinks=self.options.sinks)
                 L.seed = i == n_base - 1
                 L.wk, L.wv = F.wk, F.wv
             layers.append(L)
@@ -612,9 +684,9 @@ class XQuantCL(LatentCache):
         self._accumulate(layer, L, end)
 
     def _accumulate(self, layer, L, end):
-        dc, ds, dz, db = L.delta.kernel_args()
-        ac, _, _, ab = self.acc.kernel_args()
-        cpu.accumulate(ac, ab, dc, ds, dz, db, L.delta.width, self.group, self._ukv_t[layer], end, L.seed)
+        dc, ds, dz, db, d_sink = L.delta.kernel_args()
+        ac, _, _, ab, _ = self.acc.kernel_args()
+        cpu.accumulate(ac, ab, dc, ds, dz, db, L.delta.width, d_sink, self.group, self._ukv_t[layer], end, L.seed)
 
     def attend(self, layer, pos0, xn, q, k, v):
         self._xn = xn
@@ -648,15 +720,27 @@ CACHE_MODES = {"fp16": FP16KV, "kivi": KIVI, "xquant": XQuant, "xquant-cl": XQua
 
 # The cache recipe a converted GGUF carries (convert/hf_to_gguf_xq.py writes it) so that running
 # the file needs no flags; arguments given explicitly override it key by key.
-RECIPE_KEYS = {"mode": "xquant.cache.mode", "bits": "xquant.cache.bits", "group": "xquant.cache.group",
-               "residual": "xquant.cache.residual", "base_layers": "xquant.cache.base_layers"}
+RECIPE_KEYS = {k: f"xquant.cache.{k}" for k in ("mode", "bits", "group", "residual", "base_layers", "value_bits",
+                                                 "value_group", "layer_bits", "sinks", "rotate", "clip", "balance")}
+RECIPE_TYPES = {"mode": str, "rotate": bool, "clip": bool, "balance": float, "layer_bits": tuple}  # the rest: int
 
 
 def file_recipe(metadata: dict) -> dict:
-    """{mode, bits, group, residual, base_layers}: whichever of them the GGUF records."""
+    """The cache settings (RECIPE_KEYS) the GGUF records."""
     recipe = {k: metadata[key] for k, key in RECIPE_KEYS.items() if key in metadata}
     for k, v in recipe.items():
-        ok = v in CACHE_MODES if k == "mode" else isinstance(v, int) and 0 <= v < 1 << 20
+        kind = RECIPE_TYPES.get(k, int)
+        if kind is str:
+            ok = v in CACHE_MODES
+        elif kind is bool:
+            ok = isinstance(v, bool)
+        elif kind is float:
+            ok = isinstance(v, (int, float)) and 0 <= v <= 4
+        elif kind is tuple:
+            v = recipe[k] = tuple(int(b) for b in np.asarray(v).reshape(-1)[:1 << 12])
+            ok = all(b in quant.QUANT_BITS for b in v)
+        else:
+            ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 20
         if not ok:
             raise XQError(f"GGUF metadata {RECIPE_KEYS[k]} = {v!r} is not a valid cache setting")
     return recipe

@@ -63,6 +63,16 @@ def thin_svd(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _c32(u), _c32(s[:, None] * bt)
 
 
+def block_hadamard(width: int, group: int) -> np.ndarray:
+    """width × width orthonormal: a Sylvester Hadamard matrix of order `group` (a power of two) on
+    each group of `group` channels. Turning a latent by it spreads an outlier channel over its
+    group, so the group's min/max range stops being set by that one value."""
+    h = np.ones((1, 1))
+    while len(h) < group:
+        h = np.block([[h, h], [h, -h]])
+    return _c32(np.kron(np.eye(width // group), h / np.sqrt(group)))
+
+
 def _c32(a: np.ndarray) -> np.ndarray:
     """float32, row-major: the kernels' inner loops run along rows and vectorize only there."""
     return np.ascontiguousarray(a, dtype=np.float32)

@@ -77,35 +77,49 @@ def window_scores(logits: np.ndarray, ids) -> tuple[np.ndarray, np.ndarray]:
     return lp[np.arange(len(ids) - 1), np.asarray(ids[1:])], lp
 
 
+class Scores:
+    """Per-window statistics of one cache against a reference, accumulated window by window (a
+    window's logits are vocab × ctx floats: they are not kept)."""
+
+    def __init__(self):
+        self.nll, self.ref_nll, self.kld, self.same, self.sizes, self.working = [], [], [], [], [], []
+
+    def add(self, ids, logits, ref, bytes_per_token: float, working_bytes_per_token: float = 0.0):
+        tok_lp, lp = window_scores(logits, ids)
+        ref_tok_lp, ref_lp = window_scores(ref, ids)
+        self.nll.append(-tok_lp)
+        self.ref_nll.append(-ref_tok_lp)
+        self.kld.append((np.exp(ref_lp) * (ref_lp - lp)).sum(axis=-1))
+        self.same.append(ref_lp.argmax(-1) == lp.argmax(-1))
+        self.sizes.append(bytes_per_token)
+        self.working.append(working_bytes_per_token)
+
+    def result(self, mode: str, description: str, eval_mode: str, fp16_bytes_per_token: float) -> Result:
+        nll, kld, same = np.concatenate(self.nll), np.concatenate(self.kld), np.concatenate(self.same)
+        ppl, ref_ppl = math.exp(nll.mean()), math.exp(np.concatenate(self.ref_nll).mean())
+        se = lambda a: float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0  # noqa: E731
+        return Result(mode=mode, description=description, eval_mode=eval_mode, n_windows=len(self.nll),
+                      n_ctx=len(self.nll[0]) + 1, scored=len(nll), ppl=ppl, ppl_se=ppl * se(nll), ref_ppl=ref_ppl,
+                      kld=float(kld.mean()), kld_se=se(kld), top1=float(same.mean()),
+                      bytes_per_token=float(np.mean(self.sizes)), working_bytes_per_token=float(np.mean(self.working)),
+                      fp16_bytes_per_token=fp16_bytes_per_token)
+
+
 def evaluate(engine, wins, mode: str, eval_mode: str = "decode", reference=None, progress=True, **options) -> Result:
     """Score `wins` with `mode`; `reference` (a list of fp16-KV logits per window) is computed
     when not given and can be shared across calls."""
     from tqdm import tqdm
     if eval_mode not in ("decode", "simulated"):
         raise XQError(f"unknown evaluation mode {eval_mode!r} (decode or simulated)")
-    nll, ref_nll, kld, same, sizes, working = [], [], [], [], [], []
-    cache = None
+    scores, cache = Scores(), None
     for w, ids in enumerate(tqdm(wins, desc=f"{mode} ({eval_mode})", disable=not progress, unit="window",
                                  file=sys.stderr)):
         ref = reference[w] if reference is not None else engine.logits(ids, "fp16")
         cache = engine.new_cache(mode, simulated=eval_mode == "simulated", **options)
         logits = ref if mode == "fp16" else engine.forward(ids, cache, all_logits=True)
         cache.n_tokens = len(ids)  # the fp16 reference ran on a cache of its own
-        tok_lp, lp = window_scores(logits, ids)
-        ref_tok_lp, ref_lp = window_scores(ref, ids)
-        nll.append(-tok_lp)
-        ref_nll.append(-ref_tok_lp)
-        kld.append((np.exp(ref_lp) * (ref_lp - lp)).sum(axis=-1))
-        same.append(ref_lp.argmax(-1) == lp.argmax(-1))
-        sizes.append(cache.bytes_per_token())
-        working.append(cache.working_nbytes() / cache.n_tokens)
-    nll, kld, same = np.concatenate(nll), np.concatenate(kld), np.concatenate(same)
-    ppl, ref_ppl = math.exp(nll.mean()), math.exp(np.concatenate(ref_nll).mean())
-    se = lambda a: float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0  # noqa: E731
-    return Result(mode=mode, description=cache.describe(), eval_mode=eval_mode, n_windows=len(wins),
-                  n_ctx=len(wins[0]), scored=len(nll), ppl=ppl, ppl_se=ppl * se(nll), ref_ppl=ref_ppl,
-                  kld=float(kld.mean()), kld_se=se(kld), top1=float(same.mean()),
-                  bytes_per_token=float(np.mean(sizes)), working_bytes_per_token=float(np.mean(working)), fp16_bytes_per_token=engine.fp16_bytes_per_token())
+        scores.add(ids, logits, ref, cache.bytes_per_token(), cache.working_nbytes() / cache.n_tokens)
+    return scores.result(mode, cache.describe(), eval_mode, engine.fp16_bytes_per_token())
 
 
 def reference_logits(engine, wins, progress=True) -> list[np.ndarray]:

@@ -8,7 +8,8 @@ q = round((x − m)/s) in b bits:
     word), b = 4: two per byte (low nibble first), b = 8: one per byte.
 
 m is rounded down and s up when they are narrowed to fp16, so every value lies inside the grid
-and x̂ = q·s + m is within half a step of x. b = 16 and b = 32 store the values themselves as
+and x̂ = q·s + m is within half a step of x. With clipping on, each group's range is the one of
+least squared error instead (values past it are clamped to its ends); the format is the same. b = 16 and b = 32 store the values themselves as
 IEEE half / single floats with no scales: "quantization off", and the XQuant-CL accumulator.
 """
 from __future__ import annotations
@@ -50,9 +51,37 @@ def _f16_up(v):
     return _f16_down(-v) ^ np.uint16(0x8000)
 
 
+_CLIP_STEPS = 6  # each end of a group's range may move in by 0, 1/20, …, 5/20 of it
+
+
+@njit(inline="always", **_OPT)
+def _mse_range(x, lo, hi, top):
+    """The [lo', hi'] inside [lo, hi] (ends moved in by multiples of 1/20 of the range) whose grid
+    gives the least squared error over x, values beyond it clamped: a few outliers otherwise
+    spend most of a 2-bit group's levels on themselves."""
+    best, best_lo, best_hi = np.inf, lo, hi
+    span = hi - lo
+    for a in range(_CLIP_STEPS):
+        for b in range(_CLIP_STEPS):
+            c_lo = lo + np.float32(a / 20.0) * span
+            c_hi = hi - np.float32(b / 20.0) * span
+            s = (c_hi - c_lo) / np.float32(top)
+            if s <= 0:
+                continue
+            err = 0.0
+            for v in x:
+                q = min(max(np.floor((v - c_lo) / s + np.float32(0.5)), np.float32(0.0)), np.float32(top))
+                d = q * s + c_lo - v
+                err += d * d
+            if err < best:
+                best, best_lo, best_hi = err, c_lo, c_hi
+    return best_lo, best_hi
+
+
 @njit(**_OPT)
-def quantize_row(x, bits, group, codes, scale, zero):
-    """x (W,) float32 → codes (W·bits/8,) uint8 and, for bits ≤ 8, scale/zero (W/G,) fp16 bits."""
+def quantize_row(x, bits, group, codes, scale, zero, clip=False):
+    """x (W,) float32 → codes (W·bits/8,) uint8 and, for bits ≤ 8, scale/zero (W/G,) fp16 bits.
+    clip: each group's range from `_mse_range` instead of its min/max."""
     n = x.shape[0]
     if bits == 16:
         for j in range(n):
@@ -73,6 +102,8 @@ def quantize_row(x, bits, group, codes, scale, zero):
         for j in range(g * group, (g + 1) * group):
             lo = min(lo, x[j])
             hi = max(hi, x[j])
+        if clip:
+            lo, hi = _mse_range(x[g * group:(g + 1) * group], lo, hi, top)
         zb = _f16_down(lo)
         m = f16_to_f32(zb)
         sb = _f16_up((hi - m) / np.float32(top))
@@ -135,9 +166,9 @@ def _unpack(codes, scale, zero, bits, group, out):
 
 
 @njit(parallel=True, **_OPT)
-def quantize_rows(x, bits, group, codes, scale, zero):
+def quantize_rows(x, bits, group, codes, scale, zero, clip=False):
     for r in prange(x.shape[0]):
-        quantize_row(x[r], bits, group, codes[r], scale[r], zero[r])
+        quantize_row(x[r], bits, group, codes[r], scale[r], zero[r], clip)
 
 
 @njit(parallel=True, **_OPT)

@@ -24,6 +24,13 @@ def byte_size(text: str) -> int:
     return int(value * units[unit])
 
 
+def bit_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of bit widths") from None
+
+
 def add_compute_args(ap: argparse.ArgumentParser):
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--act-bits", type=int, default=8, choices=(8, 16),
@@ -44,6 +51,19 @@ def add_cache_args(ap: argparse.ArgumentParser, defaults: str = "the GGUF's reci
                    help="recent tokens kept exact, 0 or a multiple of G [G]")
     g.add_argument("--base-layers", type=int, default=None, metavar="N",
                    help="xquant-cl: first layers stored at >= 4 bits, the last seeding the accumulator [3]")
+    g.add_argument("--value-bits", type=int, default=None, metavar="B",
+                   help="bits of the value latents (GQA xquant / kivi) when they differ from --bits [--bits]")
+    g.add_argument("--layer-bits", type=bit_list, default=None, metavar="B,B,...",
+                   help="bits per layer, one entry per layer, instead of --bits [--bits everywhere]")
+    g.add_argument("--sinks", type=int, default=None, metavar="N",
+                   help="the first N positions' latents also kept exact, at most G (attention sinks) [4]")
+    g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                   help="turn the per-token latents by a Hadamard transform per group, folded into the "
+                        "factors: outlier channels stop setting the groups' ranges [on]")
+    g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="each group's range of least squared error instead of its min/max [off]")
+    g.add_argument("--balance", type=float, default=None, metavar="A",
+                   help="scale the value latents by sigma^A of their SVD (0: as the paper) [0]")
     g.add_argument("--kv-budget", type=byte_size, default=0, metavar="BYTES",
                    help="kivi/xquant/xquant-cl: also keep the most recent tokens' K/V in fp16 within BYTES "
                         "(e.g. 64M; all layers), read without rematerialization: between fastest (all fp16) "
@@ -89,7 +109,9 @@ def engine_from_args(args, ctx):
     from .default_model import default_model_path
     from .engine import Engine
     return Engine(args.model or default_model_path(), ctx=ctx, cache=args.cache, bits=args.bits, group=args.group,
-                  residual=args.residual, base_layers=args.base_layers, kv_budget=args.kv_budget, threads=args.threads,
+                  residual=args.residual, base_layers=args.base_layers, value_bits=args.value_bits,
+                  layer_bits=args.layer_bits, sinks=args.sinks,
+                  rotate=args.rotate, clip=args.clip, balance=args.balance, kv_budget=args.kv_budget, threads=args.threads,
                   act_bits=args.act_bits, verbose=True)
 
 

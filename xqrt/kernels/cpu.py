@@ -426,8 +426,10 @@ def to_f16(x, out):
 
 
 @njit(inline="always", **_OPT)
-def _latent_rows(codes, scale, zero, bits, group, per_channel, t0, t1, column, lat):
-    """Latents of positions [t0, t1) (inside one group of G) → lat[:t1 - t0]."""
+def _latent_rows(codes, scale, zero, bits, group, per_channel, sink, t0, t1, column, lat):
+    """Latents of positions [t0, t1) (per-channel: inside one group of G positions; per-token:
+    any, G being the group along the vector) → lat[:t1 - t0]; the first len(sink) positions are
+    read exact from `sink`."""
     if per_channel:
         b = t0 // group
         for c in range(lat.shape[1]):
@@ -437,6 +439,8 @@ def _latent_rows(codes, scale, zero, bits, group, per_channel, t0, t1, column, l
     else:
         for t in range(t0, t1):
             dequantize_latent(codes[t, 0], scale[t, 0], zero[t, 0], bits, group, lat[t - t0])
+    for t in range(t0, min(t1, sink.shape[0])):
+        lat[t - t0] = sink[t]
 
 
 @njit(**_OPT)
@@ -557,8 +561,8 @@ def _window_values(p, v_win, k0, w0, n, out):
 
 
 @njit(parallel=True, **_OPT)
-def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, mk, n_qk,
-                  vc, vs, vz, v_bits, v_width, mv, n_qv, group, k_tail, mk_tail, v_tail, mv_tail,
+def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, k_sink, mk, n_qk,
+                  vc, vs, vz, v_bits, v_width, v_group, v_sink, mv, n_qv, group, k_tail, mk_tail, v_tail, mv_tail,
                   k_win, v_win, rope_cos, rope_sin, n_head, n_kv_head, head_dim, n_threads, scores, out):
     """Single-query attention over a latent cache, for the token at `pos` (rope_table gives the
     rotations).
@@ -566,7 +570,8 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, mk, n_qk,
     The last positions up to W = len(k_win) come from an fp16 window of post-RoPE K and V (a ring:
     position t in row t mod W); the older ones, [0, w0), are rematerialized. Keys of [0, n_qk) are
     rebuilt block by block from the packed key latents (dequantize → ·mk → RoPE → score); those of
-    [n_qk, w0) from the exact tail latents k_tail (·mk_tail). Values use the absorbed form:
+    [n_qk, w0) from the exact tail latents k_tail (·mk_tail). The first len(k_sink) / len(v_sink)
+    positions (attention sinks) are read from those exact latents instead of the packed ones. Values use the absorbed form:
     Σⱼ aⱼ·v̂ⱼ is summed in latent space and projected once through mv (and the tail's through
     mv_tail). No K/V history exists beyond one block.
     """
@@ -581,7 +586,7 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, mk, n_qk,
         lat = np.empty((group, k_width), np.float32)
         keys = np.empty((group, kv_dim), np.float32)
         column = np.empty(group, np.float32)
-        _latent_rows(kc, ks, kz, k_bits, group, k_per_channel, t0, t1, column, lat)
+        _latent_rows(kc, ks, kz, k_bits, group, k_per_channel, k_sink, t0, t1, column, lat)
         rebuild(lat, t1 - t0, mk, keys)
         _score_rows(q, keys, t1 - t0, t0, rope_cos, rope_sin, n_head, n_kv_head, head_dim, scale, scores)
     keys = np.empty((w0 - n_qk, kv_dim), np.float32)
@@ -613,7 +618,7 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, mk, n_qk,
         for b in range(p, n_blocks, n_parts):
             t0 = b * group
             t1 = min(t0 + group, n_qv)
-            _latent_rows(vc, vs, vz, v_bits, group, False, t0, t1, column, lat)
+            _latent_rows(vc, vs, vz, v_bits, v_group, False, v_sink, t0, t1, column, lat)
             lat[t1 - t0:] = 0.0  # a last, partial block: rows past t1 hold an earlier block's
             for h in range(n_head):
                 weights[h, :t1 - t0] = scores[h, t0:t1]
@@ -639,9 +644,10 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, mk, n_qk,
 
 
 @njit(parallel=True, **_OPT)
-def accumulate(acc, acc_bits, dc, ds, dz, d_bits, d_width, group, ukv_t, n, reset):
-    """XQuant-CL: accumulator rows [0, n) += Δ̂ rows · ukv_t (ukv_t empty: the identity);
-    `reset` starts from zero (the seed layer). The accumulator is itself a per-token stream."""
+def accumulate(acc, acc_bits, dc, ds, dz, d_bits, d_width, d_sink, group, ukv_t, n, reset):
+    """XQuant-CL: accumulator rows [0, n) += Δ̂ rows · ukv_t (ukv_t empty: the identity; the
+    first len(d_sink) rows of Δ exact from d_sink); `reset` starts from zero (the seed layer).
+    The accumulator is itself a per-token stream."""
     width = acc.shape[2] * 8 // acc_bits
     for b in prange((n + group - 1) // group):
         a = np.empty(width, np.float32)
@@ -652,6 +658,8 @@ def accumulate(acc, acc_bits, dc, ds, dz, d_bits, d_width, group, ukv_t, n, rese
             else:
                 dequantize_latent(acc[t, 0], ds[t, 0, :0], ds[t, 0, :0], acc_bits, group, a)
             dequantize_latent(dc[t, 0], ds[t, 0], dz[t, 0], d_bits, group, delta)
+            if t < d_sink.shape[0]:
+                delta[:] = d_sink[t]
             if ukv_t.shape[0] == 0:
                 for c in range(width):
                     a[c] += delta[c]

@@ -1,0 +1,96 @@
+"""Per-layer bit allocation: which layers can hold fewer bits, measured on a calibration text.
+
+Each layer's sensitivity is the KL divergence from the fp16-KV logits that appears when that layer
+alone drops from `high` to `low` bits, everything else at `high`. Layers are then demoted in order
+of least divergence until the cache fits the budget. The windows are scored as in
+`decode` evaluation, so the allocation sees the quantized groups and exact tail generation sees.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from .errors import XQError
+from .perplexity import log_softmax
+
+
+def mean_kld(engine, wins, ref_logp, mode: str, **options) -> float:
+    total = 0.0
+    for ids, ref in zip(wins, ref_logp):
+        logp = log_softmax(engine.forward(ids, engine.new_cache(mode, **options), all_logits=True)[:-1]
+                           .astype(np.float64))
+        total += float((np.exp(ref) * (ref - logp)).sum(-1).mean())
+    return total / len(wins)
+
+
+def allocate_bits(engine, wins, mode: str, budget: float, high: int = 3, low: int = 2, progress=True,
+                  **options) -> tuple[tuple[int, ...], list[float]]:
+    """(bits per layer, sensitivity per layer) for a cache of at most `budget` bytes per token
+    (measured on the calibration windows, everything the cache holds counted)."""
+    c = engine.config
+    ref_logp = [log_softmax(engine.logits(ids, "fp16")[:-1].astype(np.float64)) for ids in wins]
+
+    def size(layer_bits):  # what the cache holds after a window (nothing needs to run for that)
+        cache = engine.new_cache(mode, layer_bits=layer_bits, **options)
+        cache.n_tokens = len(wins[0])
+        return cache.bytes_per_token()
+
+    bits = [high] * c.n_layer
+    if size(tuple([low] * c.n_layer)) > budget:
+        raise XQError(f"{budget:.0f} B/token is below what {low} bits in every layer take")
+    base = mean_kld(engine, wins, ref_logp, mode, layer_bits=tuple(bits), **options)
+    sensitivity = []
+    for i in range(c.n_layer):
+        trial = list(bits)
+        trial[i] = low
+        sensitivity.append(mean_kld(engine, wins, ref_logp, mode, layer_bits=tuple(trial), **options) - base)
+        if progress:
+            print(f"  layer {i}: KLD +{sensitivity[-1]:.5f} at {low} bits", file=sys.stderr, flush=True)
+    for i in np.argsort(sensitivity, kind="stable"):
+        if size(tuple(bits)) <= budget:
+            break
+        bits[i] = low
+    return tuple(bits), sensitivity
+
+
+def build_parser():
+    import argparse
+
+    from .run import add_cache_args, add_compute_args
+    ap = argparse.ArgumentParser(prog="python -m xqrt.calibrate", description=__doc__.split("\n")[0])
+    ap.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
+    ap.add_argument("-f", "--file", required=True, help="calibration text (keep it apart from evaluation text)")
+    ap.add_argument("--from-end", action="store_true", help="take the windows from the end of the file")
+    ap.add_argument("-c", "--ctx", type=int, default=1024, help="window length in tokens")
+    ap.add_argument("--windows", type=int, default=2, help="calibration windows")
+    ap.add_argument("--ratio", type=float, required=True, help="the cache must be this many times smaller than fp16 KV")
+    ap.add_argument("--high", type=int, default=3, help="bits of the layers that keep more")
+    ap.add_argument("--low", type=int, default=2, help="bits of the demoted layers")
+    add_compute_args(ap)
+    add_cache_args(ap)
+    return ap
+
+
+def main(argv=None) -> int:
+    from .errors import cli_exit_code
+    args = build_parser().parse_args(argv)
+
+    def run() -> int:
+        from .perplexity import windows
+        from .run import engine_from_args
+        engine = engine_from_args(args, args.ctx)
+        mode = engine.cache_mode if engine.cache_mode != "fp16" else "xquant"
+        tokens = engine.tokenizer.encode(open(args.file, encoding="utf-8").read())
+        wins = windows(tokens, args.ctx, None)
+        wins = wins[-args.windows:] if args.from_end else wins[:args.windows]
+        options = {k: v for k, v in vars(engine.cache_options).items() if k not in ("bits", "layer_bits")}
+        bits, _ = allocate_bits(engine, wins, mode, engine.fp16_bytes_per_token() / args.ratio, args.high,
+                                args.low, **options)
+        print(f"--layer-bits {','.join(map(str, bits))}")
+        return 0
+    return cli_exit_code(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
