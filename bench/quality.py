@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 
@@ -152,7 +153,7 @@ def recipes_report(rows, ablation, allocations, llama, args, n_wins, n_ablation,
     head = "| cache | B/token | × smaller than fp16 | ppl | Δppl % | KLD | same top-1 % |\n|---|---|---|---|---|---|---|"
     out = [f"""# Cache recipes beyond the paper: SmolLM2-135M-Instruct (Q4_1), WikiText-2 test
 
-Written by `python bench/quality.py --sections recipes --windows {n_wins} --ctx {args.ctx}` ({seconds:.0f} s).
+Written by `python {shlex.join(["bench/quality.py", *sys.argv[1:]])}` ({seconds:.0f} s).
 `decode` evaluation on the first {n_wins} non-overlapping windows of {args.ctx} tokens ({n_wins * (args.ctx - 1)}
 scored tokens). Per-layer bits are calibrated on the file's last {n_calib} windows, which no evaluated window
 overlaps. B/token counts everything the cache holds after a full window (sinks and scales included).
