@@ -52,7 +52,7 @@ OUTTYPES = {"f32": (T.F32, gguf.LlamaFileType.ALL_F32), "f16": (T.F16, gguf.Llam
             "bf16": (T.BF16, gguf.LlamaFileType.MOSTLY_BF16), "q8_0": (T.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
             "q4_0": (T.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0), "q4_1": (T.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1)}
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-DEFAULT_RECIPE = {"mode": "xquant", "bits": 4}  # group: default_group of the model
+DEFAULT_RECIPE = {"mode": "xquant", "bits": 3, "rotate": True, "sinks": 4}  # group: default_group of the model
 # transformers module → llama.cpp tensor role, per layer
 LAYER_ROLES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
@@ -550,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-xq", action="store_true", help="a plain GGUF: no XQuant factors, no cache recipe")
     ap.add_argument("--add-xq", type=Path, metavar="IN.gguf",
                     help="add XQuant factors and a cache recipe to an existing GGUF (weights copied as they are)")
-    add_cache_args(ap, defaults=f"{DEFAULT_RECIPE['mode']}, {DEFAULT_RECIPE['bits']} bits, and otherwise ")
+    add_cache_args(ap, defaults=f"{DEFAULT_RECIPE['mode']}, {DEFAULT_RECIPE['bits']} bits, rotation, "
+                                f"{DEFAULT_RECIPE['sinks']} sinks, and otherwise ")
     return ap
 
 

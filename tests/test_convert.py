@@ -59,7 +59,8 @@ def test_tiny_checkpoints_convert_and_match_transformers(converted):
     assert rel(eng.logits(ids, "xquant", bits=32), ref) < 1e-4  # float32 K/V: the weights alone
     md = eng.model.metadata
     gqa = model.config.num_key_value_heads < model.config.num_attention_heads
-    assert md["xquant.version"] == 1 and md["xquant.cache.mode"] == "xquant" and md["xquant.cache.bits"] == 4
+    assert md["xquant.version"] == 1 and md["xquant.cache.mode"] == "xquant" and md["xquant.cache.bits"] == 3
+    assert md["xquant.cache.rotate"] is True and md["xquant.cache.sinks"] == 4
     assert ("blk.0.xq_uk" in eng.model.extra_tensors) == gqa
     assert list(md.get("xquant.layers", [])) == (list(range(model.config.num_hidden_layers)) if gqa else [])
 
@@ -85,8 +86,14 @@ def test_recipe_makes_flags_unnecessary(tmp_path, capsys):
     kivi = convert(hf_dir, tmp_path / "kivi.gguf", "--cache", "kivi", "--bits", "3", "--group", "32")
     assert not [k for k in read_gguf(plain)[1] if k.startswith("xquant.")]
     assert Engine(plain, ctx=64).cache.describe().startswith("fp16")
-    assert Engine(kivi, ctx=64).cache.describe() == "kivi 3-bit, group 32, residual 32"
-    assert Engine(kivi, ctx=64, bits=2).cache.describe() == "kivi 2-bit, group 32, residual 32"  # flags win
+    assert Engine(kivi, ctx=64).cache.describe() == "kivi 3-bit, group 32, residual 32, 4 sinks"
+    assert Engine(kivi, ctx=64, bits=2).cache.describe() == "kivi 2-bit, group 32, residual 32, 4 sinks"  # flags win
+    layered = convert(hf_dir, tmp_path / "layered.gguf", "--bits", "3", "--layer-bits", "3,2", "--value-group", "8",
+                      "--no-rotate", "--clip", "--balance", "0.5")
+    eng = Engine(layered, ctx=64)
+    assert eng.cache_options.layer_bits == (3, 2) and eng.cache_options.value_group == 8
+    assert eng.cache.describe() == ("xquant 3/2-bit per layer, group 64, value group 8, residual 64, 4 sinks, "
+                                    "clipped, value balance 0.5")
     assert run_main([kivi, "-p", "the", "-n", "3", "--temp", "0"]) == 0
     assert "cache kivi 3-bit" in capsys.readouterr().err
 

@@ -348,6 +348,7 @@ class LatentCache(Cache):
         self.bits = o.bits
         self.group, self.residual = G, R = self.resolve(c, o)  # before any SVD is computed
         self.simulated = o.simulated
+        self.rotated = False  # set by _layer where a rotation applies (not KIVI: no factors to fold it into)
         self.layers = self._plan(model, log)
         self._ring_size = max(R, G)
         # The exact tail is fp16, as KIVI keeps it; float32 only when quantization is off.
@@ -420,6 +421,7 @@ class LatentCache(Cache):
         """A layer's latents; `rotate` turns its per-token stream (X̂, or the value latents) by a
         block Hadamard H, undone in the rebuild matrices: (x·u·H)·(Hᵀ·m) = x·u·m."""
         o = self.options
+        self.rotated = self.rotated or (o.rotate and (shared or uv is not None))
         if o.rotate and shared:
             h = block_hadamard(mk.shape[0], self._rotation_block)
             uk, mk, mv = h, h.T @ mk, h.T @ mv
@@ -597,9 +599,19 @@ class LatentCache(Cache):
         return total
 
     def describe(self):
-        tail = "no tail (simulated)" if self.simulated else f"residual {self.residual}"
-        window = f", fp16 window {self.window}" if self.window else ""
-        return f"{self.mode} {self.bits}-bit, group {self.group}, {tail}{window}"
+        o = self.options
+        bits = f"{self.bits}-bit" if o.layer_bits is None else \
+            f"{'/'.join(map(str, sorted(set(o.layer_bits), reverse=True)))}-bit per layer"
+        parts = [f"{self.mode} {bits}", f"group {self.group}"]
+        if o.value_bits is not None and o.value_bits != self.bits:
+            parts.append(f"values {o.value_bits}-bit")
+        if self._value_group != self.group and self._value_width(self.config):
+            parts.append(f"value group {self._value_group}")
+        parts.append("no tail (simulated)" if self.simulated else f"residual {self.residual}")
+        parts += [f"{o.sinks} sinks"] * bool(o.sinks and self.bits <= 8) + ["rotated"] * self.rotated
+        parts += ["clipped"] * o.clip + [f"value balance {o.balance:g}"] * bool(o.balance)
+        parts += [f"fp16 window {self.window}"] * bool(self.window)
+        return ", ".join(parts)
 
 
 class KIVI(LatentCache):

@@ -59,12 +59,13 @@ def kernels_compiled() -> bool:
 class Engine:
     def __init__(self, model: str | Model, ctx: int | None = None, cache: str | None = None, bits: int | None = None,
                  group: int | None = None, residual: int | None = None, base_layers: int | None = None,
-                 value_bits: int | None = None, layer_bits: tuple[int, ...] | None = None, sinks: int | None = None, rotate: bool | None = None,
+                 value_bits: int | None = None, value_group: int | None = None,
+                 layer_bits: tuple[int, ...] | None = None, sinks: int | None = None, rotate: bool | None = None,
                  clip: bool | None = None, balance: float | None = None, kv_budget: int = 0,
                  threads: int | None = None, batch: int = 512, act_bits: int = 8, verbose: bool = False):
         """Cache settings left as None come from the GGUF's recipe when it has one (converted files
         do), else: fp16 KV; bits 4, and the rest as `CacheOptions` chooses (its fields say what
-        value_bits, layer_bits, sinks, rotate, clip and balance do).
+        value_bits, value_group, layer_bits, sinks, rotate, clip and balance do).
         kv_budget: bytes of fp16 K/V for the most recent tokens, which a latent cache then reads
         without rematerializing (0: none; fp16 KV's own bytes per token × n: the last n tokens).
 
@@ -81,7 +82,9 @@ class Engine:
         if self.n_ctx <= 0:
             raise XQError(f"invalid context size {self.n_ctx}")
         given = dict(mode=cache, bits=bits, group=group, residual=residual, base_layers=base_layers,
-                     value_bits=value_bits, layer_bits=None if layer_bits is None else tuple(layer_bits), sinks=sinks, rotate=rotate, clip=clip, balance=balance)
+                     value_bits=value_bits, value_group=value_group,
+                     layer_bits=None if layer_bits is None else tuple(layer_bits), sinks=sinks, rotate=rotate,
+                     clip=clip, balance=balance)
         recipe = file_recipe(self.model.metadata)
         chosen = {k: recipe.get(k) if v is None else v for k, v in given.items()}
         self.cache_mode = chosen.pop("mode") or "fp16"

@@ -53,6 +53,8 @@ def add_cache_args(ap: argparse.ArgumentParser, defaults: str = "the GGUF's reci
                    help="xquant-cl: first layers stored at >= 4 bits, the last seeding the accumulator [3]")
     g.add_argument("--value-bits", type=int, default=None, metavar="B",
                    help="bits of the value latents (GQA xquant / kivi) when they differ from --bits [--bits]")
+    g.add_argument("--value-group", type=int, default=None, metavar="G",
+                   help="group of the value latents (GQA xquant / kivi), along each token's vector [--group]")
     g.add_argument("--layer-bits", type=bit_list, default=None, metavar="B,B,...",
                    help="bits per layer, one entry per layer, instead of --bits [--bits everywhere]")
     g.add_argument("--sinks", type=int, default=None, metavar="N",
@@ -110,7 +112,7 @@ def engine_from_args(args, ctx):
     from .engine import Engine
     return Engine(args.model or default_model_path(), ctx=ctx, cache=args.cache, bits=args.bits, group=args.group,
                   residual=args.residual, base_layers=args.base_layers, value_bits=args.value_bits,
-                  layer_bits=args.layer_bits, sinks=args.sinks,
+                  value_group=args.value_group, layer_bits=args.layer_bits, sinks=args.sinks,
                   rotate=args.rotate, clip=args.clip, balance=args.balance, kv_budget=args.kv_budget, threads=args.threads,
                   act_bits=args.act_bits, verbose=True)
 
