@@ -81,7 +81,8 @@ def main(argv=None) -> int:
         from .run import engine_from_args
         engine = engine_from_args(args, args.ctx)
         mode = engine.cache_mode if engine.cache_mode != "fp16" else "xquant"
-        tokens = engine.tokenizer.encode(open(args.file, encoding="utf-8").read())
+        with open(args.file, encoding="utf-8") as f:
+            tokens = engine.tokenizer.encode(f.read())
         wins = windows(tokens, args.ctx, None)
         wins = wins[-args.windows:] if args.from_end else wins[:args.windows]
         options = {k: v for k, v in vars(engine.cache_options).items() if k not in ("bits", "layer_bits")}
