@@ -307,3 +307,15 @@ def test_kv_budget_flag_sizes():
     assert (parse("65536"), parse("512K"), parse("64M"), parse("1.5GiB")) == (65536, 512 << 10, 64 << 20, 3 << 29)
     with pytest.raises(SystemExit):
         parse("lots")
+
+
+def test_file_recipe_reads_every_key_and_rejects_bad_values():
+    from xqrt.cache import file_recipe
+    good = {"xquant.cache.mode": "xquant", "xquant.cache.bits": 3, "xquant.cache.layer_bits": np.array([3, 2], np.int32),
+            "xquant.cache.rotate": False, "xquant.cache.sinks": 4, "xquant.cache.balance": 0.5}
+    assert file_recipe(good) == {"mode": "xquant", "bits": 3, "layer_bits": (3, 2), "rotate": False, "sinks": 4,
+                                 "balance": 0.5}
+    for key, bad in [("mode", "bogus"), ("bits", -1), ("bits", True), ("layer_bits", np.array(["3"])),
+                     ("layer_bits", np.array([5])), ("rotate", 1), ("balance", 1e9), ("sinks", 1 << 30)]:
+        with pytest.raises(XQError, match=f"xquant.cache.{key}"):
+            file_recipe({f"xquant.cache.{key}": bad})

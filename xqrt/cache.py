@@ -426,7 +426,7 @@ class LatentCache(Cache):
             h = block_hadamard(mk.shape[0], self._rotation_block)
             uk, mk, mv = h, h.T @ mk, h.T @ mv
         if o.balance and uv is not None:
-            s = np.linalg.norm(mv, axis=1) ** np.float32(o.balance)
+            s = np.maximum(np.linalg.norm(mv, axis=1), np.float32(1e-30)) ** np.float32(o.balance)
             uv, mv = uv * s[None, :], mv / s[:, None]
         if o.rotate and uv is not None and not shared:
             h = block_hadamard(uv.shape[1], self._value_group & -self._value_group)
@@ -747,10 +747,11 @@ def file_recipe(metadata: dict) -> dict:
         elif kind is bool:
             ok = isinstance(v, bool)
         elif kind is float:
-            ok = isinstance(v, (int, float)) and 0 <= v <= 4
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 4
         elif kind is tuple:
-            v = recipe[k] = tuple(int(b) for b in np.asarray(v).reshape(-1)[:1 << 12])
-            ok = all(b in quant.QUANT_BITS for b in v)
+            v = np.asarray(v).reshape(-1)
+            ok = v.dtype.kind in "iu" and len(v) < 1 << 12 and all(int(b) in quant.QUANT_BITS for b in v)
+            recipe[k] = tuple(int(b) for b in v) if ok else v
         else:
             ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 20
         if not ok:
