@@ -133,7 +133,7 @@ def recipes_section(eng, wins, calib, ablation_wins, args):
     ablation = {}
     for eval_mode in ("decode", "simulated"):
         ablation[eval_mode] = [("XQuant 3-bit", run("xquant 3", "xquant", eval_mode, ablation_wins, bits=3, **PAPER))]
-        for name, switch in SWITCHES + [("all of them but clipping", COMBINED)]:
+        for name, switch in SWITCHES + [("rotation + 4 sinks + key group 128", COMBINED)]:
             ablation[eval_mode].append((f"+ {name}", run(name, "xquant", eval_mode, ablation_wins, bits=3,
                                                           **dict(PAPER, **switch))))
     llama = []
