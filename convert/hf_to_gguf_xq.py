@@ -3,6 +3,7 @@
     python convert/hf_to_gguf_xq.py HF_DIR [-o OUT.gguf] [--outtype f32|f16|bf16|q8_0|q4_0|q4_1]
                                    [--no-xq] [--cache MODE] [--bits B] [--group G] [--base-layers N]
     python convert/hf_to_gguf_xq.py --add-xq IN.gguf -o OUT.gguf
+    ... [--calibrate TEXT --ratio R [--calib-windows N] [--calib-ctx T]]
 
 HF_DIR holds config.json (LlamaForCausalLM or MistralForCausalLM), model.safetensors or shards
 listed in model.safetensors.index.json (float32 / float16 / bfloat16), and tokenizer.json
@@ -16,7 +17,9 @@ exact when the cache does not quantize. MHA models need no factors. The xquant.*
 factor format version, rank and layers, and the default cache recipe (xquant.cache.*) that
 `python -m xqrt.run OUT.gguf` uses without flags. --no-xq writes a plain GGUF: no factors, no
 recipe. --add-xq adds factors and recipe to an existing GGUF (llama.cpp's included), copying
-every other key and tensor byte for byte.
+every other key and tensor byte for byte. --calibrate measures, on the written file and windows
+of TEXT, which layers can drop to the next narrower width for the cache to be R× smaller than fp16
+KV (xqrt.calibrate), and stores the bits per layer in the recipe (the file is rewritten once).
 
 Tensors stream one at a time, so peak memory stays near the largest tensor. The output appears
 only when complete: it is written under a temporary name and renamed, and removed on any error.
@@ -500,21 +503,20 @@ def convert(hf_dir: Path, out: Path | None, outtype: str, xq: bool = True, args=
     return out
 
 
-def add_xq(src: Path, out: Path, args=None) -> Path:
-    """Copy `src` with the XQuant factors of its own weights and a cache recipe added."""
-    if out.resolve() == src.resolve():
-        raise XQError("--add-xq writes a new file: give an -o different from the input")
+def add_xq(src: Path, out: Path, args=None, keep_factors: bool = False) -> Path:
+    """Copy `src` with the XQuant factors of its own weights (or, keep_factors, the ones it holds)
+    and a cache recipe added; `out` may be `src` itself, which is replaced when the copy is done."""
     model = load_model(str(src))  # validates the file as the runtime will read it
     c = model.config
     reader = model.reader
     plan = [Planned(t.name, tuple(t.data.shape), T(int(t.tensor_type)), (lambda t=t: np.asarray(t.data)))
-            for t in reader.tensors if ".xq_" not in t.name]
+            for t in reader.tensors if keep_factors or ".xq_" not in t.name]
     for p in plan:  # GGUF's byte shape back to elements, so Planned.stored_shape reproduces it
         if p.qtype not in (T.F32, T.F16):
             block, size = gguf.GGML_QUANT_SIZES[p.qtype]
             p.shape = (*p.shape[:-1], p.shape[-1] // size * block)
     with_factors = needs_factors(c)
-    if with_factors:
+    if with_factors and not keep_factors:
         done: dict[int, dict] = {}
 
         def factor(i, name):
@@ -540,6 +542,22 @@ def add_xq(src: Path, out: Path, args=None) -> Path:
     return out
 
 
+def calibrate(out: Path, args) -> None:
+    """Bits per layer for --ratio, measured on the file just written, stored in its recipe."""
+    from xqrt import Engine
+    from xqrt.calibrate import calibrate as allocate
+    with open(args.calibrate, encoding="utf-8") as f:
+        text = f.read()
+    engine = Engine(str(out), ctx=args.calib_ctx)
+    if engine.cache_mode not in ("xquant", "xquant-cl", "kivi"):
+        raise XQError("--calibrate needs a quantized cache recipe (not --no-xq or --cache fp16)")
+    args.layer_bits = allocate(engine, text, args.ratio, args.calib_windows, args.calib_ctx)
+    args.bits = engine.cache_options.bits
+    print(f"--layer-bits {','.join(map(str, args.layer_bits))}", file=sys.stderr)
+    del engine
+    add_xq(out, out, args, keep_factors=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from xqrt.run import add_cache_args
     ap = argparse.ArgumentParser(prog="convert/hf_to_gguf_xq.py", description=__doc__.split("\n")[0])
@@ -552,6 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add XQuant factors and a cache recipe to an existing GGUF (weights copied as they are)")
     add_cache_args(ap, defaults=f"{DEFAULT_RECIPE['mode']}, {DEFAULT_RECIPE['bits']} bits, rotation, "
                                 f"{DEFAULT_RECIPE['sinks']} sinks, and otherwise ")
+    g = ap.add_argument_group("calibration", "per-layer bits stored in the recipe (see python -m xqrt.calibrate)")
+    g.add_argument("--calibrate", type=Path, metavar="TEXT",
+                   help="calibration text (keep it apart from any text you evaluate on)")
+    g.add_argument("--ratio", type=float, default=5.0, help="the cache is this many times smaller than fp16 KV [5]")
+    g.add_argument("--calib-windows", type=int, default=2, metavar="N", help="windows of TEXT measured [2]")
+    g.add_argument("--calib-ctx", type=int, default=1024, metavar="T", help="window length in tokens [1024]")
     return ap
 
 
@@ -560,14 +584,26 @@ def main(argv=None) -> int:
 
     def run() -> int:
         t0 = time.perf_counter()
+        if args.calibrate and (args.no_xq or args.layer_bits):
+            raise XQError("--calibrate chooses the layer bits itself: it takes neither --no-xq nor --layer-bits")
+        if args.calibrate and not args.calibrate.is_file():
+            raise XQError(f"calibration text not found: {args.calibrate}")
         if args.add_xq:
             if args.hf_dir or not args.outfile:
                 raise XQError("--add-xq IN.gguf takes no checkpoint directory and needs -o OUT.gguf")
+            if args.outfile.resolve() == args.add_xq.resolve():
+                raise XQError("--add-xq writes a new file: give an -o different from the input")
             out = add_xq(args.add_xq, args.outfile, args)
         elif args.hf_dir is None:
             raise XQError("give a checkpoint directory (or --add-xq IN.gguf -o OUT.gguf)")
         else:
             out = convert(args.hf_dir, args.outfile, args.outtype, not args.no_xq, args)
+        if args.calibrate:
+            try:
+                calibrate(out, args)
+            except BaseException:
+                out.unlink(missing_ok=True)  # the file asked for is a calibrated one
+                raise
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s; "
               f"peak memory {peak:.0f} MiB", file=sys.stderr)

@@ -29,7 +29,8 @@ def test_command_line_prints_layer_bits(tiny_gqa, tmp_path, capsys):
     _, path = tiny_gqa
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"w{i % 50}" for i in range(3000)))
-    assert calibrate_main([path, "-f", str(text), "--ctx", "128", "--windows", "1", "--ratio", "4.5"]) == 0
+    assert calibrate_main([path, "-f", str(text), "--ctx", "128", "--windows", "1", "--ratio", "4.5",
+                           "--bits", "3"]) == 0
     flag = capsys.readouterr().out.strip().split()
     assert flag[0] == "--layer-bits"
     assert Engine(path, ctx=128, cache="xquant", layer_bits=tuple(int(b) for b in flag[1].split(",")))

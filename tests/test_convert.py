@@ -274,3 +274,41 @@ def test_smollm2_q8_0_perplexity_within_1pct_of_f32(smollm2_hf, smollm2_f32, tmp
         assert sum(map(len, wins)) == 4096
         ppl[name] = evaluate(eng, wins, "fp16", progress=False).ppl
     assert abs(ppl["q8_0"] / ppl["f32"] - 1) < 0.01, ppl
+
+
+# ---- calibration: per-layer bits measured on the written file, stored in its recipe ------------
+def test_calibration_stores_layer_bits_that_fit_the_ratio(tiny_gqa, tmp_path, capsys):
+    _, plain = tiny_gqa
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{i % 50}" for i in range(3000)))
+    first = tmp_path / "xq.gguf"
+    assert convert_main(["--add-xq", plain, "-o", str(first), "--bits", "3"]) == 0
+    eng = Engine(str(first), ctx=128)
+
+    def size(layer_bits):
+        cache = eng.new_cache(layer_bits=layer_bits)
+        cache.n_tokens = 128
+        return cache.bytes_per_token()
+    ratio = eng.fp16_bytes_per_token() / ((size((3, 3)) + size((3, 2))) / 2)  # one layer has to go down
+    out = tmp_path / "calibrated.gguf"
+    assert convert_main(["--add-xq", plain, "-o", str(out), "--bits", "3", "--calibrate", str(text),
+                         "--ratio", f"{ratio}", "--calib-ctx", "128", "--calib-windows", "1"]) == 0
+    assert "--layer-bits" in capsys.readouterr().err
+    (r0, _), (r1, md1) = read_gguf(str(first)), read_gguf(str(out))
+    assert sorted(md1["xquant.cache.layer_bits"]) == [2, 3] and md1["xquant.cache.bits"] == 3
+    stored = {t.name: np.asarray(t.data) for t in r1.tensors}
+    for t in r0.tensors:  # factors and weights kept as written
+        np.testing.assert_array_equal(stored[t.name], np.asarray(t.data))
+    assert size(tuple(int(b) for b in md1["xquant.cache.layer_bits"])) <= eng.fp16_bytes_per_token() / ratio
+    assert Engine(str(out), ctx=128).cache_options.layer_bits == tuple(md1["xquant.cache.layer_bits"])
+
+
+def test_calibration_text_too_short_leaves_no_file(capsys, tiny_gqa, tmp_path):
+    _, plain = tiny_gqa
+    text = tmp_path / "calib.txt"
+    text.write_text("too short")
+    expect_failure(capsys, ["--add-xq", plain, "-o", tmp_path / "o.gguf", "--calibrate", text], "fewer than one window",
+                   tmp_path)
+    assert not (tmp_path / "o.gguf").exists()
+    expect_failure(capsys, ["--add-xq", plain, "-o", tmp_path / "o.gguf", "--calibrate", tmp_path / "none.txt"],
+                   "calibration text not found", tmp_path)

@@ -12,7 +12,9 @@ import sys
 import numpy as np
 
 from .errors import XQError
-from .perplexity import log_softmax
+from .perplexity import log_softmax, windows
+
+NARROWER = {8: 4, 4: 3, 3: 2}  # the width a layer is demoted to
 
 
 def mean_kld(engine, wins, ref_logp, mode: str, **options) -> float:
@@ -37,6 +39,8 @@ def allocate_bits(engine, wins, mode: str, budget: float, high: int = 3, low: in
         return cache.bytes_per_token()
 
     bits = [high] * c.n_layer
+    if size(tuple(bits)) <= budget:
+        return tuple(bits), []
     if size(tuple([low] * c.n_layer)) > budget:
         raise XQError(f"{budget:.0f} B/token is below what {low} bits in every layer take")
     base = mean_kld(engine, wins, ref_logp, mode, layer_bits=tuple(bits), **options)
@@ -54,6 +58,28 @@ def allocate_bits(engine, wins, mode: str, budget: float, high: int = 3, low: in
     return tuple(bits), sensitivity
 
 
+def calibrate(engine, text: str, ratio: float, n_windows: int = 2, ctx: int = 1024, from_end: bool = False,
+              high: int | None = None, low: int | None = None, progress=True) -> tuple[int, ...]:
+    """Bits per layer that make the engine's latent cache `ratio`× smaller than fp16 KV, measured
+    on windows of `text` (high: the recipe's bits; low: the next narrower width)."""
+    if ratio <= 1:
+        raise XQError(f"--ratio {ratio} must be above 1 (times smaller than fp16 KV)")
+    if n_windows < 1:
+        raise XQError(f"calibration needs at least one window, not {n_windows}")
+    mode = engine.cache_mode if engine.cache_mode != "fp16" else "xquant"
+    high = engine.cache_options.bits if high is None else high
+    low = NARROWER.get(high) if low is None else low
+    if low is None or low >= high:
+        raise XQError(f"no narrower width to calibrate {high}-bit layers down to (2 bits is the narrowest)")
+    wins = windows(engine.tokenizer.encode(text), ctx, None)
+    if len(wins) < n_windows:
+        raise XQError(f"the calibration text holds {len(wins)} window(s) of {ctx} tokens, fewer than {n_windows}")
+    wins = wins[-n_windows:] if from_end else wins[:n_windows]
+    options = {k: v for k, v in vars(engine.cache_options).items() if k not in ("bits", "layer_bits")}
+    bits, _ = allocate_bits(engine, wins, mode, engine.fp16_bytes_per_token() / ratio, high, low, progress, **options)
+    return bits
+
+
 def build_parser():
     import argparse
 
@@ -65,8 +91,8 @@ def build_parser():
     ap.add_argument("-c", "--ctx", type=int, default=1024, help="window length in tokens")
     ap.add_argument("--windows", type=int, default=2, help="calibration windows")
     ap.add_argument("--ratio", type=float, required=True, help="the cache must be this many times smaller than fp16 KV")
-    ap.add_argument("--high", type=int, default=3, help="bits of the layers that keep more")
-    ap.add_argument("--low", type=int, default=2, help="bits of the demoted layers")
+    ap.add_argument("--high", type=int, default=None, help="bits of the layers that keep more (default: --bits)")
+    ap.add_argument("--low", type=int, default=None, help="bits of the demoted layers (default: the next narrower)")
     add_compute_args(ap)
     add_cache_args(ap)
     return ap
@@ -77,17 +103,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
-        from .perplexity import windows
         from .run import engine_from_args
         engine = engine_from_args(args, args.ctx)
-        mode = engine.cache_mode if engine.cache_mode != "fp16" else "xquant"
         with open(args.file, encoding="utf-8") as f:
-            tokens = engine.tokenizer.encode(f.read())
-        wins = windows(tokens, args.ctx, None)
-        wins = wins[-args.windows:] if args.from_end else wins[:args.windows]
-        options = {k: v for k, v in vars(engine.cache_options).items() if k not in ("bits", "layer_bits")}
-        bits, _ = allocate_bits(engine, wins, mode, engine.fp16_bytes_per_token() / args.ratio, args.high,
-                                args.low, **options)
+            text = f.read()
+        bits = calibrate(engine, text, args.ratio, args.windows, args.ctx, args.from_end, args.high, args.low)
         print(f"--layer-bits {','.join(map(str, bits))}")
         return 0
     return cli_exit_code(run)
