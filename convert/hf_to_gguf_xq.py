@@ -3,7 +3,7 @@
     python convert/hf_to_gguf_xq.py HF_DIR [-o OUT.gguf] [--outtype f32|f16|bf16|q8_0|q4_0|q4_1]
                                    [--no-xq] [--cache MODE] [--bits B] [--group G] [--base-layers N]
     python convert/hf_to_gguf_xq.py --add-xq IN.gguf -o OUT.gguf
-    ... [--calibrate TEXT --ratio R [--calib-windows N] [--calib-ctx T]]
+    ... [--calibrate TEXT [--ratio R] [--calib-windows N] [--calib-ctx T]]
 
 HF_DIR holds config.json (LlamaForCausalLM or MistralForCausalLM), model.safetensors or shards
 listed in model.safetensors.index.json (float32 / float16 / bfloat16), and tokenizer.json
@@ -18,8 +18,10 @@ factor format version, rank and layers, and the default cache recipe (xquant.cac
 `python -m xqrt.run OUT.gguf` uses without flags. --no-xq writes a plain GGUF: no factors, no
 recipe. --add-xq adds factors and recipe to an existing GGUF (llama.cpp's included), copying
 every other key and tensor byte for byte. --calibrate measures, on the written file and windows
-of TEXT, which layers can drop to the next narrower width for the cache to be R× smaller than fp16
-KV (xqrt.calibrate), and stores the bits per layer in the recipe (the file is rewritten once).
+of TEXT, each key latent channel's weight (blk.N.xq_kw, kv_dim float32: the runtime spreads 2- and
+3-bit key latents' bits over channels by it) and, with --ratio R, which layers can drop to the next
+narrower width for the cache to be R× smaller than fp16 KV, stored as bits per layer in the recipe
+(xqrt.calibrate; the file is rewritten once or twice).
 
 Tensors stream one at a time, so peak memory stays near the largest tensor. The output appears
 only when complete: it is written under a temporary name and renamed, and removed on any error.
@@ -503,14 +505,16 @@ def convert(hf_dir: Path, out: Path | None, outtype: str, xq: bool = True, args=
     return out
 
 
-def add_xq(src: Path, out: Path, args=None, keep_factors: bool = False) -> Path:
+def add_xq(src: Path, out: Path, args=None, keep_factors: bool = False, key_weights=None) -> Path:
     """Copy `src` with the XQuant factors of its own weights (or, keep_factors, the ones it holds)
-    and a cache recipe added; `out` may be `src` itself, which is replaced when the copy is done."""
+    and a cache recipe added; `out` may be `src` itself, which is replaced when the copy is done.
+    key_weights (n_layer × kv_dim) replaces the key channel weights."""
     model = load_model(str(src))  # validates the file as the runtime will read it
     c = model.config
     reader = model.reader
     plan = [Planned(t.name, tuple(t.data.shape), T(int(t.tensor_type)), (lambda t=t: np.asarray(t.data)))
-            for t in reader.tensors if keep_factors or ".xq_" not in t.name]
+            for t in reader.tensors if (keep_factors or ".xq_" not in t.name)
+            and not (key_weights is not None and t.name.endswith(".xq_kw"))]
     for p in plan:  # GGUF's byte shape back to elements, so Planned.stored_shape reproduces it
         if p.qtype not in (T.F32, T.F16):
             block, size = gguf.GGML_QUANT_SIZES[p.qtype]
@@ -527,6 +531,9 @@ def add_xq(src: Path, out: Path, args=None, keep_factors: bool = False) -> Path:
             return make
         plan += [Planned(f"blk.{i}.xq_{n}", s, T.F32, factor(i, n))
                  for i in range(c.n_layer) for n, s in factor_shapes(c).items()]
+    if key_weights is not None:
+        plan += [Planned(f"blk.{i}.xq_kw", (c.kv_dim,), T.F32, (lambda w=w: np.asarray(w, np.float32)))
+                 for i, w in enumerate(key_weights)]
 
     def keys(w: gguf.GGUFWriter):
         for f in reader.fields.values():
@@ -543,19 +550,33 @@ def add_xq(src: Path, out: Path, args=None, keep_factors: bool = False) -> Path:
 
 
 def calibrate(out: Path, args) -> None:
-    """Bits per layer for --ratio, measured on the file just written, stored in its recipe."""
+    """Key channel weights and, with --ratio, bits per layer, measured on the file just written
+    and stored in it."""
     from xqrt import Engine
     from xqrt.calibrate import calibrate as allocate
+    from xqrt.calibrate import key_channel_weights
+    from xqrt.perplexity import windows
     with open(args.calibrate, encoding="utf-8") as f:
         text = f.read()
     engine = Engine(str(out), ctx=args.calib_ctx)
     if engine.cache_mode not in ("xquant", "xquant-cl", "kivi"):
         raise XQError("--calibrate needs a quantized cache recipe (not --no-xq or --cache fp16)")
-    args.layer_bits = allocate(engine, text, args.ratio, args.calib_windows, args.calib_ctx)
-    args.bits = engine.cache_options.bits
-    print(f"--layer-bits {','.join(map(str, args.layer_bits))}", file=sys.stderr)
-    del engine
-    add_xq(out, out, args, keep_factors=True)
+    wins = windows(engine.tokenizer.encode(text), args.calib_ctx, None)
+    if args.calib_windows < 1 or len(wins) < args.calib_windows:
+        raise XQError(f"--calib-windows {args.calib_windows}: the calibration text holds {len(wins)} window(s) "
+                      f"of {args.calib_ctx} tokens")
+    if needs_factors(engine.config):
+        group = engine.new_cache().group
+        weights = key_channel_weights(engine, wins[:args.calib_windows], group, engine.cache_options.sinks)
+        del engine
+        add_xq(out, out, args, keep_factors=True, key_weights=weights)
+        engine = Engine(str(out), ctx=args.calib_ctx)
+    if args.ratio is not None:
+        args.layer_bits = allocate(engine, text, args.ratio, args.calib_windows, args.calib_ctx)
+        args.bits = engine.cache_options.bits
+        print(f"--layer-bits {','.join(map(str, args.layer_bits))}", file=sys.stderr)
+        del engine
+        add_xq(out, out, args, keep_factors=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -570,10 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add XQuant factors and a cache recipe to an existing GGUF (weights copied as they are)")
     add_cache_args(ap, defaults=f"{DEFAULT_RECIPE['mode']}, {DEFAULT_RECIPE['bits']} bits, rotation, "
                                 f"{DEFAULT_RECIPE['sinks']} sinks, and otherwise ")
-    g = ap.add_argument_group("calibration", "per-layer bits stored in the recipe (see python -m xqrt.calibrate)")
+    g = ap.add_argument_group("calibration", "key channel weights and per-layer bits (see xqrt/calibrate.py)")
     g.add_argument("--calibrate", type=Path, metavar="TEXT",
                    help="calibration text (keep it apart from any text you evaluate on)")
-    g.add_argument("--ratio", type=float, default=5.0, help="the cache is this many times smaller than fp16 KV [5]")
+    g.add_argument("--ratio", type=float, help="also bits per layer: the cache this many times smaller than fp16 KV")
     g.add_argument("--calib-windows", type=int, default=2, metavar="N", help="windows of TEXT measured [2]")
     g.add_argument("--calib-ctx", type=int, default=1024, metavar="T", help="window length in tokens [1024]")
     return ap

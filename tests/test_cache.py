@@ -216,6 +216,32 @@ def test_prompt_prefix_reuse(tiny_gqa, mode):
     assert eng.stats.prompt_tokens == len(b) - 128  # two groups of 64 kept
 
 
+def test_key_bits_per_channel_decode_equals_batched_and_bytes_stay(tiny_gqa):
+    """Key channel weights give 2-bit key latents a mix of widths: same bytes as uniform 2 bits,
+    and the decode kernel reads the mixed group layout as the batched path does."""
+    from xqrt.factors import layer_factors
+    _, path = tiny_gqa
+    eng = Engine(path, ctx=256)
+    for L in layer_factors(eng.model):
+        L.kw = rng.lognormal(0, 3, eng.config.kv_dim).astype(np.float32)
+    ids = list(rng.integers(0, eng.config.vocab_size, 150))
+    opts = dict(bits=2, **RECIPE)
+    cache = eng.new_cache("xquant", **opts)
+    assert "key bits per channel" in cache.describe()
+    widths = np.diff(cache.layers[0].key.channel_off) * 8 // cache.group
+    assert len(set(widths)) > 1 and widths.mean() == 2
+    batched = eng.logits(ids, "xquant", **opts)
+    eng.forward(ids[:70], cache)
+    steps = np.array([eng.forward([t], cache) for t in ids[70:]])
+    assert rel(steps, batched[70:]) < 5e-3
+    assert np.median(np.abs(steps - batched[70:])) < 1e-3 * np.abs(batched).max()
+    uniform = eng.new_cache("xquant", channel_bits=False, **opts)
+    assert "key bits per channel" not in uniform.describe()
+    eng.forward(ids, uniform)
+    assert uniform.nbytes() == cache.nbytes()
+    assert rel(eng.logits(ids, "xquant", channel_bits=False, **opts), batched) > 1e-4  # the widths differ
+
+
 def test_factors_read_from_file_when_stored(tiny_gqa, tmp_path):
     """A GGUF carrying blk.N.xq_* tensors (--add-xq) is used as is: no SVD at load, same logits."""
     from hf_to_gguf_xq import main as convert_main

@@ -301,6 +301,23 @@ def test_calibration_stores_layer_bits_that_fit_the_ratio(tiny_gqa, tmp_path, ca
         np.testing.assert_array_equal(stored[t.name], np.asarray(t.data))
     assert size(tuple(int(b) for b in md1["xquant.cache.layer_bits"])) <= eng.fp16_bytes_per_token() / ratio
     assert Engine(str(out), ctx=128).cache_options.layer_bits == tuple(md1["xquant.cache.layer_bits"])
+    assert all(f"blk.{i}.xq_kw" in stored for i in range(eng.config.n_layer))
+
+
+def test_calibration_alone_stores_key_channel_weights(tiny_gqa, tmp_path):
+    _, plain = tiny_gqa
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{i % 50}" for i in range(3000)))
+    out = tmp_path / "calibrated.gguf"
+    assert convert_main(["--add-xq", plain, "-o", str(out), "--bits", "2", "--calibrate", str(text),
+                         "--calib-ctx", "128", "--calib-windows", "1"]) == 0
+    reader, md = read_gguf(str(out))
+    assert "xquant.cache.layer_bits" not in md
+    weights = [t for t in reader.tensors if t.name.endswith(".xq_kw")]
+    eng = Engine(str(out), ctx=128)
+    assert len(weights) == eng.config.n_layer
+    assert "key bits per channel" in eng.new_cache().describe()
+    assert "key bits per channel" not in Engine(str(out), ctx=128, channel_bits=False).new_cache().describe()
 
 
 def test_calibration_text_too_short_leaves_no_file(capsys, tiny_gqa, tmp_path):

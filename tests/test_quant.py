@@ -27,7 +27,7 @@ def run_quantize(x, bits, group):
     return codes, scale, zero, out
 
 
-@pytest.mark.parametrize("bits", quant.QUANT_BITS)
+@pytest.mark.parametrize("bits", sorted({1, *quant.QUANT_BITS}))
 def test_packing_matches_reference_and_round_trips(bits):
     group, w = 32, 128
     x = (rng.standard_normal((6, w)) * rng.uniform(0.01, 100, (6, 1)) + rng.uniform(-50, 50, (6, 1))).astype(np.float32)
@@ -97,3 +97,40 @@ def test_clipping_finds_the_least_squares_range(bits):
     np.testing.assert_allclose(err(clipped), want, rtol=0.05 if bits < 8 else 0.25)
     if bits == 2:  # Gaussian groups: their tails are not worth 2-bit levels
         assert err(clipped)[:, 1:].sum() < 0.8 * err(plain)[:, 1:].sum()
+
+
+def test_channels_each_in_their_own_width():
+    """A per-channel group: channel c's codes at offsets[c]:offsets[c+1], each as a row of its
+    own width would be (the reference: quantize_rows one channel at a time)."""
+    group, width = 32, 12
+    channel_bits = rng.choice(quant.CHANNEL_BITS, width)
+    x = (rng.standard_normal((width, group)) * rng.uniform(0.01, 10, (width, 1))).astype(np.float32)
+    offsets = quant.channel_offsets(channel_bits, group)
+    assert offsets[-1] == channel_bits.sum() * group // 8
+    codes = np.zeros(offsets[-1], np.uint8)
+    scale, zero = np.zeros((width, 1), np.uint16), np.zeros((width, 1), np.uint16)
+    quant.quantize_channels(x, offsets, group, codes, scale, zero)
+    out = np.zeros_like(x)
+    quant.dequantize_channels(codes, scale, zero, offsets, group, out)
+    for c, b in enumerate(channel_bits):
+        ref_codes, ref_scale, ref_zero, ref_out = run_quantize(x[c:c + 1], int(b), group)
+        np.testing.assert_array_equal(codes[offsets[c]:offsets[c + 1]], ref_codes[0])
+        assert (scale[c], zero[c]) == (ref_scale[0], ref_zero[0])
+        np.testing.assert_array_equal(out[c], ref_out[0])
+
+
+def test_channel_bit_allocation():
+    """The mean is kept, a heavier channel never gets fewer bits, and the greedy choice is the
+    cheapest one an exhaustive search over a few channels finds."""
+    import itertools
+    weight = rng.lognormal(0, 3, 64)
+    for bits in (2, 3):
+        b = quant.allocate_channel_bits(weight, bits)
+        assert b.sum() == bits * 64 and set(b) <= set(quant.CHANNEL_BITS)
+        order = np.argsort(weight)
+        assert np.all(np.diff(b[order]) >= 0)
+    np.testing.assert_array_equal(quant.allocate_channel_bits(weight, 8), np.full(64, 8))
+    w = np.array([5.0, 0.3, 40.0, 1.0])
+    cost = lambda b: (w / (2.0 ** np.asarray(b) - 1) ** 2).sum()  # noqa: E731
+    best = min((b for b in itertools.product(quant.CHANNEL_BITS, repeat=4) if sum(b) == 8), key=cost)
+    assert cost(quant.allocate_channel_bits(w, 2)) == pytest.approx(cost(best))

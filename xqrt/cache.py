@@ -92,6 +92,7 @@ class CacheOptions:
     rotate: bool = True  # per-token latents (and deltas) through a Hadamard transform per group
     balance: float = 0.0  # value latents scaled by σ^balance (σ: the SVD's), the rebuild by σ^-balance
     sinks: int = 4  # the first positions' latents also kept exact (fp16, counted), at most G
+    channel_bits: bool = True  # 2/3-bit key latents: bits spread over channels by the file's calibration
 
     def __post_init__(self):
         for flag, b in (("--bits", self.bits), ("--value-bits", self.value_bits),
@@ -200,20 +201,24 @@ class Stream:
     """Packed latent vectors of one layer, one per position (xqrt.quant's format).
 
     per_channel: groups run along G consecutive positions of each channel (KIVI's keys; a group is
-    written once its G positions exist). Otherwise along the vector, one token at a time.
+    written once its G positions exist), and `channel_bits` may give each channel a width of its
+    own (xqrt.quant.CHANNEL_BITS; `bits` is then their mean). Otherwise along the vector, one
+    token at a time.
     sinks: the first positions (attention sinks: few, with outsized activations) are also kept
     exact, as fp16, and read from there; a per-channel group quantizes without them, so their
     outliers do not set its channels' ranges.
     """
 
     def __init__(self, n_ctx: int, width: int, bits: int, group: int, per_channel: bool, clip: bool = False,
-                 sinks: int = 0):
+                 sinks: int = 0, channel_bits=None):
         self.width, self.bits, self.group, self.per_channel, self.clip = width, bits, group, per_channel, clip
         self.sink = np.zeros((sinks if bits <= 8 else 0, width), np.float32)
         quantized = bits <= 8
+        self.channel_off = np.zeros(0, np.int64)
         if per_channel:
             n_groups = -(-n_ctx // group)
-            self.codes = np.zeros((n_groups, width, quant.row_bytes(group, bits)), np.uint8)
+            self.channel_off = quant.channel_offsets([bits] * width if channel_bits is None else channel_bits, group)
+            self.codes = np.zeros((n_groups, 1, self.channel_off[-1]), np.uint8)
             self.scale = np.zeros((n_groups, width, int(quantized)), np.uint16)
         else:
             self.codes = np.zeros((n_ctx, 1, quant.row_bytes(width, bits)), np.uint8)
@@ -234,8 +239,8 @@ class Stream:
             block[:len(rows)] = rows
             block[len(rows):] = fill
             block[:n_sink] = fill  # the sinks are read from self.sink
-            quant.quantize_rows(np.ascontiguousarray(block.T), self.bits, self.group, self.codes[g],
-                                self.scale[g], self.zero[g], self.clip)
+            quant.quantize_channels(np.ascontiguousarray(block.T), self.channel_off, self.group, self.codes[g, 0],
+                                    self.scale[g], self.zero[g], self.clip)
         else:
             end = pos0 + len(rows)
             quant.quantize_rows(rows, self.bits, self.group, self.codes[pos0:end, 0], self.scale[pos0:end, 0],
@@ -251,8 +256,8 @@ class Stream:
             g0, g1 = lo // self.group, -(-hi // self.group)
             cols = np.empty((g1 - g0, self.width, self.group), np.float32)
             for g in range(g0, g1):
-                quant.dequantize_rows(self.codes[g], self.scale[g], self.zero[g], self.bits, self.group,
-                                      cols[g - g0])
+                quant.dequantize_channels(self.codes[g, 0], self.scale[g], self.zero[g], self.channel_off,
+                                          self.group, cols[g - g0])
             out = cols.transpose(0, 2, 1).reshape(-1, self.width)[lo - g0 * self.group:hi - g0 * self.group]
         n_sink = max(min(len(self.sink), hi) - lo, 0)
         out[:n_sink] = self.sink[lo:lo + n_sink]
@@ -261,13 +266,11 @@ class Stream:
     def nbytes(self, n_positions: int) -> int:
         """Bytes held for n written positions (per-channel: its complete groups), sinks as fp16."""
         sinks = min(len(self.sink), n_positions) * self.width * 2
-        if self.per_channel:
-            n_groups = n_positions // self.group
-            return sinks + n_groups * (self.codes[0].nbytes + self.scale[0].nbytes + self.zero[0].nbytes)
-        return sinks + n_positions * (self.codes[0].nbytes + self.scale[0].nbytes + self.zero[0].nbytes)
+        n_rows = n_positions // self.group if self.per_channel else n_positions
+        return sinks + n_rows * (self.codes[0].nbytes + self.scale[0].nbytes + self.zero[0].nbytes)
 
     def kernel_args(self):
-        return self.codes, self.scale, self.zero, self.bits, self.sink
+        return self.codes, self.scale, self.zero, self.bits, self.sink, self.channel_off
 
 
 @dataclass
@@ -349,6 +352,7 @@ class LatentCache(Cache):
         self.group, self.residual = G, R = self.resolve(c, o)  # before any SVD is computed
         self.simulated = o.simulated
         self.rotated = False  # set by _layer where a rotation applies (not KIVI: no factors to fold it into)
+        self.channel_allocated = False  # set by _layer where key latent channels got bits of their own
         self.layers = self._plan(model, log)
         self._ring_size = max(R, G)
         # The exact tail is fp16, as KIVI keeps it; float32 only when quantization is off.
@@ -412,14 +416,15 @@ class LatentCache(Cache):
             f = layer_factors(model)
             return [self._layer(None, None, f[i].wk, f[i].wv, True, self.layer_bits(i)) for i in range(c.n_layer)]
         f = layer_factors(model, log)
-        return [self._layer(L.uk, L.uv, L.mk, L.mv, False, self.layer_bits(i)) for i, L in enumerate(f)]
+        return [self._layer(L.uk, L.uv, L.mk, L.mv, False, self.layer_bits(i), key_weight=L.kw) for i, L in enumerate(f)]
 
     def layer_bits(self, i: int) -> int:
         return self.bits if self.options.layer_bits is None else int(self.options.layer_bits[i])
 
-    def _layer(self, uk, uv, mk, mv, shared, bits, with_streams=True) -> _Layer:
+    def _layer(self, uk, uv, mk, mv, shared, bits, with_streams=True, key_weight=None) -> _Layer:
         """A layer's latents; `rotate` turns its per-token stream (X̂, or the value latents) by a
-        block Hadamard H, undone in the rebuild matrices: (x·u·H)·(Hᵀ·m) = x·u·m."""
+        block Hadamard H, undone in the rebuild matrices: (x·u·H)·(Hᵀ·m) = x·u·m. key_weight (the
+        file's calibration, per key latent channel) spreads the key latents' bits over channels."""
         o = self.options
         self.rotated = self.rotated or (o.rotate and (shared or uv is not None))
         if o.rotate and shared:
@@ -434,7 +439,12 @@ class LatentCache(Cache):
         L = _Layer(uk, uv, mk, mv, shared)
         if with_streams:
             wk, wv = self._latent_widths(L)
-            L.key = Stream(self.n_ctx, wk, bits, self.group, per_channel=not shared, clip=o.clip, sinks=o.sinks)
+            channel_bits = None
+            if o.channel_bits and key_weight is not None and bits in quant.CHANNEL_BITS:
+                channel_bits = quant.allocate_channel_bits(key_weight, bits)
+                self.channel_allocated = True
+            L.key = Stream(self.n_ctx, wk, bits, self.group, per_channel=not shared, clip=o.clip, sinks=o.sinks,
+                           channel_bits=channel_bits)
             value_bits = bits if o.value_bits is None or bits == 32 else o.value_bits
             L.value = L.key if shared else Stream(self.n_ctx, wv, value_bits, self._value_group, per_channel=False,
                                                   clip=o.clip, sinks=o.sinks)
@@ -558,9 +568,9 @@ class LatentCache(Cache):
         bk, bv = min(bk, w0), min(bv, w0)
         key, value, mk, mv = self._kernel_streams(L)
         out = np.empty((1, c.q_dim), np.float32)
-        kc, ks, kz, kb, k_sink = key.kernel_args()
-        vc, vs, vz, vb, v_sink = value.kernel_args()
-        cpu.attend_latent(q[0], pos, kc, ks, kz, kb, key.per_channel, key.width, k_sink, mk, bk,
+        kc, ks, kz, kb, k_sink, k_off = key.kernel_args()
+        vc, vs, vz, vb, v_sink, _ = value.kernel_args()
+        cpu.attend_latent(q[0], pos, kc, ks, kz, kb, k_off, key.width, k_sink, mk, bk,
                           vc, vs, vz, vb, value.width, value.group, v_sink, mv, bv, self.group,
                           np.ascontiguousarray(k_tail), _or_empty(L.mk), np.ascontiguousarray(v_tail), _or_empty(L.mv),
                           self._win_k[layer], self._win_v[layer], self._rope_cos, self._rope_sin, c.n_head,
@@ -609,6 +619,7 @@ class LatentCache(Cache):
             parts.append(f"value group {self._value_group}")
         parts.append("no tail (simulated)" if self.simulated else f"residual {self.residual}")
         parts += [f"{o.sinks} sinks"] * bool(o.sinks and self.bits <= 8) + ["rotated"] * self.rotated
+        parts += ["key bits per channel"] * self.channel_allocated
         parts += ["clipped"] * o.clip + [f"value balance {o.balance:g}"] * bool(o.balance)
         parts += [f"fp16 window {self.window}"] * bool(self.window)
         return ", ".join(parts)
@@ -696,8 +707,8 @@ class XQuantCL(LatentCache):
         self._accumulate(layer, L, end)
 
     def _accumulate(self, layer, L, end):
-        dc, ds, dz, db, d_sink = L.delta.kernel_args()
-        ac, _, _, ab, _ = self.acc.kernel_args()
+        dc, ds, dz, db, d_sink, _ = L.delta.kernel_args()
+        ac, _, _, ab, _, _ = self.acc.kernel_args()
         cpu.accumulate(ac, ab, dc, ds, dz, db, L.delta.width, d_sink, self.group, self._ukv_t[layer], end, L.seed)
 
     def attend(self, layer, pos0, xn, q, k, v):
@@ -733,8 +744,10 @@ CACHE_MODES = {"fp16": FP16KV, "kivi": KIVI, "xquant": XQuant, "xquant-cl": XQua
 # The cache recipe a converted GGUF carries (convert/hf_to_gguf_xq.py writes it) so that running
 # the file needs no flags; arguments given explicitly override it key by key.
 RECIPE_KEYS = {k: f"xquant.cache.{k}" for k in ("mode", "bits", "group", "residual", "base_layers", "value_bits",
-                                                 "value_group", "layer_bits", "sinks", "rotate", "clip", "balance")}
-RECIPE_TYPES = {"mode": str, "rotate": bool, "clip": bool, "balance": float, "layer_bits": tuple}  # the rest: int
+                                                 "value_group", "layer_bits", "sinks", "rotate", "clip", "balance",
+                                                 "channel_bits")}
+RECIPE_TYPES = {"mode": str, "rotate": bool, "clip": bool, "channel_bits": bool, "balance": float,
+                "layer_bits": tuple}  # the rest: int
 
 
 def file_recipe(metadata: dict) -> dict:

@@ -1,6 +1,12 @@
-"""Per-layer bit allocation: which layers can hold fewer bits, measured on a calibration text.
+"""Calibration on a text: how a latent cache spends its bits.
 
-Each layer's sensitivity is the KL divergence from the fp16-KV logits that appears when that layer
+Key channel weights (GQA XQuant): per layer and key latent channel c, what an error there costs
+the attention scores, Σₕ Σₚ E|qₕ,ₚ|²·|mk[c, p]|² over heads h and RoPE pairs p (RoPE turns a pair but
+keeps its length), times the channel's mean squared range over groups of G positions (its
+quantization error is range²/(2ᵇ − 1)²/12). The runtime gives 2- and 3-bit key latents' bits to
+channels by these weights (xqrt.quant.allocate_channel_bits); the converter stores them.
+
+Per-layer bits: each layer's sensitivity is the KL divergence from the fp16-KV logits that appears when that layer
 alone drops from `high` to `low` bits, everything else at `high`. Layers are then demoted in order
 of least divergence until the cache fits the budget. The windows are scored as in
 `decode` evaluation, so the allocation sees the quantized groups and exact tail generation sees.
@@ -11,6 +17,7 @@ import sys
 
 import numpy as np
 
+from .cache import CacheOptions, XQuant
 from .errors import XQError
 from .perplexity import log_softmax, windows
 
@@ -24,6 +31,53 @@ def mean_kld(engine, wins, ref_logp, mode: str, **options) -> float:
                            .astype(np.float64))
         total += float((np.exp(ref) * (ref - logp)).sum(-1).mean())
     return total / len(wins)
+
+
+class _KeyStatistics(XQuant):
+    """An unquantized XQuant cache that keeps each layer's key latents and queries' pair energies."""
+
+    def __init__(self, model, n_ctx):
+        super().__init__(model, n_ctx, CacheOptions(bits=32, sinks=0, rotate=False))
+        c = self.config
+        self.latents = [[] for _ in range(c.n_layer)]
+        self.q_energy = np.zeros((c.n_layer, c.n_head, c.head_dim // 2))
+        self.n_queries = np.zeros(c.n_layer)
+
+    def attend(self, layer, pos0, xn, q, k, v):
+        c = self.config
+        self.latents[layer].append((pos0, xn @ self.layers[layer].uk))
+        self.q_energy[layer] += (q.reshape(len(q), c.n_head, c.head_dim // 2, 2).astype(np.float64) ** 2).sum((0, 3))
+        self.n_queries[layer] += len(q)
+        return super().attend(layer, pos0, xn, q, k, v)
+
+
+def key_channel_weights(engine, wins, group: int, sinks: int = 4) -> np.ndarray:
+    """(n_layer, kv_dim) float32: each key latent channel's weight (module docstring), from the
+    windows' complete groups of `group` positions (the first `sinks` positions left out)."""
+    c = engine.config
+    if c.n_kv_head == c.n_head:
+        raise XQError("key channel weights are for GQA models (an MHA model's XQuant caches X per token)")
+    stats = [_KeyStatistics(engine.model, len(wins[0])) for _ in wins]
+    for ids, cache in zip(wins, stats):
+        engine.forward(ids, cache)
+    out = np.zeros((c.n_layer, c.kv_dim), np.float32)
+    for i in range(c.n_layer):
+        ranges = []
+        for cache in stats:
+            z = np.concatenate([zk for _, zk in sorted(cache.latents[i], key=lambda p: p[0])])
+            for g0 in range(0, len(z) - group + 1, group):
+                block = z[max(g0, sinks):g0 + group]
+                ranges.append(block.max(0) - block.min(0))
+        if not ranges:
+            raise XQError(f"the calibration windows hold no complete group of {group} positions")
+        range2 = (np.asarray(ranges, np.float64) ** 2).mean(0)
+        q_energy = sum(s.q_energy[i] for s in stats) / sum(s.n_queries[i] for s in stats)  # head × pair
+        mk = stats[0].layers[i].mk.reshape(c.kv_dim, c.n_kv_head, c.head_dim // 2, 2).astype(np.float64)
+        pair = (mk ** 2).sum(-1)  # channel × kv head × pair
+        heads = np.arange(c.n_head) // (c.n_head // c.n_kv_head)
+        cost = np.einsum("hp,chp->c", q_energy, pair[:, heads])
+        out[i] = cost * range2
+    return out
 
 
 def allocate_bits(engine, wins, mode: str, budget: float, high: int = 3, low: int = 2, progress=True,

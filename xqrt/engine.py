@@ -61,11 +61,12 @@ class Engine:
                  group: int | None = None, residual: int | None = None, base_layers: int | None = None,
                  value_bits: int | None = None, value_group: int | None = None,
                  layer_bits: tuple[int, ...] | None = None, sinks: int | None = None, rotate: bool | None = None,
-                 clip: bool | None = None, balance: float | None = None, kv_budget: int = 0,
+                 clip: bool | None = None, balance: float | None = None, channel_bits: bool | None = None,
+                 kv_budget: int = 0,
                  threads: int | None = None, batch: int = 512, act_bits: int = 8, verbose: bool = False):
         """Cache settings left as None come from the GGUF's recipe when it has one (converted files
         do), else: fp16 KV; bits 4, and the rest as `CacheOptions` chooses (its fields say what
-        value_bits, value_group, layer_bits, sinks, rotate, clip and balance do).
+        value_bits, value_group, layer_bits, sinks, rotate, clip, balance and channel_bits do).
         kv_budget: bytes of fp16 K/V for the most recent tokens, which a latent cache then reads
         without rematerializing (0: none; fp16 KV's own bytes per token × n: the last n tokens).
 
@@ -84,7 +85,7 @@ class Engine:
         given = dict(mode=cache, bits=bits, group=group, residual=residual, base_layers=base_layers,
                      value_bits=value_bits, value_group=value_group,
                      layer_bits=None if layer_bits is None else tuple(layer_bits), sinks=sinks, rotate=rotate,
-                     clip=clip, balance=balance)
+                     clip=clip, balance=balance, channel_bits=channel_bits)
         recipe = file_recipe(self.model.metadata)
         chosen = {k: recipe.get(k) if v is None else v for k, v in given.items()}
         self.cache_mode = chosen.pop("mode") or "fp16"

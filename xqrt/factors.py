@@ -39,6 +39,7 @@ class LayerFactors:
     uv: np.ndarray | None = None
     mv: np.ndarray | None = None
     ukv: np.ndarray | None = None
+    kw: np.ndarray | None = None  # per key latent channel: error cost × mean squared range (calibration)
 
 
 def _dense_t(m) -> np.ndarray:
@@ -124,6 +125,7 @@ def layer_factors(model, log=None) -> list[LayerFactors]:
                 computed = True
                 have = compute_factors(f.wk, f.wv)
             f.uk, f.mk, f.uv, f.mv, f.ukv = (have[n] for n in FACTOR_NAMES)
+            f.kw = None if computed else float_tensor(model, f"blk.{i}.xq_kw", (c.kv_dim,))
         out.append(f)
     model._xq_factors = out
     return out

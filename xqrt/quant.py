@@ -22,6 +22,7 @@ from .kernels.bits import f16_to_f32, f32_as_u32, f32_to_f16, u32_as_f32
 _OPT = dict(cache=True, fastmath=False, nogil=True)  # rounding must not depend on reassociation
 BITS = (2, 3, 4, 8, 16, 32)
 QUANT_BITS = (2, 3, 4, 8)
+CHANNEL_BITS = (1, 2, 3, 4)  # the widths a per-channel stream gives its channels one by one
 
 
 def row_bytes(width: int, bits: int) -> int:
@@ -139,7 +140,9 @@ def dequantize_row(codes, scale, zero, bits, group, out):
             out[j] = u32_as_f32(w)
         return
     # A literal bit width per branch: the shifts and byte counts become constants (2× faster).
-    if bits == 2:
+    if bits == 1:
+        _unpack(codes, scale, zero, 1, group, out)
+    elif bits == 2:
         _unpack(codes, scale, zero, 2, group, out)
     elif bits == 3:
         _unpack(codes, scale, zero, 3, group, out)
@@ -175,3 +178,45 @@ def quantize_rows(x, bits, group, codes, scale, zero, clip=False):
 def dequantize_rows(codes, scale, zero, bits, group, out):
     for r in prange(out.shape[0]):
         dequantize_row(codes[r], scale[r], zero[r], bits, group, out[r])
+
+
+# ---- per-channel streams: each channel a row of its own width --------------------------------------
+# A per-channel group holds G positions of every channel; channel c's codes lie at
+# offsets[c]:offsets[c + 1] of the group's bytes, in (offsets[c + 1] − offsets[c])·8/G bits, so
+# channels that matter more to the keys can hold more bits than others in the same bytes.
+def channel_offsets(channel_bits, group: int) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(np.asarray(channel_bits, np.int64) * group // 8)]).astype(np.int64)
+
+
+def allocate_channel_bits(weight: np.ndarray, bits: int) -> np.ndarray:
+    """Widths from CHANNEL_BITS averaging `bits`, of least expected weighted squared error.
+
+    weight[c]: how much an error in channel c costs, times its mean squared group range (a group's
+    error variance is range²/(2ᵇ − 1)²/12). Every channel starts at 1 bit; each further bit goes
+    where it removes the most cost — greedy is optimal here, the gains shrinking bit by bit."""
+    weight = np.maximum(np.asarray(weight, np.float64), 0.0)
+    lo, hi = CHANNEL_BITS[0], CHANNEL_BITS[-1]
+    if not lo <= bits <= hi:
+        return np.full(len(weight), bits, np.int64)
+    b = np.full(len(weight), lo, np.int64)
+    cost = lambda n: weight / (2.0 ** n - 1) ** 2  # noqa: E731
+    for _ in range((bits - lo) * len(weight)):
+        gain = np.where(b < hi, cost(b) - cost(np.minimum(b + 1, hi)), -1.0)
+        b[int(np.argmax(gain))] += 1
+    return b
+
+
+@njit(parallel=True, **_OPT)
+def quantize_channels(x, offsets, group, codes, scale, zero, clip=False):
+    """x (W, G): G positions of each channel → codes (offsets[-1],), scale/zero (W, 1)."""
+    for c in prange(x.shape[0]):
+        o0, o1 = offsets[c], offsets[c + 1]
+        quantize_row(x[c], (o1 - o0) * 8 // group, group, codes[o0:o1], scale[c], zero[c], clip)
+
+
+@njit(parallel=True, **_OPT)
+def dequantize_channels(codes, scale, zero, offsets, group, out):
+    """Inverse of quantize_channels: out (W, G) float32."""
+    for c in prange(out.shape[0]):
+        o0, o1 = offsets[c], offsets[c + 1]
+        dequantize_row(codes[o0:o1], scale[c], zero[c], (o1 - o0) * 8 // group, group, out[c])

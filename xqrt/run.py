@@ -64,6 +64,9 @@ def add_cache_args(ap: argparse.ArgumentParser, defaults: str = "the GGUF's reci
                         "factors: outlier channels stop setting the groups' ranges [on]")
     g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                    help="each group's range of least squared error instead of its min/max [off]")
+    g.add_argument("--channel-bits", action=argparse.BooleanOptionalAction, default=None,
+                   help="2/3-bit GQA key latents: bits spread over channels by the file's calibration weights "
+                        "(convert/hf_to_gguf_xq.py --calibrate stores them) [on where the file has them]")
     g.add_argument("--balance", type=float, default=None, metavar="A",
                    help="scale the value latents by sigma^A of their SVD (0: as the paper) [0]")
     g.add_argument("--kv-budget", type=byte_size, default=0, metavar="BYTES",
@@ -113,7 +116,8 @@ def engine_from_args(args, ctx):
     return Engine(args.model or default_model_path(), ctx=ctx, cache=args.cache, bits=args.bits, group=args.group,
                   residual=args.residual, base_layers=args.base_layers, value_bits=args.value_bits,
                   value_group=args.value_group, layer_bits=args.layer_bits, sinks=args.sinks,
-                  rotate=args.rotate, clip=args.clip, balance=args.balance, kv_budget=args.kv_budget, threads=args.threads,
+                  rotate=args.rotate, clip=args.clip, balance=args.balance, channel_bits=args.channel_bits,
+                  kv_budget=args.kv_budget, threads=args.threads,
                   act_bits=args.act_bits, verbose=True)
 
 

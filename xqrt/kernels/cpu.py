@@ -421,19 +421,22 @@ def to_f16(x, out):
 # ---- XQuant / KIVI caches: rematerialize inside attention ---------------------------------------
 # A latent stream holds one vector per position, packed by xqrt.quant, as a 3-D code array:
 #   per-token:   codes[pos, 0, :]  (scales [pos, 0, :])   — groups run along the vector;
-#   per-channel: codes[blk, ch, :] (scales [blk, ch, :])  — channel ch of G positions per group.
+#   per-channel: codes[blk, 0, off[ch]:off[ch + 1]] (scales [blk, ch, :]) — channel ch of G
+#                positions per group, each channel in its own width (xqrt.quant.channel_offsets).
 # The rebuild matrix m turns latent rows into K or V rows (an empty m means the latent is K or V).
 
 
 @njit(inline="always", **_OPT)
-def _latent_rows(codes, scale, zero, bits, group, per_channel, sink, t0, t1, column, lat):
-    """Latents of positions [t0, t1) (per-channel: inside one group of G positions; per-token:
-    any, G being the group along the vector) → lat[:t1 - t0]; the first len(sink) positions are
-    read exact from `sink`."""
-    if per_channel:
+def _latent_rows(codes, scale, zero, bits, group, channel_off, sink, t0, t1, column, lat):
+    """Latents of positions [t0, t1) → lat[:t1 - t0]. A per-channel stream (channel_off not empty:
+    xqrt.quant.channel_offsets) reads inside one group of G positions, each channel in its own
+    width; a per-token one reads any positions, G being the group along the vector. The first
+    len(sink) positions are read exact from `sink`."""
+    if channel_off.shape[0]:
         b = t0 // group
         for c in range(lat.shape[1]):
-            dequantize_latent(codes[b, c], scale[b, c], zero[b, c], bits, group, column)
+            o0, o1 = channel_off[c], channel_off[c + 1]
+            dequantize_latent(codes[b, 0, o0:o1], scale[b, c], zero[b, c], (o1 - o0) * 8 // group, group, column)
             for t in range(t1 - t0):
                 lat[t, c] = column[t0 - b * group + t]
     else:
@@ -561,7 +564,7 @@ def _window_values(p, v_win, k0, w0, n, out):
 
 
 @njit(parallel=True, **_OPT)
-def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, k_sink, mk, n_qk,
+def attend_latent(q, pos, kc, ks, kz, k_bits, k_channel_off, k_width, k_sink, mk, n_qk,
                   vc, vs, vz, v_bits, v_width, v_group, v_sink, mv, n_qv, group, k_tail, mk_tail, v_tail, mv_tail,
                   k_win, v_win, rope_cos, rope_sin, n_head, n_kv_head, head_dim, n_threads, scores, out):
     """Single-query attention over a latent cache, for the token at `pos` (rope_table gives the
@@ -586,7 +589,7 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, k_sink, mk
         lat = np.empty((group, k_width), np.float32)
         keys = np.empty((group, kv_dim), np.float32)
         column = np.empty(group, np.float32)
-        _latent_rows(kc, ks, kz, k_bits, group, k_per_channel, k_sink, t0, t1, column, lat)
+        _latent_rows(kc, ks, kz, k_bits, group, k_channel_off, k_sink, t0, t1, column, lat)
         rebuild(lat, t1 - t0, mk, keys)
         _score_rows(q, keys, t1 - t0, t0, rope_cos, rope_sin, n_head, n_kv_head, head_dim, scale, scores)
     keys = np.empty((w0 - n_qk, kv_dim), np.float32)
@@ -618,7 +621,7 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_per_channel, k_width, k_sink, mk
         for b in range(p, n_blocks, n_parts):
             t0 = b * group
             t1 = min(t0 + group, n_qv)
-            _latent_rows(vc, vs, vz, v_bits, v_group, False, v_sink, t0, t1, column, lat)
+            _latent_rows(vc, vs, vz, v_bits, v_group, k_channel_off[:0], v_sink, t0, t1, column, lat)
             lat[t1 - t0:] = 0.0  # a last, partial block: rows past t1 hold an earlier block's
             for h in range(n_head):
                 weights[h, :t1 - t0] = scores[h, t0:t1]
