@@ -6,10 +6,11 @@ grid: fp16 / kivi / xquant / xquant-cl × 4, 3, 2 bits as the paper describes th
 evaluation modes (`decode`: what generation sees, exact recent tail included; `simulated`: every
 K/V quantized, the paper's setup) → docs/quality.md, docs/quality.png.
 
-recipes: the quality switches (rotation, sinks, clipping, value balance, key group) each alone on
-XQuant 3-bit, and combined, in `decode` mode (and `simulated` on --simulated-windows); the shipped
-recipes at their budgets with per-layer bits calibrated on the last --calib-windows windows of
-the file (never among the evaluated ones, which are the first); KIVI* and llama.cpp's quantized
+recipes: the quality switches (rotation, sinks, clipping, value balance, key group, key bits per
+channel, key channel 0 in fp16) each alone on XQuant 3-bit, and combined, in `decode` and `simulated` mode on the first
+--ablation-windows windows; the shipped recipes at their budgets with key channel weights and
+per-layer bits calibrated on the last --calib-windows windows of the file (never among the
+evaluated ones, which are the first); KIVI* and llama.cpp's quantized
 KV cache types (through llama-cpp-python on the same token windows, against its own f16 KV) at
 theirs → docs/quality-recipes.md, docs/quality-recipes.png.
 """
@@ -27,17 +28,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from xqrt import Engine  # noqa: E402
-from xqrt.calibrate import allocate_bits  # noqa: E402
+from xqrt.calibrate import allocate_bits, key_channel_weights  # noqa: E402
+from xqrt.factors import layer_factors  # noqa: E402
 from xqrt.default_model import default_model_path  # noqa: E402
 from xqrt.perplexity import Scores, evaluate, reference_logits, windows  # noqa: E402
 
 TEXT = os.path.join(ROOT, "..", "shared", "data", "wikitext-2-raw", "wiki.test.raw")
 MODES = ("kivi", "xquant", "xquant-cl")
 BITS = (4, 3, 2)
-PAPER = dict(rotate=False, sinks=0, clip=False, balance=0.0)  # every switch off: the method as published
+PAPER = dict(rotate=False, sinks=0, clip=False, balance=0.0, channel_bits=False)  # the method as published
 SWITCHES = [("rotation", dict(rotate=True)), ("4 sinks", dict(sinks=4)), ("clipping", dict(clip=True)),
-            ("value balance 1", dict(balance=1.0)), ("key group 128", dict(group=128, value_group=64))]
-COMBINED = dict(rotate=True, sinks=4, clip=False, balance=0.0, group=128, value_group=64)
+            ("value balance 1", dict(balance=1.0)), ("key group 128", dict(group=128, value_group=64)),
+            ("key bits per channel", dict(channel_bits=True)), ("key channel 0 in fp16", dict(fp16_channels=1))]
+COMBINED = dict(rotate=True, sinks=4, clip=False, balance=0.0, group=128, value_group=64, channel_bits=True)
 # The shipped recipes: (name, smallest ratio to fp16 KV, options); where the options' bits do not
 # fit the ratio, layers are calibrated down from `bits` to bits − 1 until they do.
 RECIPES = [("4-bit", 3.5, dict(COMBINED, bits=4)), ("5x", 5.0, dict(COMBINED, bits=3)),
@@ -109,15 +112,18 @@ def recipes_section(eng, wins, calib, ablation_wins, args):
     ref = reference_logits(eng, wins)
     fp16 = eng.fp16_bytes_per_token()
     rows = [("fp16 KV", evaluate(eng, wins, "fp16", reference=ref), "")]
+    # what `hf_to_gguf_xq.py --calibrate` stores in a file, from the calibration windows
+    for factors, weight in zip(layer_factors(eng.model), key_channel_weights(eng, calib, COMBINED["group"])):
+        factors.kw = weight
 
     def run(name, mode, eval_mode="decode", on=wins, **options):
         r = evaluate(eng, on, mode, eval_mode, reference=ref[:len(on)], **options)
         print(f"{name:40s} {eval_mode:9s} {r.summary()}", flush=True)
         return r
 
-    for bits in BITS:
+    for bits in BITS if args.baselines else ():
         rows.append((f"KIVI* {bits}-bit", run(f"kivi {bits}", "kivi", bits=bits, **PAPER), "paper"))
-    for bits in BITS[1:]:
+    for bits in BITS[1:] if args.baselines else ():
         rows.append((f"XQuant {bits}-bit", run(f"xquant {bits}", "xquant", bits=bits, **PAPER), "paper"))
     allocations = []
     for name, ratio, opts in RECIPES:
@@ -131,9 +137,9 @@ def recipes_section(eng, wins, calib, ablation_wins, args):
             opts["layer_bits"] = layer_bits
         rows.append((f"xqrt recipe {name}", run(name, "xquant", **opts), "recipe"))
     ablation = {}
-    for eval_mode in ("decode", "simulated"):
+    for eval_mode in ("decode", "simulated") if ablation_wins else ():
         ablation[eval_mode] = [("XQuant 3-bit", run("xquant 3", "xquant", eval_mode, ablation_wins, bits=3, **PAPER))]
-        for name, switch in SWITCHES + [("rotation + 4 sinks + key group 128", COMBINED)]:
+        for name, switch in SWITCHES + [("rotation + 4 sinks + key group 128 + key bits per channel", COMBINED)]:
             ablation[eval_mode].append((f"+ {name}", run(name, "xquant", eval_mode, ablation_wins, bits=3,
                                                           **dict(PAPER, **switch))))
     llama = []
@@ -160,7 +166,10 @@ overlaps. B/token counts everything the cache holds after a full window (sinks a
 Switches: rotation = a Hadamard transform per group on the value latents, folded into the SVD factors;
 sinks = the first positions' latents also kept in fp16, and left out of their key group's ranges;
 clipping = each group's least-squares range; value balance = value latents scaled by the SVD's σ;
-key group 128 = per-channel key groups of 128 positions (values keep groups of 64).
+key group 128 = per-channel key groups of 128 positions (values keep groups of 64); key bits per channel =
+2/3-bit key latents' bits spread over their channels (1–4 each, same bytes) by weights calibrated on the same
+windows as the layer bits; key channel 0 in fp16 = the key latent's first channel (the SVD's largest, where
+the outliers sit) stored as fp16 in its groups.
 
 ## decode evaluation
 """, head]
@@ -250,6 +259,8 @@ def main():
     ap.add_argument("--sections", nargs="+", choices=("grid", "recipes"), default=["grid", "recipes"])
     ap.add_argument("--ablation-windows", type=int, default=8, help="recipes: windows of the switch ablation")
     ap.add_argument("--calib-windows", type=int, default=2, help="recipes: calibration windows, from the end")
+    ap.add_argument("--no-baselines", dest="baselines", action="store_false",
+                    help="recipes: skip the paper's KIVI* and XQuant rows")
     ap.add_argument("--llama-cpp", nargs="*", default=["q8_0", "q4_0"], metavar="TYPE",
                     help="recipes: llama.cpp KV cache types to compare (none: skip llama.cpp)")
     ap.add_argument("--threads", type=int, default=None)

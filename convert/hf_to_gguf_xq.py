@@ -58,6 +58,8 @@ OUTTYPES = {"f32": (T.F32, gguf.LlamaFileType.ALL_F32), "f16": (T.F16, gguf.Llam
             "q4_0": (T.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0), "q4_1": (T.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1)}
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 DEFAULT_RECIPE = {"mode": "xquant", "bits": 3, "rotate": True, "sinks": 4}  # group: default_group of the model
+KEY_GROUP_GQA = 128  # GQA: key latents in groups of 128 positions, values in the model's default group (the recipes
+# measured in docs/quality-recipes.md: on SmolLM2 the longer key groups cost fewer scale bytes than they lose)
 # transformers module → llama.cpp tensor role, per layer
 LAYER_ROLES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
@@ -440,6 +442,8 @@ def write_gguf(out: Path, arch: str, add_keys: Callable[[gguf.GGUFWriter], None]
 def add_xquant_keys(w: gguf.GGUFWriter, cfg: ModelConfig, args, factors: bool):
     """xquant.version / rank / layers, and the cache recipe (flags given, else DEFAULT_RECIPE)."""
     recipe = {**DEFAULT_RECIPE, "group": default_group(cfg)}
+    if needs_factors(cfg) and getattr(args, "group", None) is None:  # a --group given sets both, as on xqrt.run
+        recipe.update(group=KEY_GROUP_GQA, value_group=default_group(cfg))
     for k in RECIPE_KEYS:
         if getattr(args, "cache" if k == "mode" else k, None) is not None:
             recipe[k] = getattr(args, "cache" if k == "mode" else k)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from xqrt import Engine, XQError
-from xqrt.cache import mixed_attention
+from xqrt.cache import Stream, mixed_attention
 
 MODES = ("kivi", "xquant", "xquant-cl")
 rng = np.random.default_rng(0)
@@ -256,8 +256,9 @@ def test_factors_read_from_file_when_stored(tiny_gqa, tmp_path):
     assert said == []
     np.testing.assert_array_equal(stored[1].ukv, computed[1].ukv)
     ids = list(range(3, 140))
-    np.testing.assert_allclose(Engine(str(out), ctx=256).logits(ids, "xquant", bits=3),
-                               Engine(path, ctx=256).logits(ids, "xquant", bits=3), rtol=1e-5, atol=1e-5)
+    same = dict(bits=3, group=64, value_group=64)  # the file's recipe has GQA's key group of 128: not under test
+    np.testing.assert_allclose(Engine(str(out), ctx=256).logits(ids, "xquant", **same),
+                               Engine(path, ctx=256).logits(ids, "xquant", **same), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["xquant", "xquant-cl"])
@@ -345,3 +346,31 @@ def test_file_recipe_reads_every_key_and_rejects_bad_values():
                      ("layer_bits", np.array([5])), ("rotate", 1), ("balance", 1e9), ("sinks", 1 << 30)]:
         with pytest.raises(XQError, match=f"xquant.cache.{key}"):
             file_recipe({f"xquant.cache.{key}": bad})
+
+
+def test_fp16_key_channels_are_exact_and_counted(tiny_gqa):
+    """--fp16-channels N: the first N key latent channels go through their per-channel groups as fp16
+    (read back to fp16 precision), every other channel as before, the extra bytes counted; the
+    decode kernel reads that layout as the batched path does."""
+    _, path = tiny_gqa
+    eng = Engine(path, ctx=256)
+    ids = list(rng.integers(0, eng.config.vocab_size, 150))
+    opts = dict(bits=3, group=64, channel_bits=False)
+    plain, exact = eng.new_cache("xquant", **opts), eng.new_cache("xquant", fp16_channels=2, **opts)
+    widths = np.diff(exact.layers[0].key.channel_off) * 8 // exact.group
+    assert list(widths[:3]) == [16, 16, 3] and (widths[2:] == 3).all()
+    eng.forward(ids, plain)
+    eng.forward(ids[:70], exact)
+    steps = np.array([eng.forward([t], exact) for t in ids[70:]])
+    groups = 150 // 64  # complete key groups per layer
+    assert exact.nbytes() - plain.nbytes() == eng.config.n_layer * groups * 2 * (16 - 3) * 64 // 8
+    stream = Stream(128, 8, 3, 64, per_channel=True, channel_bits=[16, 3, 3, 3, 3, 3, 3, 3])
+    rows = rng.standard_normal((64, 8)).astype(np.float32)
+    stream.write(0, rows)
+    back = stream.read(0, 64)
+    np.testing.assert_array_equal(back[:, 0], rows[:, 0].astype(np.float16))
+    assert 0 < np.abs(back[:, 1:] - rows[:, 1:]).max() < 0.5
+    batched = eng.logits(ids, "xquant", fp16_channels=2, **opts)
+    assert rel(steps, batched[70:]) < 5e-3
+    with pytest.raises(XQError, match="fp16-channels"):
+        eng.new_cache("xquant", fp16_channels=-1)

@@ -92,8 +92,8 @@ def test_recipe_makes_flags_unnecessary(tmp_path, capsys):
                       "--no-rotate", "--clip", "--balance", "0.5")
     eng = Engine(layered, ctx=64)
     assert eng.cache_options.layer_bits == (3, 2) and eng.cache_options.value_group == 8
-    assert eng.cache.describe() == ("xquant 3/2-bit per layer, group 64, value group 8, residual 64, 4 sinks, "
-                                    "clipped, value balance 0.5")
+    assert eng.cache.describe() == ("xquant 3/2-bit per layer, group 128, value group 8, residual 128, 4 sinks, "
+                                    "clipped, value balance 0.5")  # GQA files: key groups of 128 by default
     assert run_main([kivi, "-p", "the", "-n", "3", "--temp", "0"]) == 0
     assert "cache kivi 3-bit" in capsys.readouterr().err
 

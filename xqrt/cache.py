@@ -93,6 +93,8 @@ class CacheOptions:
     balance: float = 0.0  # value latents scaled by σ^balance (σ: the SVD's), the rebuild by σ^-balance
     sinks: int = 4  # the first positions' latents also kept exact (fp16, counted), at most G
     channel_bits: bool = True  # 2/3-bit key latents: bits spread over channels by the file's calibration
+    fp16_channels: int = 0  # GQA XQuant: the first key latent channels (the SVD's largest, where the outliers
+    # sit: the paper's appendix B) stored as fp16 in their per-channel groups, counted in the bytes
 
     def __post_init__(self):
         for flag, b in (("--bits", self.bits), ("--value-bits", self.value_bits),
@@ -101,6 +103,8 @@ class CacheOptions:
                 raise XQError(f"{flag} {b} is not supported (choose from 2, 3, 4, 8; 16/32 store floats)")
         if self.kv_budget < 0:
             raise XQError(f"--kv-budget {self.kv_budget} must be 0 or more bytes")
+        if self.fp16_channels < 0:
+            raise XQError(f"--fp16-channels {self.fp16_channels} must be 0 or more")
 
 
 def default_group(config: ModelConfig) -> int:
@@ -416,7 +420,8 @@ class LatentCache(Cache):
             f = layer_factors(model)
             return [self._layer(None, None, f[i].wk, f[i].wv, True, self.layer_bits(i)) for i in range(c.n_layer)]
         f = layer_factors(model, log)
-        return [self._layer(L.uk, L.uv, L.mk, L.mv, False, self.layer_bits(i), key_weight=L.kw) for i, L in enumerate(f)]
+        return [self._layer(L.uk, L.uv, L.mk, L.mv, False, self.layer_bits(i), key_weight=L.kw)
+                for i, L in enumerate(f)]
 
     def layer_bits(self, i: int) -> int:
         return self.bits if self.options.layer_bits is None else int(self.options.layer_bits[i])
@@ -440,9 +445,14 @@ class LatentCache(Cache):
         if with_streams:
             wk, wv = self._latent_widths(L)
             channel_bits = None
-            if o.channel_bits and key_weight is not None and bits in quant.CHANNEL_BITS:
-                channel_bits = quant.allocate_channel_bits(key_weight, bits)
+            widths = quant.CHANNEL_BITS
+            n_exact = min(o.fp16_channels, wk) if L.uk is not None and not shared and bits <= 8 else 0
+            if o.channel_bits and key_weight is not None and widths[0] < bits < widths[-1]:
+                channel_bits = quant.allocate_channel_bits(key_weight[n_exact:], bits)
                 self.channel_allocated = True
+            if n_exact:
+                rest = np.full(wk - n_exact, bits, np.int64) if channel_bits is None else channel_bits
+                channel_bits = np.concatenate([np.full(n_exact, 16, np.int64), rest])
             L.key = Stream(self.n_ctx, wk, bits, self.group, per_channel=not shared, clip=o.clip, sinks=o.sinks,
                            channel_bits=channel_bits)
             value_bits = bits if o.value_bits is None or bits == 32 else o.value_bits
@@ -745,7 +755,7 @@ CACHE_MODES = {"fp16": FP16KV, "kivi": KIVI, "xquant": XQuant, "xquant-cl": XQua
 # the file needs no flags; arguments given explicitly override it key by key.
 RECIPE_KEYS = {k: f"xquant.cache.{k}" for k in ("mode", "bits", "group", "residual", "base_layers", "value_bits",
                                                  "value_group", "layer_bits", "sinks", "rotate", "clip", "balance",
-                                                 "channel_bits")}
+                                                 "channel_bits", "fp16_channels")}
 RECIPE_TYPES = {"mode": str, "rotate": bool, "clip": bool, "channel_bits": bool, "balance": float,
                 "layer_bits": tuple}  # the rest: int
 
