@@ -361,7 +361,8 @@ def main():
     print(text)
     with open(args.out, "w", encoding="utf-8") as f:
         f.write("# CPU performance\n\nWritten by `python bench/cpu.py " + shlex.join(sys.argv[1:]) + "` in "
-                f"{time.perf_counter() - t_start:.0f} s.\n\n{text}\n\n{figures}\n")
+                f"{time.perf_counter() - t_start:.0f} s.\n\n{text}\n\n{figures}\n\n"
+                "GPU figures: [performance-gpu.md](performance-gpu.md), written by `bench/gpu.py`.\n")
 
 
 if __name__ == "__main__":

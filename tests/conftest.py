@@ -7,6 +7,10 @@ import sys
 
 import pytest
 
+# No GPU here: the CUDA kernels run in Numba's simulator (set before Numba is first imported).
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and not os.path.exists("/dev/nvidia0"):
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "convert"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
 import hf_to_gguf_xq  # noqa: E402

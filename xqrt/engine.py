@@ -20,6 +20,7 @@ from .cache import FP16KV, Cache, CacheOptions, file_recipe, make_cache
 from .errors import XQError
 from .factors import stderr_log
 from .gguf_model import Model, QMatrix, load_model
+from .gpu import DeviceFP16KV, GpuStep, pick_device
 from .kernels import cpu
 from .sampler import Sampler, SamplingParams
 from .tokenizer import Tokenizer
@@ -62,13 +63,18 @@ class Engine:
                  value_bits: int | None = None, value_group: int | None = None,
                  layer_bits: tuple[int, ...] | None = None, sinks: int | None = None, rotate: bool | None = None,
                  clip: bool | None = None, balance: float | None = None, channel_bits: bool | None = None,
-                 kv_budget: int = 0,
+                 fp16_channels: int | None = None,
+                 kv_budget: int = 0, device: str = "cpu",
                  threads: int | None = None, batch: int = 512, act_bits: int = 8, verbose: bool = False):
         """Cache settings left as None come from the GGUF's recipe when it has one (converted files
         do), else: fp16 KV; bits 4, and the rest as `CacheOptions` chooses (its fields say what
-        value_bits, value_group, layer_bits, sinks, rotate, clip, balance and channel_bits do).
+        value_bits, value_group, layer_bits, sinks, rotate, clip, balance, channel_bits and
+        fp16_channels do).
         kv_budget: bytes of fp16 K/V for the most recent tokens, which a latent cache then reads
         without rematerializing (0: none; fp16 KV's own bytes per token × n: the last n tokens).
+
+        device: "cpu", "cuda" (the fp16 cache so far; xqrt.gpu) or "auto" (CUDA when numba-cuda
+        finds a GPU and the cache runs there).
 
         act_bits: the decode step multiplies quantized weights by activations rounded to integer
         codes per block of 32: 8 as llama.cpp does (fastest; products within ~1e-3 of float), or
@@ -85,7 +91,7 @@ class Engine:
         given = dict(mode=cache, bits=bits, group=group, residual=residual, base_layers=base_layers,
                      value_bits=value_bits, value_group=value_group,
                      layer_bits=None if layer_bits is None else tuple(layer_bits), sinks=sinks, rotate=rotate,
-                     clip=clip, balance=balance, channel_bits=channel_bits)
+                     clip=clip, balance=balance, channel_bits=channel_bits, fp16_channels=fp16_channels)
         recipe = file_recipe(self.model.metadata)
         chosen = {k: recipe.get(k) if v is None else v for k, v in given.items()}
         self.cache_mode = chosen.pop("mode") or "fp16"
@@ -93,6 +99,8 @@ class Engine:
         self.cache_options = CacheOptions(kv_budget=int(kv_budget),
                                           **{k: v for k, v in chosen.items() if k not in unset})
         self._log = stderr_log if verbose else None
+        self.device = pick_device(device, self.cache_mode, stderr_log if verbose and device == "auto" else None)
+        self._gpu = GpuStep(self.model, self.n_ctx) if self.device == "cuda" else None
         self.batch = max(1, int(batch))
         if threads:
             numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
@@ -135,6 +143,10 @@ class Engine:
         """A fresh cache; `options` override this engine's CacheOptions (bits, group, residual,
         base_layers, simulated)."""
         opts = replace(self.cache_options, **options)
+        if self._gpu is not None:
+            if (mode or self.cache_mode) != "fp16":
+                raise XQError(f"the GPU step runs the fp16 cache so far, not {mode}")
+            return DeviceFP16KV(self.model, self.n_ctx, opts)
         return make_cache(mode or self.cache_mode, self.model, self.n_ctx, opts, self._log)
 
     def _dense(self, m: QMatrix) -> np.ndarray:
@@ -217,6 +229,14 @@ class Engine:
             raise XQError(f"token id out of range [0, {self.config.vocab_size})")
         pos0 = cache.n_tokens
         cache.check_room(pos0, len(tokens))
+        if isinstance(cache, DeviceFP16KV):  # the GPU runs the prompt token by token too, for now
+            steps = []
+            for i, t in enumerate(tokens):
+                logits = self._gpu(int(t), pos0 + i, cache)
+                cache.advance(1)
+                if all_logits or i == len(tokens) - 1:
+                    steps.append(logits.copy())
+            return np.stack(steps) if all_logits else steps[-1]
         if len(tokens) <= _DECODE_MAX:  # a batch dequantizes every weight: not worth it for a few tokens
             steps = [self._decode(int(t), pos0 + i, cache).copy() for i, t in enumerate(tokens)]
             return np.stack(steps) if all_logits else steps[-1]

@@ -67,6 +67,9 @@ def add_cache_args(ap: argparse.ArgumentParser, defaults: str = "the GGUF's reci
     g.add_argument("--channel-bits", action=argparse.BooleanOptionalAction, default=None,
                    help="2/3-bit GQA key latents: bits spread over channels by the file's calibration weights "
                         "(convert/hf_to_gguf_xq.py --calibrate stores them) [on where the file has them]")
+    g.add_argument("--fp16-channels", type=int, default=None, metavar="N",
+                   help="GQA xquant: the first N key latent channels (the SVD's largest, where the outliers sit) "
+                        "kept as fp16 [0]")
     g.add_argument("--balance", type=float, default=None, metavar="A",
                    help="scale the value latents by sigma^A of their SVD (0: as the paper) [0]")
     g.add_argument("--kv-budget", type=byte_size, default=0, metavar="BYTES",
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("-c", "--ctx", type=int, default=None, help="context size in tokens (default: min(train, 4096))")
     add_compute_args(ap)
+    ap.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                    help="where the decode step runs: cuda (the fp16 cache so far), or auto: CUDA when numba-cuda "
+                         "finds a GPU and the cache runs there, else the CPU, saying which [cpu]")
     add_cache_args(ap)
     ap.add_argument("--chat", action="store_true", help="interactive chat with the model's template")
     ap.add_argument("--system", default=None, help="system message for --chat")
@@ -117,7 +123,8 @@ def engine_from_args(args, ctx):
                   residual=args.residual, base_layers=args.base_layers, value_bits=args.value_bits,
                   value_group=args.value_group, layer_bits=args.layer_bits, sinks=args.sinks,
                   rotate=args.rotate, clip=args.clip, balance=args.balance, channel_bits=args.channel_bits,
-                  kv_budget=args.kv_budget, threads=args.threads,
+                  fp16_channels=args.fp16_channels,
+                  kv_budget=args.kv_budget, device=getattr(args, "device", "cpu"), threads=args.threads,
                   act_bits=args.act_bits, verbose=True)
 
 

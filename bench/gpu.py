@@ -1,0 +1,451 @@
+"""GPU benchmark of the CUDA kernels on a Llama-3-8B-shaped model with random weights.
+
+    python bench/gpu.py [--layers 32] [--contexts 1024 8192 32768] [--out docs]
+
+One run on one GPU prints and writes `docs/performance-gpu.md`:
+- the two ceilings, measured: a device-to-device copy (bytes read + written per second) and an
+  fp32 FMA-bound kernel (FLOP/s);
+- the weight matrix-vector product's GB/s per block format, rotating over more matrices than the
+  L2 cache holds;
+- decode step time and tokens/s at each context for fp16 KV, KIVI*, XQuant and XQuant-CL at 2/3/4
+  bits, with each mode's attention alone against its roofline max(bytes / copy bandwidth,
+  FLOPs / fp32 peak), plus the tensor-core variant of the XQuant rebuild (fp16 latents × fused
+  factors through cuBLAS, via torch on the same device buffers);
+- cache bytes per token and the largest context that fits 16 GB of cache per mode.
+
+Weights and cache contents are random (speed does not depend on them); a step appends no token to
+the cache: fp16 KV writes its K/V row, the latent modes compute the new token's latents but do not
+pack them (a few hundred bytes per layer). Needs numba-cuda and torch with CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from numba import cuda, float32
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from xqrt.gguf_model import Q4_0, Q4_1, Q8_0  # noqa: E402
+from xqrt.kernels import cuda as kc  # noqa: E402
+
+LLAMA3_8B = dict(d=4096, n_head=32, n_kv_head=8, head_dim=128, n_ff=14336, vocab=128256, n_layer=32)
+GROUP = 128  # quantization group (keys: G positions per channel; values: G channels per token)
+BUDGET = 16 * 10 ** 9  # bytes of cache for the "largest context" column
+
+
+STREAM = [0]  # where every launch goes: 0, or the stream a CUDA graph is being captured on
+
+
+def launch(kernel, grid, *args):
+    kernel[grid, kc.THREADS, STREAM[0]](*args)
+
+
+def seconds(fn, least=0.3, most=50):
+    """Mean wall time of fn() (GPU work finished), repeated until `least` seconds or `most` calls."""
+    fn()
+    cuda.synchronize()
+    n, t0 = 0, time.perf_counter()
+    while n < most and (n < 2 or time.perf_counter() - t0 < least):
+        fn()
+        n += 1
+    cuda.synchronize()
+    return (time.perf_counter() - t0) / n
+
+
+def dev(t: torch.Tensor):
+    return cuda.as_cuda_array(t.detach())
+
+
+# ---- ceilings -----------------------------------------------------------------------------------
+@cuda.jit(fastmath=True)
+def fma_chain(out, n_iter):
+    i = cuda.grid(1)
+    a0, a1, a2, a3 = float32(i) * float32(1e-9), float32(1.0), float32(2.0), float32(3.0)
+    a4, a5, a6, a7 = float32(4.0), float32(5.0), float32(6.0), float32(7.0)
+    for _ in range(n_iter):  # eight independent chains: enough in flight to hide the FMA latency
+        a0 = cuda.fma(a0, float32(0.9999), float32(1e-4))
+        a1 = cuda.fma(a1, float32(0.9999), float32(1e-4))
+        a2 = cuda.fma(a2, float32(0.9999), float32(1e-4))
+        a3 = cuda.fma(a3, float32(0.9999), float32(1e-4))
+        a4 = cuda.fma(a4, float32(0.9999), float32(1e-4))
+        a5 = cuda.fma(a5, float32(0.9999), float32(1e-4))
+        a6 = cuda.fma(a6, float32(0.9999), float32(1e-4))
+        a7 = cuda.fma(a7, float32(0.9999), float32(1e-4))
+    out[i] = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7
+
+
+def ceilings():
+    a = torch.empty(2 ** 28, dtype=torch.float32, device="cuda")  # 1 GiB
+    b = torch.empty_like(a)
+    copy_bw = 2 * a.numel() * 4 / seconds(lambda: b.copy_(a))
+    sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
+    n_threads, n_iter = sms * 16 * kc.THREADS, 4096
+    out = cuda.device_array(n_threads, np.float32)
+    flops = 2 * 8 * n_iter * n_threads / seconds(lambda: fma_chain[sms * 16, kc.THREADS](out, n_iter))
+    torch.backends.cuda.matmul.allow_tf32 = False  # cuBLAS's fp32 product: a second fp32 ceiling
+    m = torch.randn(8192, 8192, device="cuda")
+    flops = max(flops, 2 * 8192 ** 3 / seconds(lambda: m @ m))
+    empty = cuda.device_array(1, np.float32)
+    per_launch = seconds(lambda: kc.add[1, 32](empty, empty), most=2000)
+    return copy_bw, flops, per_launch
+
+
+# ---- weights --------------------------------------------------------------------------------------
+def random_matrix(rows, cols, qtype) -> kc.DeviceMatrix:
+    words = kc._WORDS[qtype] * (cols // 32)
+    qs = dev(torch.randint(-2 ** 31, 2 ** 31 - 1, (rows, words), dtype=torch.int32, device="cuda")).view(np.uint32)
+    d = dev(torch.rand(rows, cols // 32, device="cuda").half() * 0.01)
+    m = dev(-torch.rand(rows, cols // 32, device="cuda").half() * 0.05) if qtype == Q4_1 else \
+        dev(torch.zeros(1, 1, dtype=torch.float16, device="cuda"))
+    return kc.DeviceMatrix(qtype, rows, cols, qs, d, m, dev(torch.zeros(1, 1, device="cuda")))
+
+
+def matrix_bytes(w: kc.DeviceMatrix) -> int:
+    return w.qs.nbytes + w.d.nbytes + (w.m.nbytes if w.qtype == Q4_1 else 0)
+
+
+XP = []  # matvec's permuted-input scratch, big enough for any row
+
+
+def matvec(w: kc.DeviceMatrix, x, out):
+    if not XP:
+        XP.append(cuda.device_array(kc.permuted_size(LLAMA3_8B["n_ff"]), np.float32))
+    kc.product(w, x, XP[0], out, STREAM[0])
+
+
+def rotating_seconds(mats, x, out):
+    """GPU seconds per product, one after another over all of mats (so none is read from L2)."""
+    def run():
+        for w in mats:
+            matvec(w, x, out)
+    t = graph_seconds(run)
+    return float("nan") if isinstance(t, str) else t / len(mats)
+
+
+def matvec_bandwidth(s, qtype):
+    """(shape, bytes, seconds) of the product over the model's matrix shapes, cycling through
+    256 MiB of matrices (five times H100's L2)."""
+    rows = []
+    for r, c in ((s["d"], s["d"]), (s["n_ff"], s["d"]), (s["d"], s["n_ff"])):
+        one = r * c // 32 * (kc._WORDS[qtype] * 4 + (4 if qtype == Q4_1 else 2))
+        mats = [random_matrix(r, c, qtype) for _ in range(max(2, -(-256 * 2 ** 20 // one)))]
+        x = cuda.to_device(np.random.default_rng(0).standard_normal(c).astype(np.float32))
+        t = rotating_seconds(mats, x, cuda.device_array(r, np.float32))
+        rows.append((f"{r}×{c}", matrix_bytes(mats[0]), t))
+    return rows
+
+
+# ---- the decode step ------------------------------------------------------------------------------
+class Model:
+    """Llama-3-8B-shaped random weights in Q4_0 (the factors in Q8_0 / float32) and the step's
+    activations; per layer what each cache mode reads."""
+
+    def __init__(self, s, n_ctx):
+        self.s = s
+        d, kv, ff = s["d"], s["n_kv_head"] * s["head_dim"], s["n_ff"]
+        self.layers = []
+        for _ in range(s["n_layer"]):
+            self.layers.append(dict(
+                wq=random_matrix(d, d, Q4_0), wk=random_matrix(kv, d, Q4_0), wv=random_matrix(kv, d, Q4_0),
+                wo=random_matrix(d, d, Q4_0), w_gate=random_matrix(ff, d, Q4_0), w_up=random_matrix(ff, d, Q4_0),
+                w_down=random_matrix(d, ff, Q4_0),
+                uk=random_matrix(kv, d, Q8_0), uv=random_matrix(kv, d, Q8_0), ukv=random_matrix(2 * kv, d, Q8_0),
+                norm=dev(torch.ones(d, device="cuda")),
+            ))
+        self.output = random_matrix(s["vocab"], d, Q4_0)
+        # Fused rebuild factors are per layer in a real model; one set serves every layer here (read from L2
+        # either way: the product, not their bytes, bounds the rebuild).
+        self.mk = dev(torch.randn(kv, kv, device="cuda") * 0.03)
+        self.mv = dev(torch.randn(kv, kv, device="cuda") * 0.03)
+        self.mk16 = torch.as_tensor(self.mk, device="cuda").half()
+        self.ukv_t = dev(torch.randn(2 * kv, d, device="cuda") * 0.02)  # XQuant-CL: Δ latent → x space
+        self.wk_t = dev(torch.randn(d, kv, device="cuda") * 0.02)  # accumulator → K / V
+        self.wv_t = dev(torch.randn(d, kv, device="cuda") * 0.02)
+        inv_freq = 500000.0 ** (-np.arange(0, s["head_dim"], 2) / s["head_dim"])
+        ang = np.arange(n_ctx + 1)[:, None] * inv_freq[None]
+        self.cos, self.sin = cuda.to_device(np.cos(ang).astype(np.float32)), cuda.to_device(np.sin(ang).astype(np.float32))
+        self.x = cuda.device_array(d, np.float32)
+        self.xn = cuda.device_array((1, d), np.float32)
+        self.x_row, self.xn_vec = self.x.reshape(1, -1), self.xn.reshape(-1)  # views made once: each costs host time
+        self.q = cuda.device_array(d, np.float32)
+        self.k = cuda.device_array(kv, np.float32)
+        self.v = cuda.device_array(kv, np.float32)
+        self.z = cuda.device_array(2 * kv, np.float32)
+        self.attn = cuda.device_array(d, np.float32)
+        self.proj = cuda.device_array(d, np.float32)
+        self.gate = cuda.device_array(ff, np.float32)
+        self.up = cuda.device_array(ff, np.float32)
+        self.logits = cuda.device_array(s["vocab"], np.float32)
+        self.ws = kc.Workspace(n_ctx + 1, s["n_head"], d)
+
+    def step(self, pos, attend):
+        """One decode step at position pos; attend(layer index, L) leaves the attention output in self.attn."""
+        s, m = self.s, self
+        elems = lambda n: kc._blocks(n)  # noqa: E731
+        for i, L in enumerate(self.layers):
+            launch(kc.rmsnorm, 1, self.x_row, L["norm"], np.float32(1e-5), self.xn)
+            xn = self.xn_vec
+            matvec(L["wq"], xn, m.q)
+            launch(kc.rope, elems(s["d"] // 2), m.q, s["head_dim"], m.cos, m.sin, pos)
+            attend(i, L, xn)
+            matvec(L["wo"], m.attn, m.proj)
+            launch(kc.add, elems(s["d"]), m.x, m.proj)
+            launch(kc.rmsnorm, 1, self.x_row, L["norm"], np.float32(1e-5), self.xn)
+            matvec(L["w_gate"], xn, m.gate)
+            matvec(L["w_up"], xn, m.up)
+            launch(kc.silu_mul, elems(s["n_ff"]), m.gate, m.up, m.gate)
+            matvec(L["w_down"], m.gate, m.proj)
+            launch(kc.add, elems(s["d"]), m.x, m.proj)
+        launch(kc.rmsnorm, 1, self.x_row, self.layers[0]["norm"], np.float32(1e-5), self.xn)
+        matvec(self.output, self.xn_vec, self.logits)
+
+
+def random_streams(s, n, bits, per_channel_keys: bool, width: int, n_layer: int):
+    """Per layer: a per-channel key stream and a per-token value stream of n positions (KIVI /
+    XQuant layouts), random codes and scales; positions past the last full key group are exact."""
+    n_q = n // GROUP * GROUP
+    out = []
+    for _ in range(n_layer):
+        pair = []
+        for per_channel in (per_channel_keys, False):
+            if per_channel:
+                n_rows, row_bytes, n_scale = n_q // GROUP, width * bits * GROUP // 8, width
+                off = np.arange(width + 1, dtype=np.int64) * bits * GROUP // 8
+                cbits = np.full(width, bits, np.int64)
+            else:
+                n_rows, row_bytes, n_scale = n, width * bits // 8, width // GROUP
+                off = cbits = np.zeros(0, np.int64)
+            codes = torch.randint(0, 256, (max(n_rows, 1), 1, row_bytes), dtype=torch.uint8, device="cuda")
+            shape = (max(n_rows, 1), n_scale, 1) if per_channel else (max(n_rows, 1), 1, n_scale)
+            scale = torch.rand(shape, device="cuda").half() * 0.1
+            zero = -torch.rand(shape, device="cuda").half()
+            tail = torch.randn(n - n_q if per_channel else 0, width, device="cuda")
+            pair.append(kc.DeviceStream(dev(codes), dev(scale), dev(zero), bits, GROUP.bit_length() - 1,
+                                        cuda.to_device(off), cuda.to_device(cbits),
+                                        cuda.to_device(np.zeros((0, width), np.float32)), dev(tail),
+                                        n_q if per_channel else n))
+        out.append(pair)
+    return out
+
+
+def bytes_per_token(mode, bits, s):
+    kv = s["n_kv_head"] * s["head_dim"]
+    per_layer = {"fp16": 4 * kv,
+                 "kivi": 2 * (bits * kv // 8 + 4 * kv // GROUP),
+                 "xquant": 2 * (bits * kv // 8 + 4 * kv // GROUP),
+                 "xquant-cl": bits * 2 * kv // 8 + 4 * 2 * kv // GROUP}[mode]
+    return per_layer * s["n_layer"]
+
+
+def attention_cost(mode, bits, s, n):
+    """(bytes, FLOPs) of one layer's attention at context n (the rebuild's products counted)."""
+    kv, hd, nh = s["n_kv_head"] * s["head_dim"], s["head_dim"], s["n_head"]
+    b = bytes_per_token(mode, bits, s) / s["n_layer"] * n
+    if mode == "fp16":
+        return b, 4 * n * nh * hd
+    if mode == "kivi":
+        return b, 4 * n * nh * hd
+    if mode == "xquant":
+        return b, 2 * n * kv * kv + 4 * n * nh * hd + 2 * n * nh * kv
+    d = s["d"]  # xquant-cl: accumulate Δ̂·Ukvᵀ, then K from Â (x space); V summed in x space
+    return b + 2 * 4 * n * d, 2 * n * 2 * kv * d + 2 * n * d * kv + 4 * n * nh * hd + 2 * n * nh * d
+
+
+def run_mode(model, mode, bits, n, tensor_cores=False):
+    """(step seconds, attention seconds per layer) for one mode at context n."""
+    s, kv = model.s, model.s["n_kv_head"] * model.s["head_dim"]
+    nh, hd, nkv = s["n_head"], s["head_dim"], s["n_kv_head"]
+    empty = model.ws.empty
+    if mode == "fp16":
+        caches = [(dev(torch.randn(n + 1, kv, device="cuda").half()), dev(torch.randn(n + 1, kv, device="cuda").half()))
+                  for _ in range(s["n_layer"])]
+
+        def attend(i, L, xn):
+            matvec(L["wk"], xn, model.k)
+            matvec(L["wv"], xn, model.v)
+            launch(kc.rope, kc._blocks(kv // 2), model.k, hd, model.cos, model.sin, n)
+            launch(kc.store_f16, kc._blocks(kv), model.k, caches[i][0], n)
+            launch(kc.store_f16, kc._blocks(kv), model.v, caches[i][1], n)
+            kc.attend_f16(model.q, caches[i][0], caches[i][1], n + 1, nh, hd, model.ws, model.attn, STREAM[0])
+        one = lambda: kc.attend_f16(model.q, caches[0][0], caches[0][1], n + 1, nh, hd, model.ws, model.attn,  # noqa
+                                    STREAM[0])
+    elif mode in ("kivi", "xquant"):
+        streams = random_streams(s, n, bits, True, kv, s["n_layer"])
+        mk, mv = (empty, empty) if mode == "kivi" else (model.mk, model.mv)
+
+        def one_layer(i):
+            key, value = streams[i]
+            if tensor_cores:
+                attend_tensor_cores(model, key, value, n)
+            else:
+                kc.attend_latent(model.q, key, value, mk, mv, model.cos, model.sin, nkv, hd, model.ws, model.attn,
+                                 STREAM[0])
+
+        def attend(i, L, xn):
+            if mode == "kivi":
+                matvec(L["wk"], xn, model.k)
+                matvec(L["wv"], xn, model.v)
+            else:
+                matvec(L["uk"], xn, model.k)
+                matvec(L["uv"], xn, model.v)
+            one_layer(i)
+        one = lambda: one_layer(0)  # noqa: E731
+    else:  # xquant-cl
+        deltas = [random_streams(s, n, bits, False, 2 * kv, 1)[0][1] for _ in range(s["n_layer"])]
+        acc = cuda.device_array((n, s["d"]), np.float32)
+        none = cuda.to_device(np.zeros(0, np.int64))
+        acc_stream = kc.DeviceStream(deltas[0].codes, deltas[0].scale, deltas[0].zero, 8, GROUP.bit_length() - 1,
+                                     none, none, cuda.to_device(np.zeros((0, s["d"]), np.float32)), acc, 0)
+
+        def one_layer(i):
+            launch(kc.accumulate, (-(-n // kc.TILE_T), -(-s["d"] // kc.HEAD_DIM)), acc, *deltas[i].args,
+                   model.ukv_t, i == 0)
+            kc.attend_latent(model.q, acc_stream, acc_stream, model.wk_t, model.wv_t, model.cos, model.sin, nkv, hd,
+                             model.ws, model.attn, STREAM[0])
+
+        def attend(i, L, xn):
+            matvec(L["ukv"], xn, model.z)
+            one_layer(i)
+        one = lambda: one_layer(1)  # noqa: E731
+    t_attn = graph_seconds(one)
+    if isinstance(t_attn, str):
+        t_attn = seconds(one, least=0.3, most=20)
+    t_step = seconds(lambda: model.step(n, attend), least=0.5, most=5)
+    if t_step > 1.0:  # launch overhead is noise here: spare the device time of a capture
+        return t_step, float("nan"), t_attn
+    return t_step, graph_seconds(lambda: model.step(n, attend)), t_attn
+
+
+def graph_seconds(step):
+    """Seconds per replay of `step` captured as one CUDA graph (torch's capture; the Numba kernels
+    launched onto the capturing stream), or the reason it could not be captured."""
+    side = torch.cuda.Stream()
+    try:
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            STREAM[0] = cuda.external_stream(side.cuda_stream)
+            step()  # warm-up off the default stream, as capture requires
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            STREAM[0] = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+            step()
+        STREAM[0] = 0
+        return seconds(graph.replay, least=0.5, most=50)
+    except Exception as e:  # noqa: BLE001 — reported in the table
+        STREAM[0] = 0
+        torch.cuda.synchronize()
+        return f"{type(e).__name__}: {str(e)[:80]}"
+
+
+def attend_tensor_cores(model, key, value, n):
+    """XQuant attention with the rebuild product on tensor cores: latents dequantized to fp16 by the
+    Numba kernel, K = Z·Mk through cuBLAS (fp32 accumulation), RoPE, scores and the absorbed values
+    in torch on the same buffers. Unlike the fused kernel, this writes the layer's K to device memory."""
+    s = model.s
+    kv, hd, nh, nkv = s["n_kv_head"] * s["head_dim"], s["head_dim"], s["n_head"], s["n_kv_head"]
+    zk = torch.empty(n, kv, dtype=torch.float16, device="cuda")
+    zv = torch.empty(n, kv, dtype=torch.float16, device="cuda")
+    launch(kc.dequantize_stream, n, *key.args, dev(zk))
+    launch(kc.dequantize_stream, n, *value.args, dev(zv))
+    k = (zk @ model.mk16).float().view(n, nkv, hd // 2, 2)
+    cos = torch.as_tensor(model.cos, device="cuda")[:n, None, :]
+    sin = torch.as_tensor(model.sin, device="cuda")[:n, None, :]
+    a, b = k[..., 0], k[..., 1]
+    k = torch.stack((a * cos - b * sin, a * sin + b * cos), -1).view(n, nkv, hd)
+    q = torch.as_tensor(model.q, device="cuda").view(nkv, nh // nkv, hd)
+    p = torch.softmax(torch.einsum("gjd,ngd->gjn", q, k) / math.sqrt(hd), -1).reshape(nh, n)
+    u = (p.half() @ zv).float()  # (heads, latent): Σ aₜ·zₜ
+    mv = torch.as_tensor(model.mv, device="cuda").view(kv, nkv, hd)
+    out = torch.einsum("gjc,cgd->gjd", u.view(nkv, nh // nkv, kv), mv)
+    torch.as_tensor(model.attn, device="cuda").copy_(out.reshape(-1))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=LLAMA3_8B["n_layer"])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs"))
+    args = ap.parse_args()
+    if not cuda.is_available() or not torch.cuda.is_available():
+        sys.exit("bench/gpu.py: no CUDA GPU visible to numba-cuda and torch")
+    s = dict(LLAMA3_8B, n_layer=args.layers)
+    name = cuda.get_current_device().name
+    name = name.decode() if isinstance(name, bytes) else name
+    lines = [f"# GPU performance ({name})", "",
+             f"`python bench/gpu.py --layers {args.layers} --contexts {' '.join(map(str, args.contexts))}`: "
+             f"a Llama-3-8B-shaped model (d {s['d']}, {s['n_head']}/{s['n_kv_head']} heads of {s['head_dim']}, "
+             f"ffn {s['n_ff']}, vocab {s['vocab']}, {s['n_layer']} layers), random Q4_0 weights, random cache "
+             f"contents, group {GROUP}. Times are wall-clock, GPU work included: launched one kernel at a time from "
+             "Python, or replayed as one CUDA graph (the kernels' own time; products and attention are timed that "
+             "way).", ""]
+
+    os.makedirs(args.out, exist_ok=True)
+    report = open(os.path.join(args.out, "performance-gpu.md"), "w")  # written as it goes: a cut-off run keeps its rows
+    report.write("\n".join(lines) + "\n")
+
+    def say(line=""):
+        print(line, flush=True)
+        report.write(line + "\n")
+        report.flush()
+
+    copy_bw, peak, launch_s = ceilings()
+    say("## Ceilings")
+    say(f"- device-to-device copy: {copy_bw / 1e9:.0f} GB/s (bytes read + written)")
+    say(f"- fp32 peak: {peak / 1e12:.1f} TFLOP/s (the higher of an FMA-bound Numba kernel and cuBLAS's fp32 "
+        "8192³ product, TF32 off)")
+    say(f"- one Numba kernel launch from Python: {launch_s * 1e6:.1f} µs")
+    say()
+    say("## Weight matrix-vector product")
+    say("| format | shape | bytes | µs | GB/s | of copy bandwidth |")
+    say("|---|---|---|---|---|---|")
+    for qtype, label in ((Q4_0, "Q4_0"), (Q4_1, "Q4_1"), (Q8_0, "Q8_0")):
+        for shape, nbytes, t in matvec_bandwidth(s, qtype):
+            say(f"| {label} | {shape} | {nbytes / 1e6:.1f} MB | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | "
+                f"{nbytes / t / copy_bw:.0%} |")
+    say()
+    n_ctx = max(args.contexts)
+    model = Model(s, n_ctx)
+    fp16_step = {}
+    say("## Decode step")
+    say("| mode | bits | context | cache B/token | largest context in 16 GB | step ms (launched from Python) "
+        "| step ms (CUDA graph) | tokens/s | × fp16-KV step | attention ms/layer | its roofline ms | × roofline |")
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    plan = [("fp16", 16, False)] + [(m, b, False) for m in ("kivi", "xquant", "xquant-cl") for b in args.bits] \
+        + [("xquant", b, True) for b in args.bits]
+    for mode, bits, tc in plan:
+        for n in args.contexts:
+            try:
+                t_step, t_graph, t_attn = run_mode(model, mode, bits, n, tc)
+            except Exception as e:  # noqa: BLE001 — report and go on: one mode's failure says nothing of the others
+                say(f"| {mode} | {bits} | {n} | failed: {type(e).__name__}: {str(e)[:120]} |")
+                continue
+            if isinstance(t_graph, str):
+                say(f"<!-- {mode} {bits} {n}: graph capture failed: {t_graph} -->")
+                t_graph = float("nan")
+            if mode == "fp16":
+                fp16_step[n] = t_step if math.isnan(t_graph) else t_graph
+            bpt = bytes_per_token(mode, bits, s)
+            nbytes, flops = attention_cost(mode, bits, s, n)
+            roof = max(nbytes / copy_bw, flops / peak)
+            label = mode + (" (tensor cores)" if tc else "")
+            best = t_step if math.isnan(t_graph) else t_graph
+            ratio = best / fp16_step[n] if n in fp16_step else float("nan")
+            say(f"| {label} | {bits} | {n} | {bpt} | {BUDGET // bpt} | {t_step * 1e3:.2f} | {t_graph * 1e3:.2f} | "
+                f"{1 / best:.1f} | {ratio:.2f} | {t_attn * 1e3:.3f} | {roof * 1e3:.3f} | {t_attn / roof:.1f} |")
+    say()
+    say(f"A step launches about 20 kernels per layer from Python ({launch_s * 1e6:.0f} µs each when the GPU "
+        "keeps up): that overhead is part of every step time above.")
+    report.close()
+
+
+if __name__ == "__main__":
+    main()

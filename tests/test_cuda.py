@@ -1,0 +1,201 @@
+"""CUDA kernels against NumPy references on tiny shapes (in Numba's simulator without a GPU)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from xqrt import quant
+from xqrt.gguf_model import Q4_0, Q4_1, Q8_0
+from xqrt.kernels import cpu, cuda as kc
+from numba import cuda
+
+rng = np.random.default_rng(0)
+
+
+def blocks(qtype, rows, cols):
+    """Random GGUF block rows of a format, and the matrix they hold."""
+    nb = cols // 32
+    size = {Q4_0: 18, Q4_1: 20, Q8_0: 34}[qtype]
+    raw = rng.integers(0, 256, (rows, nb, size), dtype=np.uint8)
+    raw[:, :, 0:2] = rng.uniform(0.001, 0.02, (rows, nb)).astype(np.float16)[..., None].view(np.uint8)
+    if qtype == Q4_1:
+        raw[:, :, 2:4] = rng.uniform(-0.1, 0.0, (rows, nb)).astype(np.float16)[..., None].view(np.uint8)
+    data = raw.reshape(rows, nb * size)
+    dense = np.empty((rows, cols), np.float32)
+    cpu.dequantize(data, qtype, dense)
+    return data, dense
+
+
+@pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0, None])
+@pytest.mark.parametrize("cols", [96, 2336])  # one staged chunk of x, and more than one
+def test_matvec_and_embed(qtype, cols):
+    rows = 19
+    if qtype is None:
+        dense = rng.standard_normal((rows, cols)).astype(np.float32)
+        w = kc.upload_dense(dense)
+    else:
+        data, dense = blocks(qtype, rows, cols)
+        w = kc.upload_matrix(qtype, data, cols)
+    x = rng.standard_normal(cols).astype(np.float32)
+    out = cuda.device_array(rows, np.float32)
+    kc.product(w, cuda.to_device(x), cuda.device_array(kc.permuted_size(cols), np.float32), out)
+    np.testing.assert_allclose(out.copy_to_host(), dense @ x, rtol=1e-4, atol=1e-4)
+    row = cuda.device_array(cols, np.float32)
+    kc.embed[1, kc.THREADS](*w.args, 7, row)
+    np.testing.assert_allclose(row.copy_to_host(), dense[7], rtol=1e-6, atol=1e-6)
+
+
+def test_elementwise():
+    d = 80
+    x = rng.standard_normal((2, d)).astype(np.float32)
+    w = rng.standard_normal(d).astype(np.float32)
+    out = cuda.device_array((2, d), np.float32)
+    kc.rmsnorm[2, kc.THREADS](cuda.to_device(x), cuda.to_device(w), np.float32(1e-5), out)
+    ref = x / np.sqrt((x * x).mean(1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
+
+    g, u = x[0], x[1]
+    h = cuda.device_array(d, np.float32)
+    kc.silu_mul[1, kc.THREADS](cuda.to_device(g), cuda.to_device(u), h)
+    np.testing.assert_allclose(h.copy_to_host(), g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+
+    inv_freq = (1e4 ** (-np.arange(0, 16, 2) / 16)).astype(np.float32)
+    cos, sin = cpu.rope_table(inv_freq, 8)
+    vec = x[0, :64].copy()
+    dv = cuda.to_device(vec)
+    kc.rope[1, kc.THREADS](dv, 16, cuda.to_device(cos), cuda.to_device(sin), 5)
+    ref = vec.copy()
+    cpu.rope_rows(ref[None], 4, 16, 5, inv_freq)
+    np.testing.assert_allclose(dv.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
+
+
+def attention_ref(q, keys, values, n_head, head_dim):
+    """Single-query attention: q (n_head·hd), keys/values (n, kv_dim) post-RoPE."""
+    n_kv = keys.shape[1] // head_dim
+    out = np.empty(n_head * head_dim, np.float32)
+    for h in range(n_head):
+        k0 = (h // (n_head // n_kv)) * head_dim
+        s = keys[:, k0:k0 + head_dim] @ q[h * head_dim:(h + 1) * head_dim] / math.sqrt(head_dim)
+        p = np.exp(s - s.max())
+        out[h * head_dim:(h + 1) * head_dim] = (p / p.sum()) @ values[:, k0:k0 + head_dim]
+    return out
+
+
+def test_attend_f16():
+    n_head, n_kv, hd, n = 4, 2, 16, 37
+    q = rng.standard_normal(n_head * hd).astype(np.float32)
+    k = rng.standard_normal((48, n_kv * hd)).astype(np.float16)
+    v = rng.standard_normal((48, n_kv * hd)).astype(np.float16)
+    ws = kc.Workspace(48, n_head, n_kv * hd)
+    out = cuda.device_array(n_head * hd, np.float32)
+    kc.attend_f16(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), n, n_head, hd, ws, out)
+    ref = attention_ref(q, k[:n].astype(np.float32), v[:n].astype(np.float32), n_head, hd)
+    np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-4, atol=1e-5)
+
+
+def key_stream(z, bits, group, n_sink, channel_bits):
+    """Per-channel packing of latents z (n, width) as xqrt.cache.Stream does: complete groups packed,
+    the rest an exact tail; returns the stream's arrays and what the kernel should read."""
+    n, width = z.shape
+    n_q = n // group * group
+    off = quant.channel_offsets(channel_bits, group)
+    codes = np.zeros((max(n_q // group, 1), 1, off[-1]), np.uint8)
+    scale = np.zeros((codes.shape[0], width, 1), np.uint16)
+    zero = np.zeros_like(scale)
+    seen = z.copy()
+    for b in range(n_q // group):
+        quant.quantize_channels(np.ascontiguousarray(z[b * group:(b + 1) * group].T), off, group, codes[b, 0],
+                                scale[b], zero[b])
+        cols = np.empty((width, group), np.float32)
+        quant.dequantize_channels(codes[b, 0], scale[b], zero[b], off, group, cols)
+        seen[b * group:(b + 1) * group] = cols.T
+    sink = z[:n_sink].copy()
+    seen[:n_sink] = sink
+    return kc.upload_stream(codes, scale, zero, bits, group, off, sink, z[n_q:].copy(), n_q), seen
+
+
+def value_stream(z, bits, group, n_sink):
+    n, width = z.shape
+    codes = np.zeros((n, 1, quant.row_bytes(width, bits)), np.uint8)
+    scale = np.zeros((n, 1, width // group), np.uint16)
+    zero = np.zeros_like(scale)
+    quant.quantize_rows(z, bits, group, codes[:, 0], scale[:, 0], zero[:, 0])
+    seen = np.empty_like(z)
+    quant.dequantize_rows(codes[:, 0], scale[:, 0], zero[:, 0], bits, group, seen)
+    seen[:n_sink] = z[:n_sink]
+    return kc.upload_stream(codes, scale, zero, bits, group, np.zeros(0, np.int64), z[:n_sink].copy(), None, n), seen
+
+
+@pytest.mark.parametrize("rebuild", [True, False])
+def test_attend_latent(rebuild):
+    """XQuant's GQA path (latents · fused factors) and KIVI's (the latent is K / V), against
+    dequantize → rebuild → RoPE → attention in NumPy."""
+    n_head, n_kv, hd, group, n = 4, 2, 16, 32, 45
+    kv_dim = n_kv * hd
+    width = 32
+    z_k = rng.standard_normal((n, width)).astype(np.float32)
+    z_v = rng.standard_normal((n, width)).astype(np.float32)
+    mk = rng.standard_normal((width, kv_dim)).astype(np.float32) if rebuild else np.zeros((0, 0), np.float32)
+    mv = rng.standard_normal((width, kv_dim)).astype(np.float32) if rebuild else np.zeros((0, 0), np.float32)
+    channel_bits = quant.allocate_channel_bits(rng.random(width), 2)  # mixed 1–4-bit channels
+    key, k_seen = key_stream(z_k, 2, group, 2, channel_bits)
+    value, v_seen = value_stream(z_v, 3, 16, 2)
+    inv_freq = (1e4 ** (-np.arange(0, hd, 2) / hd)).astype(np.float32)
+    cos, sin = cpu.rope_table(inv_freq, 64)
+    q = rng.standard_normal(n_head * hd).astype(np.float32)
+    keys = k_seen @ mk if rebuild else k_seen.copy()
+    cpu.rope_rows(keys, n_kv, hd, 0, inv_freq)
+    ref = attention_ref(q, keys, v_seen @ mv if rebuild else v_seen, n_head, hd)
+    ws = kc.Workspace(64, n_head, width)
+    out = cuda.device_array(n_head * hd, np.float32)
+    kc.attend_latent(cuda.to_device(q), key, value, cuda.to_device(mk), cuda.to_device(mv), cuda.to_device(cos),
+                     cuda.to_device(sin), n_kv, hd, ws, out)
+    np.testing.assert_allclose(out.copy_to_host(), ref, rtol=2e-4, atol=2e-4)
+    lat = cuda.device_array((n, width), np.float16)
+    kc.dequantize_stream[n, kc.THREADS](*key.args, lat)
+    np.testing.assert_allclose(lat.copy_to_host(), k_seen.astype(np.float16))
+
+
+def test_accumulate():
+    """XQuant-CL: acc = Δ̂ · ukvᵀ (seed), then acc += Δ̂' · ukvᵀ."""
+    n, width, d = 40, 32, 48
+    ukv_t = rng.standard_normal((width, d)).astype(np.float32)
+    acc = cuda.to_device(np.full((n, d), np.nan, np.float32))
+    total = np.zeros((n, d), np.float32)
+    for reset in (True, False):
+        delta, seen = value_stream(rng.standard_normal((n, width)).astype(np.float32), 2, 16, 0)
+        kc.accumulate[(-(-n // kc.TILE_T), -(-d // kc.HEAD_DIM)), kc.THREADS](acc, *delta.args,
+                                                                               cuda.to_device(ukv_t), reset)
+        total += seen @ ukv_t
+    np.testing.assert_allclose(acc.copy_to_host(), total, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
+    """Decode steps of a tiny one-layer GQA model through the GPU step (fp16 K/V in device memory)
+    against the CPU engine with 16-bit activations (closest to float)."""
+    from conftest import tiny_llama, write_llama_gguf
+
+    from xqrt import Engine
+    from xqrt.errors import XQError
+    path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=1, ff=128))
+    gpu = Engine(path, ctx=8, cache="fp16", device="cuda")
+    ids = [5, 17]
+    np.testing.assert_allclose(gpu.logits(ids), Engine(path, ctx=8, cache="fp16", act_bits=16).logits(ids),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(XQError, match="fp16 cache"):
+        Engine(path, ctx=8, cache="xquant", device="cuda")
+
+
+def test_device_choice(monkeypatch):
+    from xqrt.errors import XQError
+    from xqrt.gpu import pick_device
+    assert pick_device("cpu", "xquant") == "cpu"
+    assert pick_device("auto", "xquant") == "cpu"  # the latent caches run on the CPU only so far
+    monkeypatch.setattr(kc, "available", lambda: False)
+    with pytest.raises(XQError, match="finds no CUDA GPU"):
+        pick_device("cuda", "fp16")
+    assert pick_device("auto", "fp16") == "cpu"
+    with pytest.raises(XQError, match="unknown device"):
+        pick_device("tpu", "fp16")

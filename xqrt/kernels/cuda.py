@@ -1,0 +1,723 @@
+"""Numba CUDA kernels: the decode step on a GPU, one kernel per stage.
+
+Weights go up once in a split layout (`upload_matrix`): a block format keeps its codes as 32-bit
+words and its fp16 scales in arrays of their own, so the lanes of a warp read consecutive
+16-byte pieces of a row. Latent streams go up as xqrt.quant packs them (xqrt.kernels.cpu's
+comment describes the layout), their fp16 scales viewed as float16.
+
+Every reduction has two paths, fixed when this module is imported: warp shuffles on a GPU, shared
+memory under NUMBA_ENABLE_CUDASIM (the simulator has no shuffles), so CI checks the same kernels.
+All threads of a block reach every reduction, so the shared-memory path's barriers are uniform.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import config, cuda, float32
+from numba.types import float16
+
+from ..gguf_model import BLOCK, Q4_0, Q4_1, Q8_0
+
+if not hasattr(np, "row_stack"):  # numba-cuda ≤ 0.30 registers np.row_stack, which NumPy 2.5 removed
+    np.row_stack = np.vstack
+
+SHUFFLE = not config.ENABLE_CUDASIM
+THREADS = 256  # threads per block of every kernel
+WARPS = THREADS // 32
+MAX_GROUP = 8  # query heads per kv head
+MAX_HEADS = 64
+HEAD_DIM = 128  # the widest head the attention kernels hold in shared memory
+KEY_ROW = HEAD_DIM + 1  # a rebuilt key's row in shared memory, padded: the score loop reads down a column
+MAX_WIDTH = 8192  # the widest latent the value projection holds in shared memory
+TILE_T = 64  # positions per block of the rebuild product …
+TILE_R = 32  # … and latent channels staged per step
+LAT_ROW = TILE_R + 1  # a staged latent row, padded: the product reads down a column
+DENSE = -1  # qtype of a matrix uploaded as float32
+_FAST = dict(fastmath=True)  # lets a·b + c contract to one FMA (without it, a multiply and an add)
+
+
+# ---- reductions ------------------------------------------------------------------------------
+@cuda.jit(device=True, inline=True)
+def _warp_sum(v, buf):
+    """Sum over the warp, returned to every lane. buf: shared float32[THREADS]."""
+    if SHUFFLE:
+        off = 16
+        while off > 0:
+            v += cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
+            off //= 2
+        return v
+    t = cuda.threadIdx.x
+    buf[t] = v
+    cuda.syncthreads()
+    s = float32(0.0)
+    for i in range(32):
+        s += buf[t - t % 32 + i]
+    cuda.syncthreads()
+    return s
+
+
+@cuda.jit(device=True, inline=True)
+def _warp_max(v, buf):
+    if SHUFFLE:
+        off = 16
+        while off > 0:
+            v = max(v, cuda.shfl_xor_sync(0xFFFFFFFF, v, off))
+            off //= 2
+        return v
+    t = cuda.threadIdx.x
+    buf[t] = v
+    cuda.syncthreads()
+    s = buf[t - t % 32]
+    for i in range(1, 32):
+        s = max(s, buf[t - t % 32 + i])
+    cuda.syncthreads()
+    return s
+
+
+@cuda.jit(device=True, inline=True)
+def _block_sum(v, buf, part):
+    """Sum over the block, returned to every thread. part: shared float32[WARPS]."""
+    v = _warp_sum(v, buf)
+    t = cuda.threadIdx.x
+    if t % 32 == 0:
+        part[t // 32] = v
+    cuda.syncthreads()
+    s = float32(0.0)
+    for i in range(WARPS):
+        s += part[i]
+    cuda.syncthreads()
+    return s
+
+
+@cuda.jit(device=True, inline=True)
+def _block_max(v, buf, part):
+    v = _warp_max(v, buf)
+    t = cuda.threadIdx.x
+    if t % 32 == 0:
+        part[t // 32] = v
+    cuda.syncthreads()
+    s = part[0]
+    for i in range(1, WARPS):
+        s = max(s, part[i])
+    cuda.syncthreads()
+    return s
+
+
+# ---- weights ---------------------------------------------------------------------------------
+@dataclass
+class DeviceMatrix:
+    """A weight matrix on the device: block codes as uint32 words (rows × words), fp16 scales d
+    and minimums m (rows × blocks; m only for Q4_1), or float32 `dense` for the float formats."""
+    qtype: int
+    n_rows: int
+    n_cols: int
+    qs: object
+    d: object
+    m: object
+    dense: object
+
+    @property
+    def args(self):
+        return self.qs, self.d, self.m, self.dense, self.qtype
+
+
+_WORDS = {Q4_0: 4, Q4_1: 4, Q8_0: 8}  # 32-bit code words per block of 32 weights
+
+
+def split_blocks(data: np.ndarray, qtype: int):
+    """Raw GGUF block rows → (codes as uint32 words, scales d, minimums m), all C-contiguous."""
+    rows = data.shape[0]
+    size = BLOCK[qtype][1]
+    b = data.reshape(rows, -1, size)
+    d = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16)[:, :, 0]
+    start = 4 if qtype == Q4_1 else 2
+    m = np.ascontiguousarray(b[:, :, 2:4]).view(np.float16)[:, :, 0] if qtype == Q4_1 else np.zeros((1, 1), np.float16)
+    qs = np.ascontiguousarray(b[:, :, start:]).view(np.uint32).reshape(rows, -1)
+    return qs, np.ascontiguousarray(d), np.ascontiguousarray(m)
+
+
+def upload_matrix(qtype: int, data: np.ndarray, n_cols: int) -> DeviceMatrix:
+    """A GGUF weight (uint8 rows of blocks) onto the device; float formats as float32."""
+    empty_u32, empty_f16 = np.zeros((1, 1), np.uint32), np.zeros((1, 1), np.float16)
+    if qtype in _WORDS:
+        qs, d, m = split_blocks(data, qtype)
+        return DeviceMatrix(qtype, data.shape[0], n_cols, cuda.to_device(qs), cuda.to_device(d), cuda.to_device(m),
+                            cuda.to_device(np.zeros((1, 1), np.float32)))
+    from .cpu import dequantize
+    dense = np.empty((data.shape[0], n_cols), np.float32)
+    dequantize(data, qtype, dense)
+    return DeviceMatrix(DENSE, data.shape[0], n_cols, cuda.to_device(empty_u32), cuda.to_device(empty_f16),
+                        cuda.to_device(empty_f16), cuda.to_device(dense))
+
+
+def upload_dense(w: np.ndarray) -> DeviceMatrix:
+    """A float matrix (rows × cols, out = W·x) as float32 on the device."""
+    e32, e16 = np.zeros((1, 1), np.uint32), np.zeros((1, 1), np.float16)
+    return DeviceMatrix(DENSE, w.shape[0], w.shape[1], cuda.to_device(e32), cuda.to_device(e16), cuda.to_device(e16),
+                        cuda.to_device(np.ascontiguousarray(w, np.float32)))
+
+
+# Rows per block of the matrix-vector product: on a GPU four (each x value a lane loads meets four
+# rows, and a 4096-row matrix still fills the GPU); in the simulator, where every block costs a
+# round of Python threads, 32.
+ROWS = 4 if SHUFFLE else 32
+
+
+@cuda.jit(device=True, inline=True)
+def _lane_slot(e, qtype):
+    """Where element e of x goes in `permute_x`'s layout, so that a warp reads it in 128-byte rows.
+    A warp takes 32 code words a step — Q4: 8 blocks × 4 words, Q8_0: 4 blocks × 8 words — and
+    lane l's word holds elements whose values it reads at slot step·span + i·32 + l."""
+    j = e % 32
+    if qtype == Q8_0:  # word w = j // 4 of block b holds elements 4w … 4w + 3
+        return (e // 128) * 128 + (j % 4) * 32 + ((e % 128) // 32) * 8 + j // 4
+    # Q4: byte k of word w holds element 4w + k (low nibble) and 16 + 4w + k (high nibble)
+    jj = j % 16
+    return (e // 256) * 256 + ((j // 16) * 4 + jj % 4) * 32 + ((e % 256) // 32) * 4 + jj // 4
+
+
+@cuda.jit(**_FAST)
+def permute_x(x, qtype, n, xp):
+    """xp[:n] = x in the lanes' order for `matvec` on a block format (n: len(x) rounded up to 256;
+    the padding zero)."""
+    for e in range(cuda.grid(1), n, cuda.gridsize(1)):
+        xp[_lane_slot(e, qtype)] = x[e] if e < x.shape[0] else float32(0.0)
+
+
+@cuda.jit(**_FAST)
+def matvec(qs, d, m, dense, qtype, xp, out):
+    """out[r] = W[r] · x, ROWS rows per block. Block formats: the warps share out each row's steps of
+    32 code words (128 contiguous bytes per row), x read from `permute_x`'s xp; float weights: the
+    threads over the row, xp = x. Partial sums meet in shared memory."""
+    buf = cuda.shared.array(THREADS, float32)
+    red = cuda.shared.array((WARPS, ROWS), float32)
+    part = cuda.shared.array((ROWS, THREADS), float32)
+    xv = cuda.local.array(8, float32)
+    acc = cuda.local.array(ROWS, float32)
+    tid = cuda.threadIdx.x
+    warp, lane = tid // 32, tid % 32
+    r0 = cuda.blockIdx.x * ROWS
+    n_rows = out.shape[0]
+    for i in range(ROWS):
+        acc[i] = float32(0.0)
+    if qtype == DENSE:
+        for i in range(ROWS):
+            if r0 + i < n_rows:
+                for j in range(tid, dense.shape[1], THREADS):
+                    acc[i] += dense[r0 + i, j] * xp[j]
+    else:
+        word_shift = 3 if qtype == Q8_0 else 2  # log2 of the words per block
+        span = 32 << (5 - word_shift)  # elements a step's 32 words hold
+        n_words = qs.shape[1]
+        for step in range(warp, (n_words + 31) // 32, WARPS):
+            word = step * 32 + lane
+            if word < n_words:
+                b = word >> word_shift
+                sx = float32(0.0)
+                if qtype == Q8_0:  # literal trip counts: xv stays in registers
+                    for i in range(4):
+                        xv[i] = xp[step * span + i * 32 + lane]
+                else:
+                    for i in range(8):
+                        xv[i] = xp[step * span + i * 32 + lane]
+                        sx += xv[i]
+                for i in range(ROWS):
+                    r = r0 + i
+                    if r < n_rows:
+                        wd = qs[r, word]
+                        dot = float32(0.0)
+                        if qtype == Q8_0:
+                            for k in range(4):
+                                q = np.int32((wd >> np.uint32(8 * k)) & np.uint32(255))
+                                dot += float32(q - 256 if q > 127 else q) * xv[k]
+                            acc[i] += float32(d[r, b]) * dot
+                        else:
+                            for k in range(4):
+                                byte = (wd >> np.uint32(8 * k)) & np.uint32(255)
+                                dot += float32(byte & np.uint32(15)) * xv[k] + float32(byte >> np.uint32(4)) * xv[4 + k]
+                            if qtype == Q4_1:
+                                acc[i] += float32(d[r, b]) * dot + float32(m[r, b]) * sx
+                            else:
+                                acc[i] += float32(d[r, b]) * (dot - float32(8.0) * sx)
+    if SHUFFLE:  # each warp's sums by shuffles, then the warps' through shared memory: one barrier
+        for i in range(ROWS):
+            v = _warp_sum(acc[i], buf)
+            if lane == 0:
+                red[warp, i] = v
+        cuda.syncthreads()
+        if tid < ROWS and r0 + tid < n_rows:
+            total = float32(0.0)
+            for w in range(WARPS):
+                total += red[w, tid]
+            out[r0 + tid] = total
+    else:  # every thread's sums through shared memory, also one barrier
+        for i in range(ROWS):
+            part[i, tid] = acc[i]
+        cuda.syncthreads()
+        if tid < ROWS and r0 + tid < n_rows:
+            total = float32(0.0)
+            for t in range(THREADS):
+                total += part[tid, t]
+            out[r0 + tid] = total
+
+
+def permuted_size(n_cols: int) -> int:
+    """Length of `permute_x`'s output for a row of n_cols."""
+    return -(-n_cols // 256) * 256
+
+
+def product(w: DeviceMatrix, x, xp, out, stream=0):
+    """out = W·x on the device; xp: scratch of permuted_size(len(x)) floats (unused for float weights)."""
+    if w.qtype == DENSE:
+        matvec[-(-w.n_rows // ROWS), THREADS, stream](*w.args, x, out)
+        return
+    n = permuted_size(w.n_cols)  # xp is not sliced: a device-array view costs more host time than the launch
+    permute_x[_blocks(n), THREADS, stream](x, w.qtype, n, xp)
+    matvec[-(-w.n_rows // ROWS), THREADS, stream](*w.args, xp, out)
+
+
+@cuda.jit(device=True, inline=True)
+def _weight_at(qs, d, m, dense, qtype, r, j):
+    if qtype == DENSE:
+        return dense[r, j]
+    b, i = j // 32, j % 32
+    if qtype == Q8_0:
+        q = np.int32((qs[r, 8 * b + i // 4] >> np.uint32(8 * (i % 4))) & np.uint32(255))
+        return float32(d[r, b]) * float32(q - 256 if q > 127 else q)
+    byte = (qs[r, 4 * b + (i % 16) // 4] >> np.uint32(8 * (i % 4))) & np.uint32(255)
+    q = float32(byte & np.uint32(15)) if i < 16 else float32(byte >> np.uint32(4))
+    if qtype == Q4_1:
+        return float32(d[r, b]) * q + float32(m[r, b])
+    return float32(d[r, b]) * (q - float32(8.0))
+
+
+@cuda.jit
+def embed(qs, d, m, dense, qtype, token, out):
+    """out = row `token` of W (the token embedding), as float32."""
+    for j in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        out[j] = _weight_at(qs, d, m, dense, qtype, token, j)
+
+
+# ---- elementwise -----------------------------------------------------------------------------
+@cuda.jit(**_FAST)
+def rmsnorm(x, weight, eps, out):
+    """out = x / rms(x) · weight, one block per row of x (rows × d)."""
+    buf = cuda.shared.array(THREADS, float32)
+    part = cuda.shared.array(WARPS, float32)
+    r = cuda.blockIdx.x
+    ss = float32(0.0)
+    for i in range(cuda.threadIdx.x, x.shape[1], THREADS):
+        ss += x[r, i] * x[r, i]
+    ss = _block_sum(ss, buf, part)
+    inv = float32(1.0) / math.sqrt(ss / x.shape[1] + eps)
+    for i in range(cuda.threadIdx.x, x.shape[1], THREADS):
+        out[r, i] = x[r, i] * inv * weight[i]
+
+
+@cuda.jit
+def add(x, y):
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        x[i] += y[i]
+
+
+@cuda.jit(**_FAST)
+def silu_mul(gate, up, out):
+    for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        g = gate[i]
+        out[i] = g / (float32(1.0) + math.exp(-g)) * up[i]
+
+
+@cuda.jit
+def rope(vec, head_dim, cos, sin, pos):
+    """Rotate the adjacent pairs of every head of vec by position pos (cos/sin: n_ctx × pairs)."""
+    n_pairs = cos.shape[1]
+    per_head = head_dim // 2
+    for i in range(cuda.grid(1), vec.shape[0] // 2, cuda.gridsize(1)):
+        p = i % per_head
+        if p < n_pairs:
+            o = 2 * i
+            a, b = vec[o], vec[o + 1]
+            c, s = cos[pos, p], sin[pos, p]
+            vec[o] = a * c - b * s
+            vec[o + 1] = a * s + b * c
+
+
+@cuda.jit
+def store_f16(src, dst, row):
+    """dst[row] = src as fp16 (a K or V row into the fp16 cache)."""
+    for i in range(cuda.grid(1), src.shape[0], cuda.gridsize(1)):
+        dst[row, i] = float16(src[i])
+
+
+# ---- attention -------------------------------------------------------------------------------
+# A decode step's attention is three kernels: scores (one block per run of positions and kv head),
+# softmax (one block per head), values (split over positions, flash-decoding style: every block
+# writes a partial sum, and a last kernel adds the parts). Keys are either read from the fp16 cache
+# or rematerialized from latents; values of a latent cache are summed in latent space (Σⱼ aⱼ·zⱼ) and
+# projected once, since Σⱼ aⱼ·(zⱼ·M) = (Σⱼ aⱼ·zⱼ)·M.
+@cuda.jit(**_FAST)
+def scores_f16(q, k_cache, n, n_head, head_dim, scale, scores):
+    """scores[h, t] = q_h · K[t] · scale for t < n: one warp per position, its lanes over the head."""
+    buf = cuda.shared.array(THREADS, float32)
+    g = cuda.blockIdx.y
+    n_kv_head = k_cache.shape[1] // head_dim
+    per_kv = n_head // n_kv_head
+    t = cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32
+    lane = cuda.threadIdx.x % 32
+    for j in range(per_kv):
+        h = g * per_kv + j
+        acc = float32(0.0)
+        if t < n:
+            for i in range(lane, head_dim, 32):
+                acc += q[h * head_dim + i] * float32(k_cache[t, g * head_dim + i])
+        acc = _warp_sum(acc, buf)
+        if lane == 0 and t < n:
+            scores[h, t] = acc * scale
+
+
+@cuda.jit(**_FAST)
+def softmax(scores, n):
+    """Each row of scores[:, :n] → its softmax, in place (one block per row)."""
+    buf = cuda.shared.array(THREADS, float32)
+    part = cuda.shared.array(WARPS, float32)
+    h = cuda.blockIdx.x
+    mx = float32(-math.inf)
+    for t in range(cuda.threadIdx.x, n, THREADS):
+        mx = max(mx, scores[h, t])
+    mx = _block_max(mx, buf, part)
+    total = float32(0.0)
+    for t in range(cuda.threadIdx.x, n, THREADS):
+        e = math.exp(scores[h, t] - mx)
+        scores[h, t] = e
+        total += e
+    inv = float32(1.0) / _block_sum(total, buf, part)
+    for t in range(cuda.threadIdx.x, n, THREADS):
+        scores[h, t] *= inv
+
+
+@cuda.jit(**_FAST)
+def values_f16(probs, v_cache, n, chunk, head_dim, parts):
+    """parts[s, h, d] = Σ probs[h, t]·V[t, d] over positions [s·chunk, (s+1)·chunk) ∩ [0, n)
+    (grid: splits × heads; threads over the head's dims)."""
+    s, h = cuda.blockIdx.x, cuda.blockIdx.y
+    n_kv_head = v_cache.shape[1] // head_dim
+    k0 = (h // (probs.shape[0] // n_kv_head)) * head_dim
+    for i in range(cuda.threadIdx.x, head_dim, THREADS):
+        acc = float32(0.0)
+        for t in range(s * chunk, min(n, (s + 1) * chunk)):
+            acc += probs[h, t] * float32(v_cache[t, k0 + i])
+        parts[s, h, i] = acc
+
+
+@cuda.jit(**_FAST)
+def sum_parts(parts, n_parts, head_dim, out):
+    """out[h·head_dim + i] = Σₛ parts[s, h, i] (the fp16 cache's values)."""
+    h = cuda.blockIdx.x
+    for i in range(cuda.threadIdx.x, head_dim, THREADS):
+        acc = float32(0.0)
+        for s in range(n_parts):
+            acc += parts[s, h, i]
+        out[h * head_dim + i] = acc
+
+
+@cuda.jit(device=True, inline=True)
+def _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, c):
+    """Channel c of position p's latent: from the exact sinks (p < len(sink)), the packed stream
+    (p < n_q; per-channel when cbits — each channel's width — is not empty, else per-token) or the
+    exact tail (rows from n_q). Groups are 2^shift long: a shift, not a division, in this loop."""
+    if p < sink.shape[0]:
+        return sink[p, c]
+    if p >= n_q:
+        return tail[p - n_q, c]
+    word = np.uint32(0)
+    if cbits.shape[0]:
+        b = p >> shift
+        u = p & ((1 << shift) - 1)
+        cb = cbits[c]
+        o = off[c] + (u >> 3) * cb
+        for k in range(cb):
+            word |= np.uint32(codes[b, 0, o + k]) << np.uint32(8 * k)
+        q = (word >> np.uint32(cb * (u & 7))) & np.uint32((1 << cb) - 1)
+        return float32(q) * float32(scale[b, c, 0]) + float32(zero[b, c, 0])
+    o = (c >> 3) * bits
+    for k in range(bits):
+        word |= np.uint32(codes[p, 0, o + k]) << np.uint32(8 * k)
+    q = (word >> np.uint32(bits * (c & 7))) & np.uint32((1 << bits) - 1)
+    g = c >> shift
+    return float32(q) * float32(scale[p, 0, g]) + float32(zero[p, 0, g])
+
+
+@cuda.jit(device=True, inline=True)
+def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p0, m, col0, n_cols, lat_s, m_s, acc):
+    """acc (4 × 8 per thread) = latents of positions [p0, p0 + TILE_T) · m[:, col0 : col0 + n_cols]
+    (n_cols ≤ HEAD_DIM). The latents are dequantized TILE_R channels at a time into shared memory
+    beside the matching rows of m; thread (ty, tx) then owns positions 4ty … 4ty+3 and columns
+    tx + 16j: twelve shared loads feed 32 FMAs."""
+    tid = cuda.threadIdx.x
+    ty, tx = tid // 16, tid % 16
+    for i in range(32):
+        acc[i] = float32(0.0)
+    a = cuda.local.array(4, float32)
+    w = cuda.local.array(8, float32)
+    n = n_q + tail.shape[0]
+    for r0 in range(0, m.shape[0], TILE_R):
+        for i in range(tid, TILE_T * TILE_R, THREADS):
+            t, r = i % TILE_T, i // TILE_T  # consecutive threads: consecutive positions of one channel
+            p = p0 + t
+            lat_s[t, r] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, r0 + r) \
+                if p < n else float32(0.0)
+        for i in range(tid, TILE_R * HEAD_DIM, THREADS):
+            r, c = i // HEAD_DIM, i % HEAD_DIM
+            m_s[r, c] = m[r0 + r, col0 + c] if c < n_cols else float32(0.0)
+        cuda.syncthreads()
+        for r in range(TILE_R):
+            for i in range(4):
+                a[i] = lat_s[4 * ty + i, r]
+            for j in range(8):
+                w[j] = m_s[r, tx + 16 * j]
+            for i in range(4):
+                for j in range(8):
+                    acc[8 * i + j] = cuda.fma(a[i], w[j], acc[8 * i + j])
+        cuda.syncthreads()
+
+
+@cuda.jit(**_FAST)
+def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, mk, cos, sin, head_dim, scale_qk,
+                  scores):
+    """Rematerialize-and-score: scores[h, t] = q_h · RoPE_t(z_t · mk)[kv head of h] · scale_qk for
+    the positions of a latent key stream (packed [0, n_q), exact tail after it; mk empty: the
+    latent is the key itself). Block (x, g): positions TILE_T·x … and kv head g; the rebuilt keys
+    live in shared memory only."""
+    lat_s = cuda.shared.array((TILE_T, LAT_ROW), float32)
+    m_s = cuda.shared.array((TILE_R, HEAD_DIM), float32)
+    key_s = cuda.shared.array((TILE_T, KEY_ROW), float32)
+    q_s = cuda.shared.array((MAX_GROUP, HEAD_DIM), float32)
+    acc = cuda.local.array(32, float32)
+    tid = cuda.threadIdx.x
+    p0, g = cuda.blockIdx.x * TILE_T, cuda.blockIdx.y
+    n = n_q + tail.shape[0]
+    per_kv = scores.shape[0] // cuda.gridDim.y  # query heads per kv head
+    col0 = g * head_dim
+    c = tid % HEAD_DIM  # this thread's column in the per-position loops below
+    for j in range(tid // HEAD_DIM, per_kv, THREADS // HEAD_DIM):
+        if c < head_dim:
+            q_s[j, c] = q[(g * per_kv + j) * head_dim + c]
+    if mk.shape[0]:
+        _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p0, mk, col0, head_dim, lat_s,
+                      m_s, acc)
+        ty, tx = tid // 16, tid % 16
+        for i in range(4):
+            for j in range(8):
+                key_s[4 * ty + i, tx + 16 * j] = acc[8 * i + j]
+    else:
+        for t in range(tid // HEAD_DIM, TILE_T, THREADS // HEAD_DIM):
+            p = p0 + t
+            if c < head_dim:
+                key_s[t, c] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, col0 + c) \
+                    if p < n else float32(0.0)
+    cuda.syncthreads()
+    pr = tid % (HEAD_DIM // 2)
+    for t in range(tid // (HEAD_DIM // 2), TILE_T, THREADS // (HEAD_DIM // 2)):
+        p = p0 + t
+        if pr < cos.shape[1] and p < n:
+            a, b = key_s[t, 2 * pr], key_s[t, 2 * pr + 1]
+            co, si = cos[p, pr], sin[p, pr]
+            key_s[t, 2 * pr] = a * co - b * si
+            key_s[t, 2 * pr + 1] = a * si + b * co
+    cuda.syncthreads()
+    for i in range(tid, TILE_T * per_kv, THREADS):
+        t, j = i % TILE_T, i // TILE_T
+        p = p0 + t
+        if p < n:
+            dot = float32(0.0)
+            for k in range(head_dim):
+                dot += q_s[j, k] * key_s[t, k]
+            scores[g * per_kv + j, p] = dot * scale_qk
+
+
+@cuda.jit(**_FAST)
+def values_latent(probs, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, width, chunk, parts):
+    """parts[s, h, c] = Σ probs[h, t]·z_t[c] over positions [s·chunk, (s+1)·chunk) of a per-token
+    latent value stream (grid: splits × column tiles; each thread one channel, every head)."""
+    p_s = cuda.shared.array((MAX_HEADS, 32), float32)
+    acc = cuda.local.array(MAX_HEADS, float32)
+    n_head = probs.shape[0]
+    n = n_q + tail.shape[0]
+    c = cuda.blockIdx.y * THREADS + cuda.threadIdx.x
+    t0 = cuda.blockIdx.x * chunk
+    t1 = min(n, t0 + chunk)
+    for h in range(n_head):
+        acc[h] = float32(0.0)
+    for s in range(t0, t1, 32):
+        for i in range(cuda.threadIdx.x, n_head * 32, THREADS):
+            h, j = i // 32, i % 32
+            p_s[h, j] = probs[h, s + j] if s + j < t1 else float32(0.0)
+        cuda.syncthreads()
+        if c < width:
+            for j in range(min(32, t1 - s)):
+                z = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, s + j, c)
+                for h in range(n_head):
+                    acc[h] += p_s[h, j] * z
+        cuda.syncthreads()
+    if c < width:
+        for h in range(n_head):
+            parts[cuda.blockIdx.x, h, c] = acc[h]
+
+
+@cuda.jit(**_FAST)
+def project_values(parts, n_parts, width, mv, head_dim, out):
+    """out[h] = (Σₛ parts[s, h]) · mv[:, kv head of h] (mv empty: the latent is V itself). One
+    block per head."""
+    u_s = cuda.shared.array(MAX_WIDTH, float32)
+    h = cuda.blockIdx.x
+    for c in range(cuda.threadIdx.x, width, THREADS):
+        acc = float32(0.0)
+        for s in range(n_parts):
+            acc += parts[s, h, c]
+        u_s[c] = acc
+    cuda.syncthreads()
+    n_kv_head = (mv.shape[1] if mv.shape[0] else width) // head_dim
+    k0 = (h // (parts.shape[1] // n_kv_head)) * head_dim
+    for i in range(cuda.threadIdx.x, head_dim, THREADS):
+        if mv.shape[0]:
+            acc = float32(0.0)
+            for c in range(width):
+                acc += u_s[c] * mv[c, k0 + i]
+        else:
+            acc = u_s[k0 + i]
+        out[h * head_dim + i] = acc
+
+
+@cuda.jit(**_FAST)
+def accumulate(acc, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, ukv_t, reset):
+    """XQuant-CL: acc[t] (+)= Δ̂_t · ukv_t for every position of a per-token delta stream (reset:
+    the seed layer, from zero). Grid: position tiles × column tiles of HEAD_DIM, the rebuild
+    product's tiling."""
+    lat_s = cuda.shared.array((TILE_T, LAT_ROW), float32)
+    m_s = cuda.shared.array((TILE_R, HEAD_DIM), float32)
+    out = cuda.local.array(32, float32)
+    p0, col0 = cuda.blockIdx.x * TILE_T, cuda.blockIdx.y * HEAD_DIM
+    n_cols = min(HEAD_DIM, acc.shape[1] - col0)
+    _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p0, ukv_t, col0, n_cols, lat_s, m_s,
+                  out)
+    ty, tx = cuda.threadIdx.x // 16, cuda.threadIdx.x % 16
+    for i in range(4):
+        p = p0 + 4 * ty + i
+        for j in range(8):
+            c = tx + 16 * j
+            if p < n_q + tail.shape[0] and c < n_cols:
+                acc[p, col0 + c] = out[8 * i + j] + (float32(0.0) if reset else acc[p, col0 + c])
+
+
+@cuda.jit
+def dequantize_stream(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, out):
+    """out[p, c] = the latent of position p as fp16 (the input of a tensor-core rebuild product)."""
+    p = cuda.blockIdx.x
+    for c in range(cuda.threadIdx.x, out.shape[1], THREADS):
+        out[p, c] = float16(_latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, c))
+
+
+# ---- launching -------------------------------------------------------------------------------
+def available() -> bool:
+    """Whether numba-cuda sees a GPU (or the simulator stands in for one)."""
+    try:
+        return bool(cuda.is_available())
+    except Exception:  # a driver that fails to load says so as an exception, not as False
+        return False
+
+
+@dataclass
+class DeviceStream:
+    """One latent stream on the device (xqrt.cache.Stream's arrays, scales as float16): packed
+    positions [0, n_q) — the first len(sink) read exact from `sink` — then the exact rows `tail`."""
+    codes: object
+    scale: object
+    zero: object
+    bits: int
+    shift: int  # log2 of the group size
+    off: object  # per-channel streams: each channel's byte offset in a group …
+    cbits: object  # … and its bits; else both empty
+    sink: object
+    tail: object
+    n_q: int
+
+    @property
+    def args(self):
+        return (self.codes, self.scale, self.zero, self.bits, self.shift, self.off, self.cbits, self.sink, self.tail,
+                self.n_q)
+
+    @property
+    def n(self) -> int:
+        return self.n_q + self.tail.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.sink.shape[1]
+
+
+def upload_stream(codes, scale, zero, bits, group, off, sink, tail, n_q) -> DeviceStream:
+    """Host arrays as xqrt.cache.Stream holds them (scales as fp16 bits; `off` the channel offsets
+    of a per-channel stream, else empty) → a DeviceStream. The GPU wants G a power of two."""
+    if group & (group - 1):
+        raise ValueError(f"the CUDA kernels need a power-of-two group size, not {group}")
+    off = np.asarray(off, np.int64)
+    cbits = (np.diff(off) * 8 // group).astype(np.int64) if len(off) else np.zeros(0, np.int64)
+    if len(cbits) and cbits.max() > 4:
+        raise ValueError("the CUDA kernels read channels of 1-4 bits (no fp16 channels yet)")
+    as_f16 = lambda a: cuda.to_device(np.ascontiguousarray(a).view(np.float16))  # noqa: E731
+    tail = np.zeros((0, sink.shape[1]), np.float32) if tail is None else tail
+    return DeviceStream(cuda.to_device(np.ascontiguousarray(codes)), as_f16(scale), as_f16(zero), int(bits),
+                        int(group).bit_length() - 1, cuda.to_device(off), cuda.to_device(cbits),
+                        cuda.to_device(np.ascontiguousarray(sink, np.float32)),
+                        cuda.to_device(np.ascontiguousarray(tail, np.float32)), int(n_q))
+
+
+def _blocks(n: int) -> int:
+    return max(1, min(-(-n // THREADS), 1024))
+
+
+def splits(n: int, chunk: int = 256, most: int = 128) -> tuple[int, int]:
+    """(parts, positions per part) for the split value sums: enough parts to fill the GPU at long
+    contexts, few enough that the partial sums stay small."""
+    parts = max(1, min(most, -(-n // chunk)))
+    return parts, -(-n // parts)
+
+
+class Workspace:
+    """Scratch of one decode step's attention, allocated once for the longest context."""
+
+    def __init__(self, n_ctx: int, n_head: int, value_width: int):
+        self.scores = cuda.device_array((n_head, n_ctx), np.float32)
+        self.parts = cuda.device_array((splits(n_ctx)[0], n_head, value_width), np.float32)
+        self.empty = cuda.to_device(np.zeros((0, 0), np.float32))
+
+
+def attend_f16(q, k_cache, v_cache, n, n_head, head_dim, ws: Workspace, out, stream=0):
+    """Single-query attention over the first n rows of an fp16 K (post-RoPE) / V cache."""
+    n_kv_head = k_cache.shape[1] // head_dim
+    scores_f16[(-(-n // WARPS), n_kv_head), THREADS, stream](q, k_cache, n, n_head, head_dim,
+                                                              np.float32(1.0 / math.sqrt(head_dim)), ws.scores)
+    softmax[n_head, THREADS, stream](ws.scores, n)
+    n_parts, chunk = splits(n)
+    values_f16[(n_parts, n_head), THREADS, stream](ws.scores, v_cache, n, chunk, head_dim, ws.parts)
+    sum_parts[n_head, THREADS, stream](ws.parts, n_parts, head_dim, out)
+
+
+def attend_latent(q, key: DeviceStream, value: DeviceStream, mk, mv, cos, sin, n_kv_head, head_dim, ws: Workspace,
+                  out, stream=0):
+    """Single-query attention rematerialized from latent streams: keys rebuilt tile by tile
+    (z·mk, RoPE, score) in shared memory, values summed in latent space and projected through mv
+    once. mk / mv: ws.empty when the latent is K / V itself (KIVI)."""
+    n = key.n
+    n_head = q.shape[0] // head_dim
+    if head_dim > HEAD_DIM or n_head // n_kv_head > MAX_GROUP or n_head > MAX_HEADS:
+        raise ValueError("attention shape beyond the CUDA kernels' limits")
+    scores_latent[(-(-n // TILE_T), n_kv_head), THREADS, stream](q, *key.args, mk, cos, sin, head_dim,
+                                                                  np.float32(1.0 / math.sqrt(head_dim)), ws.scores)
+    softmax[n_head, THREADS, stream](ws.scores, n)
+    n_parts, chunk = splits(n)
+    width = value.width
+    values_latent[(n_parts, -(-width // THREADS)), THREADS, stream](ws.scores, *value.args, width, chunk, ws.parts)
+    project_values[n_head, THREADS, stream](ws.parts, n_parts, width, mv, head_dim, out)
