@@ -374,3 +374,35 @@ def test_fp16_key_channels_are_exact_and_counted(tiny_gqa):
     assert rel(steps, batched[70:]) < 5e-3
     with pytest.raises(XQError, match="fp16-channels"):
         eng.new_cache("xquant", fp16_channels=-1)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gqa", "tiny_mha"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("opts", [dict(bits=3), dict(bits=2, residual=0, rotate=False, sinks=0),
+                                  dict(bits=3, value_bits=2, group=16, residual=32, clip=True, kv_budget=10)])
+def test_compiled_decode_step_equals_the_batched_path(fixture, mode, opts, request):
+    """cpu.latent_step (store + attend of one layer in one call) against the same token sent
+    through the batched path (`_steps` cleared): identical stored bytes, and outputs equal but for
+    float32 rounding (LLVM may order a compiled sum differently)."""
+    from xqrt.cache import FP16KV, CacheOptions, make_cache
+    from xqrt.gguf_model import load_model
+    model = load_model(request.getfixturevalue(fixture)[1])
+    c = model.config
+    o = CacheOptions(base_layers=2, **{**opts, "kv_budget": opts.get("kv_budget", 0) * FP16KV.bytes_per_position(c)})
+    fused, plain = make_cache(mode, model, 256, o), make_cache(mode, model, 256, o)
+    plain._steps = [None] * c.n_layer
+    assert any(s is not None for s in fused._steps)
+    r = np.random.default_rng(5)
+    for t in range(140):  # crosses per-channel group boundaries (G = 64 or 16)
+        for i in range(c.n_layer):
+            xn, q, k, v = (r.standard_normal((1, w)).astype(np.float32) for w in (c.d_model, c.q_dim, c.kv_dim, c.kv_dim))
+            np.testing.assert_allclose(fused.attend(i, t, xn, q, k, v), plain.attend(i, t, xn, q, k, v),
+                                       rtol=1e-5, atol=1e-6)
+        fused.advance(1)
+        plain.advance(1)
+    for a, b in zip(fused.layers, plain.layers):
+        for s, u in ((a.key, b.key), (a.value, b.value)):
+            if s is not None:
+                for name in ("codes", "scale", "zero", "sink"):
+                    np.testing.assert_array_equal(getattr(s, name), getattr(u, name))
+    assert fused.nbytes() == plain.nbytes()

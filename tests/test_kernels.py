@@ -115,13 +115,13 @@ def test_matvec_n_runs_several_products_of_mixed_types_in_one_region():
         assert_within_act_rounding(out, reference(d, t, w.shape), d, t, x, act)
 
 
-@pytest.mark.parametrize("n, width, cols", [(7, 192, 192), (5, 40, 24), (4, 16, 16), (3, 8, 0)])
+@pytest.mark.parametrize("n, width, cols", [(7, 192, 192), (5, 40, 24), (4, 16, 16), (11, 64, 60), (1, 576, 200), (3, 8, 0)])
 def test_rebuild_register_blocked_product(n, width, cols):
     lat = rng.standard_normal((n, width)).astype(np.float32)
     m = rng.standard_normal((width, cols)).astype(np.float32)
     out = np.zeros((n, cols or width), np.float32)
     cpu.rebuild(lat, n, m if cols else np.zeros((0, 0), np.float32), out)
-    np.testing.assert_allclose(out, lat @ m if cols else lat, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, lat @ m if cols else lat, rtol=1e-5, atol=1e-6 * width)  # float32 sums of width terms
 
 
 def test_expf_matches_numpy():

@@ -370,6 +370,8 @@ class LatentCache(Cache):
         self._win_k = np.zeros((c.n_layer, self.window, c.kv_dim), np.uint16)
         self._win_v = np.zeros_like(self._win_k)
         self._k_rot = np.zeros(c.kv_dim, np.float32)
+        self._step_out = np.zeros((1, c.q_dim), np.float32)
+        self._steps = [self._step_state(L, ring) for L, ring in zip(self.layers, self._ring)]
 
     @property
     def _value_group(self) -> int:
@@ -471,6 +473,33 @@ class LatentCache(Cache):
         rk = np.zeros((self._ring_size, wk), self._tail_dtype)
         return (rk, rk) if L.shared else (rk, np.zeros((self._ring_size, wv), self._tail_dtype))
 
+    def _step_state(self, L: _Layer, ring):
+        """What cpu.latent_step needs of layer L besides the token, allocated once; None where the
+        layer's decode step stays on the batched path (XQuant-CL's delta layers, float32 tails)."""
+        if L.delta is not None or L.key is None or self._tail_dtype is not np.float16 or self.simulated:
+            return None
+        wk, wv = self._latent_widths(L)
+        f32 = lambda m: np.ascontiguousarray(_or_empty(m), np.float32)  # noqa: E731
+        zk = np.zeros(wk, np.float32)
+        zv = zk if L.shared else np.zeros(wv, np.float32)
+        k_tail = np.zeros((self._ring_size, wk), np.float32)
+        v_tail = k_tail if L.shared else np.zeros((self._ring_size, wv), np.float32)
+        block = np.zeros((wk, self.group) if L.key.per_channel else (0, 0), np.float32)
+        key, value = L.key, L.value
+        streams = (key.codes, key.scale, key.zero, key.bits, key.channel_off, key.sink, f32(L.mk),
+                   value.codes, value.scale, value.zero, value.bits, value.group, value.sink, f32(L.mv))
+        return (f32(L.uk), f32(L.uv), L.shared, zk, zv, ring[0].view(np.uint16), ring[1].view(np.uint16),
+                *streams), (k_tail, v_tail, block)
+
+    def _decode_step(self, layer, pos, xn, q, k, v):
+        c = self.config
+        state, scratch = self._steps[layer]
+        cpu.latent_step(q, xn, k, v, pos, *state, self.group, self.residual, self.options.clip, *scratch,
+                        self._win_k[layer], self._win_v[layer], self._k_rot, self.inv_freq, self._rope_cos,
+                        self._rope_sin, c.n_head, c.n_kv_head, c.head_dim, self._n_threads, self.scores,
+                        self._step_out[0])
+        return self._step_out
+
     # ---- which positions a query reads exactly -------------------------------------------------
     def _bound(self, t, per_channel: bool):
         t = np.asarray(t)
@@ -545,6 +574,8 @@ class LatentCache(Cache):
         return rows_k.view(np.float16).astype(np.float32), rows_v.view(np.float16).astype(np.float32)
 
     def attend(self, layer, pos0, xn, q, k, v):
+        if q.shape[0] == 1 and self._steps[layer] is not None:
+            return self._decode_step(layer, pos0, xn[0], q[0], k[0], v[0])
         L = self.layers[layer]
         zk, zv = L.latents(xn, k, v)
         lo, ek, ev = self._store(layer, pos0, zk, zv)

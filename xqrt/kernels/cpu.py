@@ -18,6 +18,8 @@ from .bits import f16_to_f32, f32_to_f16, u32_as_f32
 
 _OPT = dict(cache=True, fastmath=True, nogil=True)
 _BAND = 32  # rows per parallel work item
+_KEY_ROWS = 64  # positions per work item of the key rebuild (a group of G splits into several)
+_VALUE_ROWS = 64  # positions per block of the latent value sums
 
 
 @njit(inline="always", **_OPT)
@@ -429,16 +431,20 @@ def to_f16(x, out):
 @njit(inline="always", **_OPT)
 def _latent_rows(codes, scale, zero, bits, group, channel_off, sink, t0, t1, column, lat):
     """Latents of positions [t0, t1) → lat[:t1 - t0]. A per-channel stream (channel_off not empty:
-    xqrt.quant.channel_offsets) reads inside one group of G positions, each channel in its own
-    width; a per-token one reads any positions, G being the group along the vector. The first
+    xqrt.quant.channel_offsets) reads inside one group of G positions (t0 and t1 on multiples of
+    8 there), each channel in its own width; a per-token one reads any positions, G being the group along the vector. The first
     len(sink) positions are read exact from `sink`."""
     if channel_off.shape[0]:
         b = t0 // group
+        j0, n = t0 - b * group, t1 - t0  # j0 and n multiples of 8: whole code words
         for c in range(lat.shape[1]):
             o0, o1 = channel_off[c], channel_off[c + 1]
-            dequantize_latent(codes[b, 0, o0:o1], scale[b, c], zero[b, c], (o1 - o0) * 8 // group, group, column)
-            for t in range(t1 - t0):
-                lat[t, c] = column[t0 - b * group + t]
+            bits_c = (o1 - o0) * 8 // group
+            lo = o0 + j0 * bits_c // 8
+            # positions j0… of the group as a group of their own: the same scale and zero
+            dequantize_latent(codes[b, 0, lo:lo + n * bits_c // 8], scale[b, c], zero[b, c], bits_c, n, column[:n])
+            for t in range(n):
+                lat[t, c] = column[t]
     else:
         for t in range(t0, t1):
             dequantize_latent(codes[t, 0], scale[t, 0], zero[t, 0], bits, group, lat[t - t0])
@@ -446,54 +452,114 @@ def _latent_rows(codes, scale, zero, bits, group, channel_off, sink, t0, t1, col
         lat[t - t0] = sink[t]
 
 
+@njit(inline="always", **_OPT)
+def _tile_6x16(lat, t, m, c0, out):
+    """out[t:t+6, c0:c0+16] = lat[t:t+6] · m[:, c0:c0+16] in twelve vector accumulators: each
+    loaded row piece of m feeds six FMAs, and twelve independent chains keep both FMA pipes busy
+    through the FMA latency (the classic AVX2 micro-kernel shape; 4 × 16 and 4 × 24 measured
+    15–20% slower)."""
+    cols, oc = m.shape[1], out.shape[1]
+    a0 = b0 = a1 = b1 = a2 = b2 = a3 = b3 = a4 = b4 = a5 = b5 = simd.lanes_zero()
+    for r in range(m.shape[0]):
+        o = r * cols + c0
+        x0, x1, x2 = lat[t, r], lat[t + 1, r], lat[t + 2, r]
+        x3, x4, x5 = lat[t + 3, r], lat[t + 4, r], lat[t + 5, r]
+        a0, b0 = simd.fma_lanes(a0, x0, m, o), simd.fma_lanes(b0, x0, m, o + 8)
+        a1, b1 = simd.fma_lanes(a1, x1, m, o), simd.fma_lanes(b1, x1, m, o + 8)
+        a2, b2 = simd.fma_lanes(a2, x2, m, o), simd.fma_lanes(b2, x2, m, o + 8)
+        a3, b3 = simd.fma_lanes(a3, x3, m, o), simd.fma_lanes(b3, x3, m, o + 8)
+        a4, b4 = simd.fma_lanes(a4, x4, m, o), simd.fma_lanes(b4, x4, m, o + 8)
+        a5, b5 = simd.fma_lanes(a5, x5, m, o), simd.fma_lanes(b5, x5, m, o + 8)
+    o = t * oc + c0
+    for a, b in ((a0, b0), (a1, b1), (a2, b2), (a3, b3), (a4, b4), (a5, b5)):
+        simd.lanes_store(a, out, o)
+        simd.lanes_store(b, out, o + 8)
+        o += oc
+
+
+@njit(inline="always", **_OPT)
+def _tile_4x16(lat, t, m, c0, out):
+    cols, oc = m.shape[1], out.shape[1]
+    a0 = b0 = a1 = b1 = a2 = b2 = a3 = b3 = simd.lanes_zero()
+    for r in range(m.shape[0]):
+        o = r * cols + c0
+        x0, x1, x2, x3 = lat[t, r], lat[t + 1, r], lat[t + 2, r], lat[t + 3, r]
+        a0, b0 = simd.fma_lanes(a0, x0, m, o), simd.fma_lanes(b0, x0, m, o + 8)
+        a1, b1 = simd.fma_lanes(a1, x1, m, o), simd.fma_lanes(b1, x1, m, o + 8)
+        a2, b2 = simd.fma_lanes(a2, x2, m, o), simd.fma_lanes(b2, x2, m, o + 8)
+        a3, b3 = simd.fma_lanes(a3, x3, m, o), simd.fma_lanes(b3, x3, m, o + 8)
+    o = t * oc + c0
+    for a, b in ((a0, b0), (a1, b1), (a2, b2), (a3, b3)):
+        simd.lanes_store(a, out, o)
+        simd.lanes_store(b, out, o + 8)
+        o += oc
+
+
+@njit(inline="always", **_OPT)
+def _tile_1x48(lat, t, m, c0, out):
+    """One row, 48 columns: six chains (a decode step's x·U is a single row)."""
+    cols = m.shape[1]
+    a0 = a1 = a2 = a3 = a4 = a5 = simd.lanes_zero()
+    for r in range(m.shape[0]):
+        o = r * cols + c0
+        x = lat[t, r]
+        a0, a1, a2 = simd.fma_lanes(a0, x, m, o), simd.fma_lanes(a1, x, m, o + 8), simd.fma_lanes(a2, x, m, o + 16)
+        a3, a4, a5 = simd.fma_lanes(a3, x, m, o + 24), simd.fma_lanes(a4, x, m, o + 32), simd.fma_lanes(a5, x, m, o + 40)
+    o = t * out.shape[1] + c0
+    for a in (a0, a1, a2, a3, a4, a5):
+        simd.lanes_store(a, out, o)
+        o += 8
+
+
+@njit(inline="always", **_OPT)
+def _tile_1x8(lat, t, m, c0, out):
+    a = simd.lanes_zero()
+    for r in range(m.shape[0]):
+        a = simd.fma_lanes(a, lat[t, r], m, r * m.shape[1] + c0)
+    simd.lanes_store(a, out, t * out.shape[1] + c0)
+
+
+@njit(**_OPT)
+def _rows_6x16(lat, n6, m, c16, out):
+    """The bulk of rebuild in a function of its own: inlined among the edge cases, LLVM
+    allocates its registers worse (measured 8% slower)."""
+    for t in range(0, n6, 6):
+        for c0 in range(0, c16, 16):
+            _tile_6x16(lat, t, m, c0, out)
+
+
 @njit(**_OPT)
 def rebuild(lat, n, m, out):
     """out[:n] = lat[:n] · m (or lat itself when m is empty; m and out C-contiguous).
 
-    Register-blocked: a 4-row × 16-column tile of out lives in eight vector accumulators while
-    the shared dimension streams past, so each loaded row piece of m feeds eight FMAs and nothing
-    is stored until the tile is done (a row at a time, the stores would bound it at one FMA per
-    cycle)."""
+    Register-blocked: a 6-row × 16-column tile of out lives in vector accumulators while the
+    shared dimension streams past, and nothing is stored until the tile is done (a row at a time,
+    the stores would bound it at one FMA per cycle). Smaller tiles take the edges."""
     if m.shape[0] == 0:
         for t in range(n):
             for c in range(out.shape[1]):
                 out[t, c] = lat[t, c]
         return
-    width, cols = m.shape
-    out_cols = out.shape[1]
-    tile_cols = cols - cols % 16
-    n4 = n - n % 4
-    for t in range(0, n4, 4):
-        for c0 in range(0, tile_cols, 16):
-            a0 = b0 = a1 = b1 = a2 = b2 = a3 = b3 = simd.lanes_zero()
-            for r in range(width):
-                o = r * cols + c0
-                x0, x1, x2, x3 = lat[t, r], lat[t + 1, r], lat[t + 2, r], lat[t + 3, r]
-                a0, b0 = simd.fma_lanes(a0, x0, m, o), simd.fma_lanes(b0, x0, m, o + 8)
-                a1, b1 = simd.fma_lanes(a1, x1, m, o), simd.fma_lanes(b1, x1, m, o + 8)
-                a2, b2 = simd.fma_lanes(a2, x2, m, o), simd.fma_lanes(b2, x2, m, o + 8)
-                a3, b3 = simd.fma_lanes(a3, x3, m, o), simd.fma_lanes(b3, x3, m, o + 8)
-            o = t * out_cols + c0
-            simd.lanes_store(a0, out, o)
-            simd.lanes_store(b0, out, o + 8)
-            simd.lanes_store(a1, out, o + out_cols)
-            simd.lanes_store(b1, out, o + out_cols + 8)
-            simd.lanes_store(a2, out, o + 2 * out_cols)
-            simd.lanes_store(b2, out, o + 2 * out_cols + 8)
-            simd.lanes_store(a3, out, o + 3 * out_cols)
-            simd.lanes_store(b3, out, o + 3 * out_cols + 8)
-    for t in range(n4, n):  # rows left over, and columns left over, the plain way
-        for c0 in range(0, tile_cols, 16):
-            a0 = b0 = simd.lanes_zero()
-            for r in range(width):
-                a0 = simd.fma_lanes(a0, lat[t, r], m, r * cols + c0)
-                b0 = simd.fma_lanes(b0, lat[t, r], m, r * cols + c0 + 8)
-            simd.lanes_store(a0, out, t * out_cols + c0)
-            simd.lanes_store(b0, out, t * out_cols + c0 + 8)
+    cols = m.shape[1]
+    c16, c8 = cols - cols % 16, cols - cols % 8
+    n6 = n - n % 6
+    n4 = n6 + (n - n6) // 4 * 4
+    _rows_6x16(lat, n6, m, c16, out)
+    for t in range(n6, n4, 4):
+        for c0 in range(0, c16, 16):
+            _tile_4x16(lat, t, m, c0, out)
+    c48 = cols - cols % 48
+    for t in range(n4, n):
+        for c0 in range(0, c48, 48):
+            _tile_1x48(lat, t, m, c0, out)
+        for c0 in range(c48, c16, 8):
+            _tile_1x8(lat, t, m, c0, out)
     for t in range(n):
-        for c in range(tile_cols, cols):
+        for c0 in range(c16, c8, 8):
+            _tile_1x8(lat, t, m, c0, out)
+        for c in range(c8, cols):
             acc = np.float32(0.0)
-            for r in range(width):
+            for r in range(m.shape[0]):
                 acc += lat[t, r] * m[r, c]
             out[t, c] = acc
 
@@ -583,12 +649,13 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_channel_off, k_width, k_sink, mk
     n_win = min(k_win.shape[0], n)
     w0 = n - n_win
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    for b in prange((n_qk + group - 1) // group):
-        t0 = b * group
-        t1 = min(t0 + group, n_qk)
-        lat = np.empty((group, k_width), np.float32)
-        keys = np.empty((group, kv_dim), np.float32)
-        column = np.empty(group, np.float32)
+    rows = _KEY_ROWS if group % _KEY_ROWS == 0 else group
+    for b in prange((n_qk + rows - 1) // rows):
+        t0 = b * rows
+        t1 = min(t0 + rows, n_qk)
+        lat = np.empty((rows, k_width), np.float32)
+        keys = np.empty((rows, kv_dim), np.float32)
+        column = np.empty(rows, np.float32)
         _latent_rows(kc, ks, kz, k_bits, group, k_channel_off, k_sink, t0, t1, column, lat)
         rebuild(lat, t1 - t0, mk, keys)
         _score_rows(q, keys, t1 - t0, t0, rope_cos, rope_sin, n_head, n_kv_head, head_dim, scale, scores)
@@ -598,7 +665,7 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_channel_off, k_width, k_sink, mk
     group_h = n_head // n_kv_head
     for h in prange(n_head):
         _window_scores(q[h * head_dim:(h + 1) * head_dim], k_win, (h // group_h) * head_dim, w0, n, scale, scores[h])
-    for h in range(n_head):
+    for h in prange(n_head):
         mx = np.float32(-np.inf)
         for t in range(n):
             mx = max(mx, scores[h, t])
@@ -610,17 +677,18 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_channel_off, k_width, k_sink, mk
         inv = np.float32(1.0) / total
         for t in range(n):
             scores[h, t] *= inv
-    n_blocks = (n_qv + group - 1) // group
+    rows = _VALUE_ROWS
+    n_blocks = (n_qv + rows - 1) // rows
     n_parts = max(1, min(n_threads, n_blocks))
     parts = np.zeros((n_parts, n_head, v_width), np.float32)
     for p in prange(n_parts):
-        lat = np.empty((group, v_width), np.float32)
-        column = np.empty(group, np.float32)
-        weights = np.zeros((n_head, group), np.float32)
+        lat = np.empty((rows, v_width), np.float32)
+        column = np.empty(rows, np.float32)
+        weights = np.zeros((n_head, rows), np.float32)
         u = np.empty((n_head, v_width), np.float32)
         for b in range(p, n_blocks, n_parts):
-            t0 = b * group
-            t1 = min(t0 + group, n_qv)
+            t0 = b * rows
+            t1 = min(t0 + rows, n_qv)
             _latent_rows(vc, vs, vz, v_bits, v_group, k_channel_off[:0], v_sink, t0, t1, column, lat)
             lat[t1 - t0:] = 0.0  # a last, partial block: rows past t1 hold an earlier block's
             for h in range(n_head):
@@ -629,6 +697,9 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_channel_off, k_width, k_sink, mk
             for h in range(n_head):
                 for c in range(v_width):
                     parts[p, h, c] += u[h, c]
+    # The tail's latents share the packed ones' matrix except in XQuant-CL's accumulator layers:
+    # then they are summed together and projected once.
+    tail_shares_mv = mv_tail.shape == mv.shape and mv_tail.ctypes.data == mv.ctypes.data
     for h in prange(n_head):
         o = out[h * head_dim:(h + 1) * head_dim]
         k0 = (h // group_h) * head_dim
@@ -636,14 +707,117 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_channel_off, k_width, k_sink, mk
         for p in range(1, n_parts):
             for c in range(v_width):
                 parts[0, h, c] += parts[p, h, c]
-        _add_projected(parts[0, h], mv, k0, o)
-        u_tail = np.zeros(v_tail.shape[1], np.float32)
+        u_tail = parts[0, h] if tail_shares_mv else np.zeros(v_tail.shape[1], np.float32)
         for t in range(w0 - n_qv):
             a = scores[h, n_qv + t]
             for c in range(u_tail.shape[0]):
                 u_tail[c] += a * v_tail[t, c]
-        _add_projected(u_tail, mv_tail, k0, o)
+        _add_projected(parts[0, h], mv, k0, o)
+        if not tail_shares_mv:
+            _add_projected(u_tail, mv_tail, k0, o)
         _window_values(scores[h], v_win, k0, w0, n, o)
+
+
+@njit(inline="always", **_OPT)
+def _bound_at(t, group, residual, per_channel):
+    """The first position query t reads exactly (cache.LatentCache's residual rule)."""
+    if residual == 0 and not per_channel:
+        return t + 1
+    return group * max(t // group - max(residual // group - 1, 0), 0)
+
+
+@njit(inline="always", **_OPT)
+def _to_ring(z, ring, slot):
+    """z rounded to fp16 into ring row `slot` (its bits); z keeps the rounded values, which are
+    what the cache stores and quantizes."""
+    for c in range(z.shape[0]):
+        h = f32_to_f16(z[c])
+        ring[slot, c] = h
+        z[c] = f16_to_f32(h)
+
+
+@njit(inline="always", **_OPT)
+def _ring_rows(ring, t0, t1, out):
+    """Positions [t0, t1) of an fp16 ring (position t in row t mod len) → out[:t1 − t0]."""
+    for t in range(t0, t1):
+        r = t % ring.shape[0]
+        for c in range(out.shape[1]):
+            out[t - t0, c] = f16_to_f32(ring[r, c])
+
+
+@njit(inline="always", **_OPT)
+def _store_token(z, codes, scale, zero, bits, group, sink, clip, pos):
+    quantize_latent(z, bits, group, codes[pos, 0], scale[pos, 0], zero[pos, 0], clip)
+    if pos < sink.shape[0]:
+        sink[pos] = z
+
+
+@njit(inline="always", **_OPT)
+def _store_channel_group(ring, codes, scale, zero, channel_off, group, sink, clip, g0, block):
+    """Quantize the per-channel group of positions [g0, g0 + G) from the exact ring (block:
+    width × G scratch). Sink positions are read from `sink`, so they take another position's
+    values here and leave the group's ranges alone."""
+    n_sink = max(min(sink.shape[0] - g0, group), 0)
+    fill = min(n_sink, group - 1)
+    for t in range(group):
+        r = (g0 + t) % ring.shape[0]
+        for c in range(block.shape[0]):
+            block[c, t] = f16_to_f32(ring[r, c])
+    for t in range(n_sink):
+        for c in range(block.shape[0]):
+            sink[g0 + t, c] = block[c, t]
+            block[c, t] = block[c, fill]
+    b = g0 // group
+    for c in range(block.shape[0]):
+        o0, o1 = channel_off[c], channel_off[c + 1]
+        quantize_latent(block[c], (o1 - o0) * 8 // group, group, codes[b, 0, o0:o1], scale[b, c], zero[b, c], clip)
+
+
+@njit(**_OPT)
+def latent_step(q, xn, k, v, pos, uk, uv, shared, zk, zv, ring_k, ring_v,
+                kc, ks, kz, k_bits, k_channel_off, k_sink, mk,
+                vc, vs, vz, v_bits, v_group, v_sink, mv, group, residual, clip, k_tail, v_tail, block,
+                k_win, v_win, k_rot, inv_freq, rope_cos, rope_sin, n_head, n_kv_head, head_dim, n_threads,
+                scores, out):
+    """A decode step of one layer of a latent cache in one call: the token's latents (x·uk and
+    x·uv; KIVI's k and v when uk is empty; for MHA one shared x·uk, or x itself, where zv is zk
+    and ring_v / v_tail are ring_k / k_tail), rounded to fp16 into the exact
+    rings, quantized into their streams (a per-channel key group once its G positions exist),
+    the --kv-budget window row, then attend_latent over [0, pos] with the exact tail read from
+    the rings. The same arithmetic as the cache's batched path, token by token."""
+    if shared or uk.shape[0]:
+        if uk.shape[0]:
+            rebuild(xn.reshape((1, xn.shape[0])), 1, uk, zk.reshape((1, zk.shape[0])))
+        else:
+            zk[:] = xn
+        if not shared:
+            rebuild(xn.reshape((1, xn.shape[0])), 1, uv, zv.reshape((1, zv.shape[0])))
+    else:  # KIVI: the latents are k and v themselves
+        zk[:] = k
+        zv[:] = v
+    slot = pos % ring_k.shape[0]
+    _to_ring(zk, ring_k, slot)
+    per_channel = k_channel_off.shape[0] > 0
+    if per_channel:
+        if (pos + 1) % group == 0:
+            _store_channel_group(ring_k, kc, ks, kz, k_channel_off, group, k_sink, clip, pos + 1 - group, block)
+    else:
+        _store_token(zk, kc, ks, kz, k_bits, group, k_sink, clip, pos)
+    if not shared:
+        _to_ring(zv, ring_v, slot)
+        _store_token(zv, vc, vs, vz, v_bits, v_group, v_sink, clip, pos)
+    if k_win.shape[0]:
+        w = pos % k_win.shape[0]
+        store_kv_f16(k, v, pos, inv_freq, n_kv_head, head_dim, k_rot, k_win[w], v_win[w])
+    w0 = pos + 1 - min(k_win.shape[0], pos + 1)  # from w0 on, the window answers
+    bk = min(_bound_at(pos, group, residual, per_channel), w0)
+    bv = min(_bound_at(pos, group, residual, False), w0)
+    _ring_rows(ring_k, bk, w0, k_tail)
+    if not shared:
+        _ring_rows(ring_v, bv, w0, v_tail)
+    attend_latent(q, pos, kc, ks, kz, k_bits, k_channel_off, zk.shape[0], k_sink, mk, bk,
+                  vc, vs, vz, v_bits, zv.shape[0], v_group, v_sink, mv, bv, group, k_tail, mk, v_tail, mv,
+                  k_win, v_win, rope_cos, rope_sin, n_head, n_kv_head, head_dim, n_threads, scores, out)
 
 
 @njit(parallel=True, **_OPT)
