@@ -824,25 +824,23 @@ def latent_step(q, xn, k, v, pos, uk, uv, shared, zk, zv, ring_k, ring_v,
 def accumulate(acc, acc_bits, dc, ds, dz, d_bits, d_width, d_sink, group, ukv_t, n, reset):
     """XQuant-CL: accumulator rows [0, n) += Δ̂ rows · ukv_t (ukv_t empty: the identity; the
     first len(d_sink) rows of Δ exact from d_sink); `reset` starts from zero (the seed layer).
-    The accumulator is itself a per-token stream."""
+    The accumulator is itself a per-token stream. Blocks of rows go through rebuild's register
+    tiles: every step updates every position, the largest product XQuant-CL runs."""
     width = acc.shape[2] * 8 // acc_bits
-    for b in prange((n + group - 1) // group):
-        a = np.empty(width, np.float32)
-        delta = np.empty(d_width, np.float32)
-        for t in range(b * group, min(n, (b + 1) * group)):
-            if reset:
-                a[:] = 0.0
-            else:
-                dequantize_latent(acc[t, 0], ds[t, 0, :0], ds[t, 0, :0], acc_bits, group, a)
-            dequantize_latent(dc[t, 0], ds[t, 0], dz[t, 0], d_bits, group, delta)
-            if t < d_sink.shape[0]:
-                delta[:] = d_sink[t]
-            if ukv_t.shape[0] == 0:
+    rows = _VALUE_ROWS
+    for b in prange((n + rows - 1) // rows):
+        t0 = b * rows
+        t1 = min(n, t0 + rows)
+        a = np.empty((rows, width), np.float32)
+        delta = np.empty((rows, d_width), np.float32)
+        column = np.empty(rows, np.float32)
+        prev = np.empty(width, np.float32)
+        _latent_rows(dc, ds, dz, d_bits, group, np.zeros(0, np.int64), d_sink, t0, t1, column, delta)
+        rebuild(delta, t1 - t0, ukv_t, a)
+        for t in range(t0, t1):
+            row = a[t - t0]
+            if not reset:
+                dequantize_latent(acc[t, 0], ds[t, 0, :0], ds[t, 0, :0], acc_bits, group, prev)
                 for c in range(width):
-                    a[c] += delta[c]
-            else:
-                for r in range(d_width):
-                    x = delta[r]
-                    for c in range(width):
-                        a[c] += x * ukv_t[r, c]
-            quantize_latent(a, acc_bits, group, acc[t, 0], ds[t, 0, :0], ds[t, 0, :0])
+                    row[c] += prev[c]
+            quantize_latent(row, acc_bits, group, acc[t, 0], ds[t, 0, :0], ds[t, 0, :0])
