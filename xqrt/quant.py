@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from .kernels.bits import f16_to_f32, f32_as_u32, f32_to_f16, u32_as_f32
+from .kernels.simd import unpack8
 
 _OPT = dict(cache=True, fastmath=False, nogil=True)  # rounding must not depend on reassociation
 BITS = (2, 3, 4, 8, 16, 32)
@@ -164,8 +165,11 @@ def _unpack(codes, scale, zero, bits, group, out):
             word = np.uint32(0)
             for b in range(bits):
                 word |= np.uint32(codes[o + b]) << np.uint32(8 * b)
-            for t in range(8):
-                out[g * group + j + t] = np.float32((word >> np.uint32(bits * t)) & mask) * s + m
+            if bits <= 4:
+                unpack8(word, bits, s, m, out, g * group + j)
+            else:
+                for t in range(8):
+                    out[g * group + j + t] = np.float32((word >> np.uint32(bits * t)) & mask) * s + m
 
 
 @njit(parallel=True, **_OPT)

@@ -13,6 +13,7 @@ that a loop carries in one register) they are:
   float arithmetic to ~1e-5 instead of ~1e-3. The lanes accumulate scale · sums across blocks; a
   row ends in one horizontal sum. The dtype of the codes array picks the variant at compile time.
 - register-blocked products: `fma` of a broadcast scalar with eight consecutive floats.
+- the cache's dequantization: eight 1–4-bit codes of one word shifted, masked and scaled at once.
 
 Without AVX2 the same IR uses generic vector operations, which every LLVM target lowers.
 """
@@ -65,6 +66,12 @@ def _pointer(context, builder, array_type, array, offset, element_vector):
 
 def _splat(builder, value):
     undef = ir.Constant(_vec(_F32, LANES), ir.Undefined)
+    return builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(_I32, 0)), undef,
+                                  _const(_I32, LANES, [0] * LANES))
+
+
+def _splat_int(builder, value):
+    undef = ir.Constant(_vec(_I32, LANES), ir.Undefined)
     return builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(_I32, 0)), undef,
                                   _const(_I32, LANES, [0] * LANES))
 
@@ -185,3 +192,28 @@ def nibble_dot(typingctx, acc, w, w_off, x, x_off, scale):
 def byte_dot(typingctx, acc, w, w_off, x, x_off, scale):
     """acc + scale · (the 32 int8 in w[w_off:w_off+32] · x[x_off:x_off+32]), over 8 lanes."""
     return _block_dot(w, x, nibbles=False)
+
+
+@intrinsic
+def unpack8(typingctx, word, bits, scale, zero, out, offset):
+    """out[offset:offset+8] = q_i · scale + zero for the eight codes q_i = (word >> bits·i) &
+    (2^bits − 1) of a word of eight bits-wide values (bits ≤ 4), as one vector shift, mask and
+    conversion (the scalar loop took about 2 cycles a value). Multiply, then add: the same
+    rounding as the scalar formula, not a fused multiply-add."""
+    _check_c(out, "unpack8's out")
+    if not isinstance(word, types.Integer):
+        raise errors.TypingError(f"unpack8's word must be an integer, got {word}")
+
+    def codegen(context, builder, sig, args):
+        word_v, bits_v, scale_v, zero_v, out_v, off_v = args
+        w32 = builder.trunc(word_v, _I32) if word_v.type.width > 32 else builder.zext(word_v, _I32) \
+            if word_v.type.width < 32 else word_v
+        b32 = builder.trunc(bits_v, _I32)
+        shifts = builder.mul(_splat_int(builder, b32), _const(_I32, LANES, range(LANES)))
+        mask = builder.sub(builder.shl(ir.Constant(_I32, 1), b32), ir.Constant(_I32, 1))
+        codes = builder.and_(builder.lshr(_splat_int(builder, w32), shifts), _splat_int(builder, mask))
+        values = builder.fadd(builder.fmul(builder.uitofp(codes, _vec(_F32, LANES)), _splat(builder, scale_v)),
+                              _splat(builder, zero_v))
+        builder.store(values, _pointer(context, builder, sig.args[4], out_v, off_v, _vec(_F32, LANES)), align=4)
+        return context.get_dummy_value()
+    return types.none(word, types.int64, types.float32, types.float32, out, types.int64), codegen
