@@ -51,7 +51,7 @@ _DECODE_MAX = 8  # prompts up to this many tokens go through the decode step, to
 def kernels_compiled() -> bool:
     """Whether Numba's on-disk cache already holds the kernels (so start-up is fast)."""
     try:
-        kernels = (cpu.decode_fp16, cpu.attn_in, cpu.attn_out_ffn, cpu.attend_latent)
+        kernels = (cpu.decode_fp16, cpu.attn_in, cpu.attn_out_ffn, cpu.attend_latent, cpu.latent_step)
         return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
     except AttributeError:  # a Numba without these internals: assume the worst, say nothing wrong
         return False
