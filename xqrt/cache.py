@@ -371,7 +371,7 @@ class LatentCache(Cache):
         self._win_v = np.zeros_like(self._win_k)
         self._k_rot = np.zeros(c.kv_dim, np.float32)
         self._step_out = np.zeros((1, c.q_dim), np.float32)
-        self._steps = [self._step_state(L, ring) for L, ring in zip(self.layers, self._ring)]
+        self._steps = [self._step_state(i) for i in range(c.n_layer)]
 
     @property
     def _value_group(self) -> int:
@@ -473,9 +473,10 @@ class LatentCache(Cache):
         rk = np.zeros((self._ring_size, wk), self._tail_dtype)
         return (rk, rk) if L.shared else (rk, np.zeros((self._ring_size, wv), self._tail_dtype))
 
-    def _step_state(self, L: _Layer, ring):
-        """What cpu.latent_step needs of layer L besides the token, allocated once; None where the
+    def _step_state(self, layer: int):
+        """What cpu.latent_step needs of a layer besides the token, allocated once; None where the
         layer's decode step stays on the batched path (XQuant-CL's delta layers, float32 tails)."""
+        L, ring = self.layers[layer], self._ring[layer]
         if L.delta is not None or L.key is None or self._tail_dtype is not np.float16 or self.simulated:
             return None
         wk, wv = self._latent_widths(L)
@@ -489,15 +490,14 @@ class LatentCache(Cache):
         streams = (key.codes, key.scale, key.zero, key.bits, key.channel_off, key.sink, f32(L.mk),
                    value.codes, value.scale, value.zero, value.bits, value.group, value.sink, f32(L.mv))
         return (f32(L.uk), f32(L.uv), L.shared, zk, zv, ring[0].view(np.uint16), ring[1].view(np.uint16),
-                *streams), (k_tail, v_tail, block)
+                *streams), (k_tail, v_tail, block, self._win_k[layer], self._win_v[layer])
 
     def _decode_step(self, layer, pos, xn, q, k, v):
         c = self.config
         state, scratch = self._steps[layer]
         cpu.latent_step(q, xn, k, v, pos, *state, self.group, self.residual, self.options.clip, *scratch,
-                        self._win_k[layer], self._win_v[layer], self._k_rot, self.inv_freq, self._rope_cos,
-                        self._rope_sin, c.n_head, c.n_kv_head, c.head_dim, self._n_threads, self.scores,
-                        self._step_out[0])
+                        self._k_rot, self.inv_freq, self._rope_cos, self._rope_sin, c.n_head, c.n_kv_head,
+                        c.head_dim, self._n_threads, self.scores, self._step_out[0])
         return self._step_out
 
     # ---- which positions a query reads exactly -------------------------------------------------

@@ -432,8 +432,8 @@ def to_f16(x, out):
 def _latent_rows(codes, scale, zero, bits, group, channel_off, sink, t0, t1, column, lat):
     """Latents of positions [t0, t1) → lat[:t1 - t0]. A per-channel stream (channel_off not empty:
     xqrt.quant.channel_offsets) reads inside one group of G positions (t0 and t1 on multiples of
-    8 there), each channel in its own width; a per-token one reads any positions, G being the group along the vector. The first
-    len(sink) positions are read exact from `sink`."""
+    8 there), each channel in its own width; a per-token one reads any positions, G being the
+    group along the vector. The first len(sink) positions are read exact from `sink`."""
     if channel_off.shape[0]:
         b = t0 // group
         j0, n = t0 - b * group, t1 - t0  # j0 and n multiples of 8: whole code words

@@ -65,13 +65,8 @@ def _pointer(context, builder, array_type, array, offset, element_vector):
 
 
 def _splat(builder, value):
-    undef = ir.Constant(_vec(_F32, LANES), ir.Undefined)
-    return builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(_I32, 0)), undef,
-                                  _const(_I32, LANES, [0] * LANES))
-
-
-def _splat_int(builder, value):
-    undef = ir.Constant(_vec(_I32, LANES), ir.Undefined)
+    """value (a float or an i32) in all eight lanes."""
+    undef = ir.Constant(_vec(value.type, LANES), ir.Undefined)
     return builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(_I32, 0)), undef,
                                   _const(_I32, LANES, [0] * LANES))
 
@@ -209,9 +204,9 @@ def unpack8(typingctx, word, bits, scale, zero, out, offset):
         w32 = builder.trunc(word_v, _I32) if word_v.type.width > 32 else builder.zext(word_v, _I32) \
             if word_v.type.width < 32 else word_v
         b32 = builder.trunc(bits_v, _I32)
-        shifts = builder.mul(_splat_int(builder, b32), _const(_I32, LANES, range(LANES)))
+        shifts = builder.mul(_splat(builder, b32), _const(_I32, LANES, range(LANES)))
         mask = builder.sub(builder.shl(ir.Constant(_I32, 1), b32), ir.Constant(_I32, 1))
-        codes = builder.and_(builder.lshr(_splat_int(builder, w32), shifts), _splat_int(builder, mask))
+        codes = builder.and_(builder.lshr(_splat(builder, w32), shifts), _splat(builder, mask))
         values = builder.fadd(builder.fmul(builder.uitofp(codes, _vec(_F32, LANES)), _splat(builder, scale_v)),
                               _splat(builder, zero_v))
         builder.store(values, _pointer(context, builder, sig.args[4], out_v, off_v, _vec(_F32, LANES)), align=4)
