@@ -36,8 +36,9 @@ def n_scales(width: int, bits: int, group: int) -> int:
 
 @njit(inline="always", **_OPT)
 def _f16_down(v):
-    """fp16 bits of the largest half ≤ v."""
-    h = f32_to_f16(np.float32(max(min(v, 65504.0), -65504.0)))
+    """fp16 bits of the largest half ≤ v (v clamped to the finite halves first)."""
+    v = np.float32(max(min(v, 65504.0), -65504.0))
+    h = f32_to_f16(v)
     if f16_to_f32(h) > v:
         if h == 0:
             h = np.uint16(0x8001)
