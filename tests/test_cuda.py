@@ -150,8 +150,8 @@ def test_attend_latent(rebuild):
     ref = attention_ref(q, keys, v_seen @ mv if rebuild else v_seen, n_head, hd)
     ws = kc.Workspace(64, n_head, width)
     out = cuda.device_array(n_head * hd, np.float32)
-    kc.attend_latent(cuda.to_device(q), key, value, cuda.to_device(mk), cuda.to_device(mv), cuda.to_device(cos),
-                     cuda.to_device(sin), n_kv, hd, ws, out)
+    kc.attend_latent(cuda.to_device(q), [(key, cuda.to_device(mk))], [(value, cuda.to_device(mv))],
+                     cuda.to_device(cos), cuda.to_device(sin), n_kv, hd, ws, out)
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=2e-4, atol=2e-4)
     lat = cuda.device_array((n, width), np.float16)
     kc.dequantize_stream[n, kc.THREADS](*key.args, lat)
@@ -172,30 +172,151 @@ def test_accumulate():
     np.testing.assert_allclose(acc.copy_to_host(), total, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits, group, n_sink", [(2, 8, 0), (3, 16, 2), (4, 32, 4), (8, 8, 1)])
+def test_cache_writes_are_xqrt_quant_bit_for_bit(bits, group, n_sink):
+    """store_token (per-token rows, sinks, the fp16 ring) and store_channel_group (a per-channel
+    group of mixed 1-4-bit channels read from the ring, sinks left out of its ranges) write the
+    bytes xqrt.cache.Stream.write does."""
+    from xqrt.cache import Stream
+    width, n = 32, 2 * group
+    z = (rng.standard_normal((n, width)) * rng.uniform(0.01, 50, width)).astype(np.float32)
+    z16 = z.astype(np.float16).astype(np.float32)
+    token = Stream(n, width, bits, group, per_channel=False, sinks=n_sink)
+    token.write(0, z16)
+    channel_bits = [bits] * width if bits == 8 else quant.allocate_channel_bits(rng.random(width), min(bits, 3))
+    channel = Stream(n, width, bits, group, per_channel=True, sinks=n_sink, channel_bits=channel_bits)
+    for g0 in range(0, n, group):
+        channel.write(g0, z16[g0:g0 + group])
+    dev = lambda a: cuda.to_device(np.ascontiguousarray(a))  # noqa: E731
+    codes, scale, zero = dev(np.zeros_like(token.codes)), dev(np.zeros_like(token.scale).view(np.float16)), \
+        dev(np.zeros_like(token.zero).view(np.float16))
+    sink = dev(np.zeros_like(token.sink))
+    ring = dev(np.zeros((group, width), np.float16))
+    c_codes, c_scale = dev(np.zeros_like(channel.codes)), dev(np.zeros_like(channel.scale).view(np.float16))
+    c_zero, c_sink = dev(np.zeros_like(channel.zero).view(np.float16)), dev(np.zeros_like(channel.sink))
+    off = dev(channel.channel_off)
+    cbits = dev((np.diff(channel.channel_off) * 8 // group).astype(np.int64))
+    for pos in range(n):
+        kc.store_token[1, 32](dev(z[pos]), ring, pos % group, codes, scale, zero, bits, group, sink, pos, True)
+        kc.store_token[1, 32](dev(z[pos]), ring, pos % group, codes, scale, zero, bits, group, c_sink, pos, False)
+        if (pos + 1) % group == 0:
+            kc.store_channel_group[1, 32](ring, c_codes, c_scale, c_zero, off, cbits, group, c_sink, pos + 1 - group)
+    np.testing.assert_array_equal(codes.copy_to_host(), token.codes)
+    np.testing.assert_array_equal(scale.copy_to_host().view(np.uint16), token.scale)
+    np.testing.assert_array_equal(zero.copy_to_host().view(np.uint16), token.zero)
+    np.testing.assert_array_equal(sink.copy_to_host(), token.sink)
+    np.testing.assert_array_equal(ring.copy_to_host(), z16[group:].astype(np.float16))
+    np.testing.assert_array_equal(c_codes.copy_to_host(), channel.codes)
+    np.testing.assert_array_equal(c_scale.copy_to_host().view(np.uint16), channel.scale)
+    np.testing.assert_array_equal(c_zero.copy_to_host().view(np.uint16), channel.zero)
+    np.testing.assert_array_equal(c_sink.copy_to_host(), channel.sink)
+
+
+def device_step(model, n_ctx):
+    """What DeviceCache.attend_device reads of a GpuStep: its vectors, scratch and RoPE tables."""
+    from types import SimpleNamespace
+    c = model.config
+    cos, sin = cpu.rope_table(model.rope_freqs, n_ctx)
+    return SimpleNamespace(kc=kc, xn_vec=cuda.device_array(c.d_model, np.float32), q=cuda.device_array(c.q_dim, np.float32),
+                           k=cuda.device_array(c.kv_dim, np.float32), v=cuda.device_array(c.kv_dim, np.float32),
+                           xp=cuda.device_array(kc.permuted_size(c.d_model), np.float32), cos=cuda.to_device(cos),
+                           sin=cuda.to_device(sin), attn=cuda.device_array(c.q_dim, np.float32))
+
+
+@pytest.fixture(scope="module")
+def three_layer_models(tmp_path_factory):
+    """Tiny GQA and MHA models of three layers: an XQuant-CL cache with two base layers holds one
+    plain XQuant layer, its seed layer and one delta layer."""
+    from conftest import tiny_llama, write_llama_gguf
+    return {kind: write_llama_gguf(tmp_path_factory.mktemp(kind), tiny_llama(n_head=4, n_kv_head=n_kv, hidden=64,
+                                                                             layers=3, ff=128))
+            for kind, n_kv in (("gqa", 2), ("mha", 4))}
+
+
+# The simulator runs a 256-thread block at about 50 ms a barrier: one case in the default run.
+@pytest.mark.parametrize("kind, mode, options, n_ctx", [
+    ("gqa", "xquant-cl", dict(bits=2, base_layers=2), 9),
+    pytest.param("gqa", "kivi", dict(bits=2), 9, marks=pytest.mark.slow),
+    pytest.param("gqa", "xquant", dict(bits=3, value_bits=4, residual=16, rotate=False), 17, marks=pytest.mark.slow),
+    pytest.param("mha", "xquant-cl", dict(bits=3, base_layers=2), 9, marks=pytest.mark.slow),
+    pytest.param("mha", "kivi", dict(bits=4, sinks=0), 9, marks=pytest.mark.slow),
+])
+def test_device_cache_steps_match_the_cpu_cache(three_layer_models, kind, mode, options, n_ctx):
+    """Decode steps of every layer through DeviceLatentCache against xqrt.cache's own, past the
+    first per-channel group (positions read packed, from the rings and from the sinks): the same
+    attention outputs and the same packed bytes — all of them for KIVI, whose latents are k and v
+    themselves; nearly all where the latents are products the two sides sum in other orders."""
+    from xqrt.cache import CacheOptions, make_cache
+    from xqrt.gguf_model import load_model
+    from xqrt.gpu import DeviceLatentCache
+    model = load_model(three_layer_models[kind])
+    c = model.config
+    opts = CacheOptions(**{"group": 8, "sinks": 2, **options})
+    host, device = make_cache(mode, model, n_ctx, opts), DeviceLatentCache(model, n_ctx, mode, opts)
+    step = device_step(model, n_ctx)
+    for pos in range(n_ctx):
+        for layer in range(c.n_layer):
+            xn, q = rng.standard_normal(c.d_model).astype(np.float32), rng.standard_normal(c.q_dim).astype(np.float32)
+            k, v = rng.standard_normal(c.kv_dim).astype(np.float32), rng.standard_normal(c.kv_dim).astype(np.float32)
+            ref = host.attend(layer, pos, xn[None], q[None], k[None], v[None])[0]
+            for name, a in (("xn_vec", xn), ("q", q), ("k", k), ("v", v)):
+                getattr(step, name).copy_to_device(a)
+            device.attend_device(step, layer, pos)
+            np.testing.assert_allclose(step.attn.copy_to_host(), ref, rtol=1e-3, atol=1e-3,
+                                       err_msg=f"position {pos}, layer {layer}")
+        host.advance(1)
+        device.advance(1)
+    assert device.nbytes() == host.nbytes() and device.describe() == host.describe()
+    same = total = 0
+    for D, L in zip(device.layers, host.layers):
+        for d, h in ((D.key, L.key), (D.value, L.value), (D.delta, L.delta)):
+            if h is not None:
+                codes = d.codes.copy_to_host()
+                same, total = same + (codes == h.codes).sum(), total + codes.size
+                if mode == "kivi":
+                    np.testing.assert_array_equal(codes, h.codes)
+                    np.testing.assert_array_equal(d.scale.copy_to_host().view(np.uint16), h.scale)
+                    np.testing.assert_array_equal(d.sink.copy_to_host(), h.sink)
+    assert same >= 0.99 * total
+
+
 def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
-    """Decode steps of a tiny one-layer GQA model through the GPU step (fp16 K/V in device memory)
-    against the CPU engine with 16-bit activations (closest to float)."""
+    """Decode steps of a tiny one-layer GQA model through the GPU step (fp16 K/V, and XQuant's
+    latents, in device memory) against the CPU engine with 16-bit activations (closest to float)."""
     from conftest import tiny_llama, write_llama_gguf
 
     from xqrt import Engine
     from xqrt.errors import XQError
     path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=1, ff=128))
-    gpu = Engine(path, ctx=8, cache="fp16", device="cuda")
     ids = [5, 17]
-    np.testing.assert_allclose(gpu.logits(ids), Engine(path, ctx=8, cache="fp16", act_bits=16).logits(ids),
-                               rtol=1e-4, atol=1e-4)
-    with pytest.raises(XQError, match="fp16 cache"):
-        Engine(path, ctx=8, cache="xquant", device="cuda")
+    for mode in ("fp16", "xquant"):
+        gpu = Engine(path, ctx=8, cache=mode, device="cuda")
+        np.testing.assert_allclose(gpu.logits(ids), Engine(path, ctx=8, cache=mode, act_bits=16).logits(ids),
+                                   rtol=1e-4, atol=1e-4, err_msg=mode)
+    with pytest.raises(XQError, match="kv-budget windows run on the CPU only"):
+        Engine(path, ctx=8, cache="xquant", kv_budget=4096, device="cuda")
+    with pytest.raises(XQError, match="on the GPU, where --clip"):
+        gpu.new_cache(clip=True)
 
 
 def test_device_choice(monkeypatch):
     from xqrt.errors import XQError
+    from xqrt.cache import CacheOptions
+    from xqrt.gguf_model import ModelConfig
     from xqrt.gpu import pick_device
-    assert pick_device("cpu", "xquant") == "cpu"
-    assert pick_device("auto", "xquant") == "cpu"  # the latent caches run on the CPU only so far
+    config = ModelConfig(arch="llama", n_layer=2, d_model=96, n_ff=128, n_head=4, n_kv_head=2, head_dim=24,
+                         rope_dim=24, rope_base=1e4, rope_scale=1.0, norm_eps=1e-5, vocab_size=300, ctx_train=512)
+    plain, window = CacheOptions(), CacheOptions(kv_budget=1 << 20)
+    said = []
+    assert pick_device("cpu", "xquant", config, plain) == "cpu"
+    assert pick_device("auto", "xquant-cl", config, plain) == "cuda"  # the simulator stands in for a GPU
+    assert pick_device("auto", "xquant", config, window, said.append) == "cpu"
+    assert said == ["xqrt: device cpu (--kv-budget windows run on the CPU only)"]
+    with pytest.raises(XQError, match="--device cuda: the CUDA cache writes take power-of-two groups"):
+        pick_device("cuda", "kivi", config, CacheOptions(group=24))
     monkeypatch.setattr(kc, "available", lambda: False)
     with pytest.raises(XQError, match="finds no CUDA GPU"):
-        pick_device("cuda", "fp16")
-    assert pick_device("auto", "fp16") == "cpu"
+        pick_device("cuda", "fp16", config, plain)
+    assert pick_device("auto", "fp16", config, plain) == "cpu"
     with pytest.raises(XQError, match="unknown device"):
-        pick_device("tpu", "fp16")
+        pick_device("tpu", "fp16", config, plain)

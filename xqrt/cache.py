@@ -358,7 +358,7 @@ class LatentCache(Cache):
         self.rotated = False  # set by _layer where a rotation applies (not KIVI: no factors to fold it into)
         self.channel_allocated = False  # set by _layer where key latent channels got bits of their own
         self.layers = self._plan(model, log)
-        self._ring_size = max(R, G)
+        self.ring_size = max(R, G)
         # The exact tail is fp16, as KIVI keeps it; float32 only when quantization is off.
         self._tail_dtype = np.float32 if self.bits == 32 else np.float16
         self._ring = [self._new_ring(L) for L in self.layers]
@@ -374,7 +374,7 @@ class LatentCache(Cache):
         self._steps = [self._step_state(i) for i in range(c.n_layer)]
 
     @property
-    def _value_group(self) -> int:
+    def value_group(self) -> int:
         return self.group if self.options.value_group is None else int(self.options.value_group)
 
     @property
@@ -441,11 +441,11 @@ class LatentCache(Cache):
             s = np.maximum(np.linalg.norm(mv, axis=1), np.float32(1e-30)) ** np.float32(o.balance)
             uv, mv = uv * s[None, :], mv / s[:, None]
         if o.rotate and uv is not None and not shared:
-            h = block_hadamard(uv.shape[1], self._value_group & -self._value_group)
+            h = block_hadamard(uv.shape[1], self.value_group & -self.value_group)
             uv, mv = uv @ h, h.T @ mv
         L = _Layer(uk, uv, mk, mv, shared)
         if with_streams:
-            wk, wv = self._latent_widths(L)
+            wk, wv = self.latent_widths(L)
             channel_bits = None
             widths = quant.CHANNEL_BITS
             n_exact = min(o.fp16_channels, wk) if L.uk is not None and not shared and bits <= 8 else 0
@@ -458,20 +458,20 @@ class LatentCache(Cache):
             L.key = Stream(self.n_ctx, wk, bits, self.group, per_channel=not shared, clip=o.clip, sinks=o.sinks,
                            channel_bits=channel_bits)
             value_bits = bits if o.value_bits is None or bits == 32 else o.value_bits
-            L.value = L.key if shared else Stream(self.n_ctx, wv, value_bits, self._value_group, per_channel=False,
+            L.value = L.key if shared else Stream(self.n_ctx, wv, value_bits, self.value_group, per_channel=False,
                                                   clip=o.clip, sinks=o.sinks)
         return L
 
-    def _latent_widths(self, L: _Layer):
+    def latent_widths(self, L: _Layer):
         if L.shared:
             return self.config.d_model, self.config.d_model
         kv = self.config.kv_dim
         return (kv if L.uk is None else L.uk.shape[1]), (kv if L.uv is None else L.uv.shape[1])
 
     def _new_ring(self, L: _Layer):
-        wk, wv = self._latent_widths(L)
-        rk = np.zeros((self._ring_size, wk), self._tail_dtype)
-        return (rk, rk) if L.shared else (rk, np.zeros((self._ring_size, wv), self._tail_dtype))
+        wk, wv = self.latent_widths(L)
+        rk = np.zeros((self.ring_size, wk), self._tail_dtype)
+        return (rk, rk) if L.shared else (rk, np.zeros((self.ring_size, wv), self._tail_dtype))
 
     def _step_state(self, layer: int):
         """What cpu.latent_step needs of a layer besides the token, allocated once; None where the
@@ -479,12 +479,12 @@ class LatentCache(Cache):
         L, ring = self.layers[layer], self._ring[layer]
         if L.delta is not None or L.key is None or self._tail_dtype is not np.float16 or self.simulated:
             return None
-        wk, wv = self._latent_widths(L)
+        wk, wv = self.latent_widths(L)
         f32 = lambda m: np.ascontiguousarray(_or_empty(m), np.float32)  # noqa: E731
         zk = np.zeros(wk, np.float32)
         zv = zk if L.shared else np.zeros(wv, np.float32)
-        k_tail = np.zeros((self._ring_size, wk), np.float32)
-        v_tail = k_tail if L.shared else np.zeros((self._ring_size, wv), np.float32)
+        k_tail = np.zeros((self.ring_size, wk), np.float32)
+        v_tail = k_tail if L.shared else np.zeros((self.ring_size, wv), np.float32)
         block = np.zeros((wk, self.group) if L.key.per_channel else (0, 0), np.float32)
         key, value = L.key, L.value
         streams = (key.codes, key.scale, key.zero, key.bits, key.channel_off, key.sink, f32(L.mk),
@@ -501,7 +501,7 @@ class LatentCache(Cache):
         return self._step_out
 
     # ---- which positions a query reads exactly -------------------------------------------------
-    def _bound(self, t, per_channel: bool):
+    def bound(self, t, per_channel: bool):
         t = np.asarray(t)
         G, R = self.group, self.residual
         if self.simulated or (R == 0 and not per_channel):
@@ -510,14 +510,14 @@ class LatentCache(Cache):
 
     def _keep_from(self, L: _Layer, end: int) -> int:
         """Lowest position whose exact latents a later query (or an unfinished group) needs."""
-        lo = min(int(self._bound(end, L.key_per_channel)), int(self._bound(end, False)))
+        lo = min(int(self.bound(end, L.key_per_channel)), int(self.bound(end, False)))
         if L.key_per_channel:
             lo = min(lo, end // self.group * self.group)
         return min(lo, end)
 
     # ---- storage -------------------------------------------------------------------------------
     def _ring_rows(self, ring, lo, hi):
-        idx = np.arange(lo, hi) % self._ring_size
+        idx = np.arange(lo, hi) % self.ring_size
         return ring[idx].astype(np.float32)
 
     def _store(self, layer, pos0, zk, zv):
@@ -532,8 +532,8 @@ class LatentCache(Cache):
         ek = np.concatenate([self._ring_rows(rk, lo, pos0), zk])
         ev = ek if L.shared else np.concatenate([self._ring_rows(rv, lo, pos0), zv])
         self._quantize(L, layer, pos0, end, lo, ek, ev, zk, zv)
-        keep = max(self._keep_from(L, end), end - self._ring_size)
-        idx = np.arange(keep, end) % self._ring_size
+        keep = max(self._keep_from(L, end), end - self.ring_size)
+        idx = np.arange(keep, end) % self.ring_size
         rk[idx] = ek[keep - lo:]
         if not L.shared:
             rv[idx] = ev[keep - lo:]
@@ -585,7 +585,7 @@ class LatentCache(Cache):
         if n == 1 and not self.simulated:
             return self._attend_one(layer, L, pos0, q, lo, ek, ev)
         pos = np.arange(pos0, end)
-        bk, bv = self._bound(pos, L.key_per_channel), self._bound(pos, False)
+        bk, bv = self.bound(pos, L.key_per_channel), self.bound(pos, False)
         hk, hv = int(bk[-1]), int(bv[-1])
         kq, vq = self._quantized_kv(layer, L, hk, hv)
         kq = np.array(kq, np.float32)
@@ -603,7 +603,7 @@ class LatentCache(Cache):
     def _attend_one(self, layer, L, pos, q, lo, ek, ev):
         c = self.config
         w0 = pos + 1 - min(self.window, pos + 1)  # positions from w0 on are read from the fp16 window
-        bk, bv = int(self._bound(pos, L.key_per_channel)), int(self._bound(pos, False))
+        bk, bv = int(self.bound(pos, L.key_per_channel)), int(self.bound(pos, False))
         k_tail = ek[bk - lo:w0 - lo] if bk < w0 else ek[:0]
         v_tail = ev[bv - lo:w0 - lo] if bv < w0 else ev[:0]
         bk, bv = min(bk, w0), min(bv, w0)
@@ -629,14 +629,14 @@ class LatentCache(Cache):
         if n_tokens == self.n_tokens:
             return n_tokens
         cut = n_tokens // self.group * self.group
-        held = [max(self._keep_from(L, self.n_tokens), self.n_tokens - self._ring_size) for L in self.layers]
+        held = [max(self._keep_from(L, self.n_tokens), self.n_tokens - self.ring_size) for L in self.layers]
         ok = all(self._keep_from(L, cut) >= lo for L, lo in zip(self.layers, held))
         ok = ok and not self.window  # later positions have overwritten the window rows before the cut
         self.n_tokens = cut if ok else 0
         return self.n_tokens
 
     def _ring_bytes(self, L, end):
-        wk, wv = self._latent_widths(L)
+        wk, wv = self.latent_widths(L)
         rows = end - self._keep_from(L, end)
         return rows * np.dtype(self._tail_dtype).itemsize * (wk if L.shared else wk + wv)
 
@@ -656,8 +656,8 @@ class LatentCache(Cache):
         parts = [f"{self.mode} {bits}", f"group {self.group}"]
         if o.value_bits is not None and o.value_bits != self.bits:
             parts.append(f"values {o.value_bits}-bit")
-        if self._value_group != self.group and self._value_width(self.config):
-            parts.append(f"value group {self._value_group}")
+        if self.value_group != self.group and self._value_width(self.config):
+            parts.append(f"value group {self.value_group}")
         parts.append("no tail (simulated)" if self.simulated else f"residual {self.residual}")
         parts += [f"{o.sinks} sinks"] * bool(o.sinks and self.bits <= 8) + ["rotated"] * self.rotated
         parts += ["key bits per channel"] * self.channel_allocated
@@ -734,7 +734,7 @@ class XQuantCL(LatentCache):
                 L.wk, L.wv = F.wk, F.wv
             layers.append(L)
         self.acc = Stream(self.n_ctx, c.d_model, 32 if self.bits == 32 else 16, self.group, per_channel=False)
-        self._ukv_t = [_EMPTY if L.ukv is None else np.ascontiguousarray(L.ukv.T) for L in layers]
+        self.ukv_t = [_EMPTY if L.ukv is None else np.ascontiguousarray(L.ukv.T) for L in layers]
         return layers
 
     def _quantize(self, L, layer, pos0, end, lo, ek, ev, zk, zv):
@@ -750,7 +750,7 @@ class XQuantCL(LatentCache):
     def _accumulate(self, layer, L, end):
         dc, ds, dz, db, d_sink, _ = L.delta.kernel_args()
         ac, _, _, ab, _, _ = self.acc.kernel_args()
-        cpu.accumulate(ac, ab, dc, ds, dz, db, L.delta.width, d_sink, self.group, self._ukv_t[layer], end, L.seed)
+        cpu.accumulate(ac, ab, dc, ds, dz, db, L.delta.width, d_sink, self.group, self.ukv_t[layer], end, L.seed)
 
     def attend(self, layer, pos0, xn, q, k, v):
         self._xn = xn
@@ -769,7 +769,7 @@ class XQuantCL(LatentCache):
 
     def _keep_from(self, L, end):
         if L.delta is not None:
-            return min(int(self._bound(end, False)), end)
+            return min(int(self.bound(end, False)), end)
         return super()._keep_from(L, end)
 
     def nbytes(self):

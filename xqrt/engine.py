@@ -20,7 +20,7 @@ from .cache import FP16KV, Cache, CacheOptions, file_recipe, make_cache
 from .errors import XQError
 from .factors import stderr_log
 from .gguf_model import Model, QMatrix, load_model
-from .gpu import DeviceFP16KV, GpuStep, pick_device
+from .gpu import DeviceCache, GpuStep, new_device_cache, pick_device, unsupported
 from .kernels import cpu
 from .sampler import Sampler, SamplingParams
 from .tokenizer import Tokenizer
@@ -73,8 +73,8 @@ class Engine:
         kv_budget: bytes of fp16 K/V for the most recent tokens, which a latent cache then reads
         without rematerializing (0: none; fp16 KV's own bytes per token × n: the last n tokens).
 
-        device: "cpu", "cuda" (the fp16 cache so far; xqrt.gpu) or "auto" (CUDA when numba-cuda
-        finds a GPU and the cache runs there).
+        device: "cpu", "cuda" (xqrt.gpu; every cache mode, some options CPU-only) or "auto" (CUDA
+        when numba-cuda finds a GPU and the cache runs there).
 
         act_bits: the decode step multiplies quantized weights by activations rounded to integer
         codes per block of 32: 8 as llama.cpp does (fastest; products within ~1e-3 of float), or
@@ -99,7 +99,8 @@ class Engine:
         self.cache_options = CacheOptions(kv_budget=int(kv_budget),
                                           **{k: v for k, v in chosen.items() if k not in unset})
         self._log = stderr_log if verbose else None
-        self.device = pick_device(device, self.cache_mode, stderr_log if verbose and device == "auto" else None)
+        self.device = pick_device(device, self.cache_mode, c, self.cache_options,
+                                  stderr_log if verbose and device == "auto" else None)
         self._gpu = GpuStep(self.model, self.n_ctx) if self.device == "cuda" else None
         self.batch = max(1, int(batch))
         if threads:
@@ -144,9 +145,10 @@ class Engine:
         base_layers, simulated)."""
         opts = replace(self.cache_options, **options)
         if self._gpu is not None:
-            if (mode or self.cache_mode) != "fp16":
-                raise XQError(f"the GPU step runs the fp16 cache so far, not {mode}")
-            return DeviceFP16KV(self.model, self.n_ctx, opts)
+            why_not = unsupported(mode or self.cache_mode, self.config, opts)
+            if why_not:
+                raise XQError(f"this engine runs on the GPU, where {why_not}")
+            return new_device_cache(mode or self.cache_mode, self.model, self.n_ctx, opts, self._log)
         return make_cache(mode or self.cache_mode, self.model, self.n_ctx, opts, self._log)
 
     def _dense(self, m: QMatrix) -> np.ndarray:
@@ -229,7 +231,7 @@ class Engine:
             raise XQError(f"token id out of range [0, {self.config.vocab_size})")
         pos0 = cache.n_tokens
         cache.check_room(pos0, len(tokens))
-        if isinstance(cache, DeviceFP16KV):  # the GPU runs the prompt token by token too, for now
+        if isinstance(cache, DeviceCache):  # the GPU runs the prompt token by token too, for now
             steps = []
             for i, t in enumerate(tokens):
                 logits = self._gpu(int(t), pos0 + i, cache)

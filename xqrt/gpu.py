@@ -1,63 +1,298 @@
 """The decode step on a GPU (`Engine(device="cuda")`, `--device cuda`): the weights uploaded once,
-an fp16 K/V cache in device memory, per step a token id in and its logits out.
+the cache in device memory, per step a token id in and its logits out.
 
-So far the fp16-KV cache only: the latent caches' attention kernels exist
-(xqrt.kernels.cuda.attend_latent, timed by bench/gpu.py), but not yet the device-side writes that
-pack each new token's latents. Every kernel is launched from Python (about 40 µs each), which bounds
-a small model's step; bench/gpu.py shows what replaying the step as one CUDA graph saves.
+Every cache mode runs here. fp16 keeps post-RoPE K/V rows; KIVI*, XQuant and XQuant-CL keep
+xqrt.cache's format itself — the same packed bytes, exact rings, sinks and XQuant-CL accumulator —
+written token by token by device kernels and read by the fused rematerializing attention. What
+runs on the CPU only: --kv-budget windows, --clip, fp16 key channels, unquantized (16/32-bit)
+latents, simulated caches. Every kernel is launched from Python (about 40 µs each), which bounds a
+small model's step; bench/gpu.py shows what replaying the step as one CUDA graph saves.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 
-from .cache import Cache, CacheOptions, FP16KV
+from .cache import Cache, CacheOptions, FP16KV, LatentCache, XQuantCL, check_recipe, make_cache
 from .errors import XQError
-from .gguf_model import Model
+from .gguf_model import Model, ModelConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def pick_device(device: str, cache_mode: str, log=None) -> str:
+def unsupported(cache_mode: str, config: ModelConfig, options: CacheOptions) -> str | None:
+    """Why this cache cannot run on the GPU, or None when it can."""
+    from .kernels import cuda as kc
+    if config.head_dim > kc.HEAD_DIM or config.n_head > kc.MAX_HEADS or config.n_head // config.n_kv_head > kc.MAX_GROUP:
+        return f"the CUDA attention kernels take heads of at most {kc.HEAD_DIM}, {kc.MAX_GROUP} query heads per " \
+               f"kv head and {kc.MAX_HEADS} heads"
+    if cache_mode == "fp16":
+        return None
+    if config.d_model > kc.MAX_WIDTH:
+        return f"the CUDA value projection takes latents of at most {kc.MAX_WIDTH} channels"
+    check_recipe(cache_mode, config, options)
+    o = options
+    if o.kv_budget:
+        return "--kv-budget windows run on the CPU only"
+    if o.simulated:
+        return "simulated caches run on the CPU only"
+    if o.clip:
+        return "--clip runs on the CPU only"
+    if o.fp16_channels:
+        return "--fp16-channels runs on the CPU only"
+    if any(b > 8 for b in (o.bits, o.value_bits or 0, *(o.layer_bits or ()))):
+        return "unquantized latents (16/32 bits) run on the CPU only"
+    group, _ = LatentCache.resolve(config, o)
+    for flag, g in (("--group", group), ("--value-group", o.value_group or group)):
+        if g & (g - 1) or g > kc.MAX_QUANT_GROUP:
+            return f"the CUDA cache writes take power-of-two groups of at most {kc.MAX_QUANT_GROUP}, not {flag} {g}"
+    return None
+
+
+def pick_device(device: str, cache_mode: str, config: ModelConfig, options: CacheOptions, log=None) -> str:
     """'cpu' or 'cuda' for a --device choice; auto takes CUDA when numba-cuda finds a GPU and the
-    cache mode runs there, and says which it took."""
+    cache runs there, and says which it took."""
     if device not in DEVICES:
         raise XQError(f"unknown device {device!r} (one of {', '.join(DEVICES)})")
     if device == "cpu":
         return "cpu"
     from .kernels import cuda as kc
     found = kc.available()
+    why_not = unsupported(cache_mode, config, options)
     if device == "cuda":
         if not found:
             raise XQError("--device cuda: numba-cuda finds no CUDA GPU (a driver and numba-cuda are needed; "
                           "--device cpu runs without)")
-        if cache_mode != "fp16":
-            raise XQError(f"--device cuda runs the fp16 cache so far, not {cache_mode} (use --device cpu)")
+        if why_not:
+            raise XQError(f"--device cuda: {why_not} (use --device cpu)")
         return "cuda"
-    chosen = "cuda" if found and cache_mode == "fp16" else "cpu"
+    chosen = "cuda" if found and not why_not else "cpu"
     if log:
-        why = device_name() if chosen == "cuda" else \
-            ("no CUDA GPU found" if not found else f"the {cache_mode} cache runs on the CPU only so far")
-        log(f"xqrt: device {chosen} ({why})")
+        log(f"xqrt: device {chosen} ({device_name() if chosen == 'cuda' else why_not or 'no CUDA GPU found'})")
     return chosen
 
 
-class DeviceFP16KV(Cache):
-    """Post-RoPE K and V as fp16 in device memory, one (n_ctx × kv_dim) pair per layer; only the
-    GPU step reads or writes them."""
+class DeviceCache(Cache):
+    """A cache in device memory: only the GPU step reads or writes it, through attend_device."""
+    needs_kv = True  # whether the step computes the layer's k and v for it
+
+    def attend(self, layer, pos0, xn, q, k, v):
+        raise XQError("a device cache is read by the GPU step only")
+
+    def attend_device(self, step: GpuStep, layer: int, pos: int):
+        """Store position pos of `layer` from the step's xn / k (pre-RoPE) / v and leave the
+        attention of its q (post-RoPE) over [0, pos] in step.attn."""
+        raise NotImplementedError
+
+
+class DeviceFP16KV(DeviceCache):
+    """Post-RoPE K and V as fp16, one (n_ctx × kv_dim) pair per layer."""
     mode = "fp16"
 
     def __init__(self, model: Model, n_ctx: int, options: CacheOptions = CacheOptions()):
         super().__init__(model, n_ctx, options)
         from numba import cuda
-        shape = (n_ctx, self.config.kv_dim)
-        self.k = [cuda.device_array(shape, np.float16) for _ in range(self.config.n_layer)]
-        self.v = [cuda.device_array(shape, np.float16) for _ in range(self.config.n_layer)]
 
-    def attend(self, layer, pos0, xn, q, k, v):
-        raise XQError("a device cache is read by the GPU step only")
+        from .kernels import cuda as kc
+        c = self.config
+        shape = (n_ctx, c.kv_dim)
+        self.k = [cuda.device_array(shape, np.float16) for _ in range(c.n_layer)]
+        self.v = [cuda.device_array(shape, np.float16) for _ in range(c.n_layer)]
+        self.ws = kc.Workspace(n_ctx, c.n_head, c.head_dim)
+
+    def attend_device(self, s, layer, pos):
+        kc, c, T = s.kc, self.config, s.kc.THREADS
+        kc.rope[kc._blocks(c.kv_dim // 2), T](s.k, c.head_dim, s.cos, s.sin, pos)
+        kc.store_f16[kc._blocks(c.kv_dim), T](s.k, self.k[layer], pos)
+        kc.store_f16[kc._blocks(c.kv_dim), T](s.v, self.v[layer], pos)
+        kc.attend_f16(s.q, self.k[layer], self.v[layer], pos + 1, c.n_head, c.head_dim, self.ws, s.attn)
 
     def nbytes(self):
         return FP16KV.bytes_per_position(self.config) * self.n_tokens
+
+
+@dataclass
+class _DeviceLayer:
+    """One layer's part of a device latent cache (xqrt.cache._Layer's, uploaded)."""
+    uk: object  # DeviceMatrix of x → key latent; None: the latent is k (KIVI) or x itself (`from_x`)
+    uv: object  # … x → value latent; None: v (KIVI) or, `shared`, the key latent
+    from_x: bool
+    shared: bool
+    mk: object  # latent → K / V (float32, latent width × kv_dim), or empty: the identity
+    mv: object
+    zk: object  # the new token's latents (float32 scratch)
+    zv: object
+    ring_k: object  # the exact latents of recent positions, fp16 (position t in row t mod ring size)
+    ring_v: object
+    key: object  # DeviceStream of the packed history, or None (XQuant-CL's delta layers)
+    value: object
+    per_channel: bool
+    delta: object = None  # XQuant-CL: the packed Δ̂ stream …
+    ukv: object = None  # … Δ's projection (DeviceMatrix, r × d: its dense array serves accumulate) …
+    seed: bool = False
+    wk: object = None  # … and the accumulator's rebuild matrices (d × kv_dim)
+    wv: object = None
+    x_less_acc: object = None  # scratch: x − Â, and Δ
+    dz: object = None
+
+
+class DeviceLatentCache(DeviceCache):
+    """KIVI*, XQuant and XQuant-CL with their history in device memory, in xqrt.cache's format.
+
+    The layout — factors, rotations, channel widths, group sizes, rings, bounds — comes from the
+    CPU cache of the same options (`plan`, whose own arrays stay untouched), so both hold the
+    same bytes for the same latents; the packed streams' bytes are counted by its rules."""
+
+    def __init__(self, model: Model, n_ctx: int, mode: str, options: CacheOptions = CacheOptions(), log=None):
+        super().__init__(model, n_ctx, options)
+        from numba import cuda
+
+        from .kernels import cuda as kc
+        why_not = unsupported(mode, model.config, options)
+        if why_not:
+            raise XQError(f"the GPU step cannot run this cache: {why_not}")
+        self.mode = mode
+        self.plan = plan = make_cache(mode, model, n_ctx, options, log)
+        self.needs_kv = mode == "kivi"
+        c = self.config
+        self.group, self.ring_size = plan.group, plan.ring_size
+        f32 = lambda m: cuda.to_device(np.ascontiguousarray(m, np.float32))  # noqa: E731
+        empty = cuda.to_device(np.zeros((0, 0), np.float32))
+        self._empty_rows = {}  # width → a (0, width) array: "no sinks" / "no ring"
+        self.layers = []
+        widest = c.kv_dim
+        for i, L in enumerate(plan.layers):
+            wk, wv = plan.latent_widths(L)
+            ring_k = cuda.to_device(np.zeros((self.ring_size, wk), np.float16))
+            ring_v = ring_k if L.shared else cuda.to_device(np.zeros((self.ring_size, wv), np.float16))
+            D = _DeviceLayer(
+                uk=None if L.uk is None else kc.upload_dense(L.uk.T), from_x=L.shared and L.uk is None,
+                uv=None if L.uv is None or L.shared else kc.upload_dense(L.uv.T), shared=L.shared,
+                mk=empty if L.mk is None else f32(L.mk), mv=empty if L.mv is None else f32(L.mv),
+                zk=cuda.device_array(wk, np.float32), zv=cuda.device_array(wv, np.float32),
+                ring_k=ring_k, ring_v=ring_v,
+                key=None if L.key is None else self._upload(L.key, ring_k),
+                value=None if L.value is None else self._upload(L.value, ring_v),
+                per_channel=L.key_per_channel)
+            if L.shared:
+                D.value = D.key
+            widest = max(widest, wv)
+            if L.delta is not None:
+                ukv_t = plan.ukv_t[i] if plan.ukv_t[i].size else np.eye(c.d_model, dtype=np.float32)
+                D.delta = self._upload(L.delta, self._empty(L.delta.width, np.float16))
+                D.ukv, D.seed, D.wk, D.wv = kc.upload_dense(ukv_t), L.seed, f32(L.wk), f32(L.wv)
+                D.x_less_acc = cuda.device_array(c.d_model, np.float32)
+                D.dz = cuda.device_array(ukv_t.shape[0], np.float32)
+                widest = max(widest, c.d_model)
+            self.layers.append(D)
+        if isinstance(plan, XQuantCL):
+            self.acc = cuda.to_device(np.zeros((n_ctx, c.d_model), np.float16))  # Â for every position
+            # Â read as a stream: nothing packed, every row from the "ring" of n_ctx rows
+            self.acc_stream = replace(self.layers[-1].delta, sink=self._empty(c.d_model, np.float32), tail=self.acc,
+                                      off=cuda.to_device(np.zeros(0, np.int64)), cbits=cuda.to_device(np.zeros(0, np.int64)))
+        self.ws = kc.Workspace(n_ctx, c.n_head, widest)
+
+    def _empty(self, width, dtype):
+        from numba import cuda
+        key = (width, np.dtype(dtype).str)
+        if key not in self._empty_rows:
+            self._empty_rows[key] = cuda.to_device(np.zeros((0, width), dtype))
+        return self._empty_rows[key]
+
+    def _upload(self, stream, ring):
+        """An (empty) xqrt.cache.Stream's arrays on the device, its exact ring as the tail."""
+        from numba import cuda
+
+        from .kernels import cuda as kc
+        off = stream.channel_off
+        cbits = (np.diff(off) * 8 // stream.group).astype(np.int64) if len(off) else np.zeros(0, np.int64)
+        return kc.DeviceStream(cuda.to_device(stream.codes), cuda.to_device(stream.scale.view(np.float16)),
+                               cuda.to_device(stream.zero.view(np.float16)), stream.bits,
+                               stream.group.bit_length() - 1, cuda.to_device(off), cuda.to_device(cbits),
+                               cuda.to_device(stream.sink), ring, 0, 0, 0)
+
+    def attend_device(self, s, layer, pos):
+        kc, c, D = s.kc, self.config, self.layers[layer]
+        G, slot, n = self.group, pos % self.ring_size, pos + 1
+        if D.uk is not None:
+            kc.product(D.uk, s.xn_vec, s.xp, D.zk)
+        if D.uv is not None:
+            kc.product(D.uv, s.xn_vec, s.xp, D.zv)
+        zk = s.xn_vec if D.from_x else s.k if D.uk is None else D.zk
+        zv = zk if D.shared else s.v if D.uv is None else D.zv
+        key, value = D.key, D.value
+        if key is None:  # XQuant-CL's delta layer: its exact latents go to the ring only
+            self._store(s, zk, D.ring_k, slot, D.delta, G, None, pos, False)
+            if not D.shared:
+                self._store(s, zv, D.ring_v, slot, D.delta, G, None, pos, False)
+            return self._attend_delta(s, D, pos)
+        # the exact latents into their rings, packed at once where a stream is per-token
+        self._store(s, zk, D.ring_k, slot, key, G if D.per_channel else 1 << key.shift, key.sink, pos,
+                    not D.per_channel)
+        if not D.shared:
+            self._store(s, zv, D.ring_v, slot, value, 1 << value.shift, value.sink, pos, True)
+        if D.per_channel and n % G == 0:
+            kc.store_channel_group[kc._blocks(key.width), kc.THREADS](D.ring_k, key.codes, key.scale, key.zero,
+                                                                      key.off, key.cbits, G, key.sink, n - G)
+        bk, bv = int(self.plan.bound(pos, D.per_channel)), int(self.plan.bound(pos, False))
+        kc.attend_latent(s.q, [(replace(key, n_q=bk, n=n), D.mk)], [(replace(value, n_q=bv, n=n), D.mv)], s.cos,
+                         s.sin, c.n_kv_head, c.head_dim, self.ws, s.attn)
+
+    def _store(self, s, z, ring, slot, stream, group, sink, pos, quantize):
+        """store_token: one thread per group of z (sink None: no sinks)."""
+        if sink is None:
+            sink = self._empty(z.shape[0], np.float32)
+        threads = 32
+        s.kc.store_token[-(-z.shape[0] // (group * threads)), threads](z, ring, slot, stream.codes, stream.scale,
+                                                                       stream.zero, stream.bits, group, sink, pos,
+                                                                       quantize)
+
+    def _attend_delta(self, s, D, pos):
+        """XQuant-CL from its seed layer on: Δ = (x − Â)·ukv packed per token, Â ← Â + Δ̂·ukvᵀ for
+        every position, then K/V from Â — and from the layer's own exact latents in the ring for
+        the recent positions the residual rule reads exactly."""
+        kc, c = s.kc, self.config
+        n = pos + 1
+        x = s.xn_vec
+        if not D.seed:
+            kc.subtract_row[kc._blocks(c.d_model), kc.THREADS](x, self.acc, pos, D.x_less_acc)
+            x = D.x_less_acc
+        kc.product(D.ukv, x, s.xp, D.dz)
+        delta = D.delta
+        self._store(s, D.dz, delta.tail, 0, delta, 1 << delta.shift, delta.sink, pos, True)
+        packed = replace(delta, n_q=n, n=n)
+        kc.accumulate[(-(-n // kc.TILE_T), -(-c.d_model // kc.HEAD_DIM)), kc.THREADS](self.acc, *packed.args,
+                                                                                      D.ukv.dense, D.seed)
+        b = int(self.plan.bound(pos, False))
+        acc = replace(self.acc_stream, n_q=0, lo=0, n=b)
+        exact_k = replace(self.acc_stream, sink=self._empty(D.ring_k.shape[1], np.float32), tail=D.ring_k, lo=b, n=n)
+        exact_v = replace(exact_k, sink=self._empty(D.ring_v.shape[1], np.float32), tail=D.ring_v)
+        kc.attend_latent(s.q, [(acc, D.wk), (exact_k, D.mk)], [(acc, D.wv), (exact_v, D.mv)], s.cos, s.sin,
+                         c.n_kv_head, c.head_dim, self.ws, s.attn)
+
+    # ---- bookkeeping: the plan's rules, at this cache's length ------------------------------------
+    def truncate(self, n_tokens):
+        self.plan.n_tokens = self.n_tokens
+        self.n_tokens = self.plan.truncate(n_tokens)
+        return self.n_tokens
+
+    def nbytes(self):
+        self.plan.n_tokens = self.n_tokens
+        return self.plan.nbytes()
+
+    def working_nbytes(self):
+        self.plan.n_tokens = self.n_tokens
+        return self.plan.working_nbytes()
+
+    def describe(self):
+        return self.plan.describe()
+
+
+def new_device_cache(mode: str, model: Model, n_ctx: int, options: CacheOptions, log=None) -> DeviceCache:
+    if mode == "fp16":
+        return DeviceFP16KV(model, n_ctx, options)
+    return DeviceLatentCache(model, n_ctx, mode, options, log)
 
 
 class GpuStep:
@@ -87,11 +322,10 @@ class GpuStep:
         self.logits_dev = zeros(c.vocab_size)
         self.logits = np.zeros(c.vocab_size, np.float32)
         self.xp = zeros(kc.permuted_size(max(c.d_model, c.n_ff, c.q_dim)))
-        self.ws = kc.Workspace(n_ctx, c.n_head, c.head_dim)
         self.eps = np.float32(c.norm_eps)
 
-    def __call__(self, token: int, pos: int, cache: DeviceFP16KV) -> np.ndarray:
-        """Logits of `token` at position `pos`, its K/V appended to the cache's layers."""
+    def __call__(self, token: int, pos: int, cache: DeviceCache) -> np.ndarray:
+        """Logits of `token` at position `pos`, stored into the cache's layers."""
         kc, c, T = self.kc, self.config, self.kc.THREADS
         blocks = kc._blocks
         x, xn = self.x, self.xn_vec
@@ -99,13 +333,11 @@ class GpuStep:
         for i, L in enumerate(self.layers):
             kc.rmsnorm[1, T](self.x_row, L["attn_norm"], self.eps, self.xn)
             kc.product(L["wq"], xn, self.xp, self.q)
-            kc.product(L["wk"], xn, self.xp, self.k)
-            kc.product(L["wv"], xn, self.xp, self.v)
+            if cache.needs_kv:
+                kc.product(L["wk"], xn, self.xp, self.k)
+                kc.product(L["wv"], xn, self.xp, self.v)
             kc.rope[blocks(c.q_dim // 2), T](self.q, c.head_dim, self.cos, self.sin, pos)
-            kc.rope[blocks(c.kv_dim // 2), T](self.k, c.head_dim, self.cos, self.sin, pos)
-            kc.store_f16[blocks(c.kv_dim), T](self.k, cache.k[i], pos)
-            kc.store_f16[blocks(c.kv_dim), T](self.v, cache.v[i], pos)
-            kc.attend_f16(self.q, cache.k[i], cache.v[i], pos + 1, c.n_head, c.head_dim, self.ws, self.attn)
+            cache.attend_device(self, i, pos)
             kc.product(L["wo"], self.attn, self.xp, self.proj)
             kc.add[blocks(c.d_model), T](x, self.proj)
             kc.rmsnorm[1, T](self.x_row, L["ffn_norm"], self.eps, self.xn)

@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-c", "--ctx", type=int, default=None, help="context size in tokens (default: min(train, 4096))")
     add_compute_args(ap)
     ap.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
-                    help="where the decode step runs: cuda (the fp16 cache so far), or auto: CUDA when numba-cuda "
-                         "finds a GPU and the cache runs there, else the CPU, saying which [cpu]")
+                    help="where the decode step runs: cuda (every cache mode; --kv-budget, --clip and --fp16-channels "
+                         "are CPU-only), or auto: CUDA when numba-cuda finds a GPU and the cache runs there, else "
+                         "the CPU, saying which [cpu]")
     add_cache_args(ap)
     ap.add_argument("--chat", action="store_true", help="interactive chat with the model's template")
     ap.add_argument("--system", default=None, help="system message for --chat")

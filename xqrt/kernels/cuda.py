@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numba import config, cuda, float32
+from numba.cuda import libdevice
 from numba.types import float16
 
 from ..gguf_model import BLOCK, Q4_0, Q4_1, Q8_0
@@ -31,6 +32,7 @@ MAX_HEADS = 64
 HEAD_DIM = 128  # the widest head the attention kernels hold in shared memory
 KEY_ROW = HEAD_DIM + 1  # a rebuilt key's row in shared memory, padded: the score loop reads down a column
 MAX_WIDTH = 8192  # the widest latent the value projection holds in shared memory
+MAX_QUANT_GROUP = 128  # the longest quantization group the cache writes hold in registers
 TILE_T = 64  # positions per block of the rebuild product …
 TILE_R = 32  # … and latent channels staged per step
 LAT_ROW = TILE_R + 1  # a staged latent row, padded: the product reads down a column
@@ -79,8 +81,16 @@ def _warp_max(v, buf):
 @cuda.jit(device=True, inline=True)
 def _block_sum(v, buf, part):
     """Sum over the block, returned to every thread. part: shared float32[WARPS]."""
-    v = _warp_sum(v, buf)
     t = cuda.threadIdx.x
+    if not SHUFFLE:  # every thread adds the block's values: two barriers, the simulator's main cost
+        buf[t] = v
+        cuda.syncthreads()
+        s = float32(0.0)
+        for i in range(THREADS):
+            s += buf[i]
+        cuda.syncthreads()
+        return s
+    v = _warp_sum(v, buf)
     if t % 32 == 0:
         part[t // 32] = v
     cuda.syncthreads()
@@ -93,8 +103,16 @@ def _block_sum(v, buf, part):
 
 @cuda.jit(device=True, inline=True)
 def _block_max(v, buf, part):
-    v = _warp_max(v, buf)
     t = cuda.threadIdx.x
+    if not SHUFFLE:
+        buf[t] = v
+        cuda.syncthreads()
+        s = buf[0]
+        for i in range(1, THREADS):
+            s = max(s, buf[i])
+        cuda.syncthreads()
+        return s
+    v = _warp_max(v, buf)
     if t % 32 == 0:
         part[t // 32] = v
     cuda.syncthreads()
@@ -426,51 +444,59 @@ def sum_parts(parts, n_parts, head_dim, out):
 def _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, c):
     """Channel c of position p's latent: from the exact sinks (p < len(sink)), the packed stream
     (p < n_q; per-channel when cbits — each channel's width — is not empty, else per-token) or the
-    exact tail (rows from n_q). Groups are 2^shift long: a shift, not a division, in this loop."""
+    exact tail, a ring (position p in row p mod len(tail)). Groups are 2^shift long: a shift, not a
+    division, in this loop."""
     if p < sink.shape[0]:
         return sink[p, c]
     if p >= n_q:
-        return tail[p - n_q, c]
+        return float32(tail[p % tail.shape[0], c])
     word = np.uint32(0)
     if cbits.shape[0]:
         b = p >> shift
         u = p & ((1 << shift) - 1)
         cb = cbits[c]
-        o = off[c] + (u >> 3) * cb
-        for k in range(cb):
-            word |= np.uint32(codes[b, 0, o + k]) << np.uint32(8 * k)
-        q = (word >> np.uint32(cb * (u & 7))) & np.uint32((1 << cb) - 1)
+        if cb == 8:
+            q = np.uint32(codes[b, 0, off[c] + u])
+        else:
+            o = off[c] + (u >> 3) * cb
+            for k in range(cb):
+                word |= np.uint32(codes[b, 0, o + k]) << np.uint32(8 * k)
+            q = (word >> np.uint32(cb * (u & 7))) & np.uint32((1 << cb) - 1)
         return float32(q) * float32(scale[b, c, 0]) + float32(zero[b, c, 0])
-    o = (c >> 3) * bits
-    for k in range(bits):
-        word |= np.uint32(codes[p, 0, o + k]) << np.uint32(8 * k)
-    q = (word >> np.uint32(bits * (c & 7))) & np.uint32((1 << bits) - 1)
+    if bits == 8:
+        q = np.uint32(codes[p, 0, c])
+    else:
+        o = (c >> 3) * bits
+        for k in range(bits):
+            word |= np.uint32(codes[p, 0, o + k]) << np.uint32(8 * k)
+        q = (word >> np.uint32(bits * (c & 7))) & np.uint32((1 << bits) - 1)
     g = c >> shift
     return float32(q) * float32(scale[p, 0, g]) + float32(zero[p, 0, g])
 
 
 @cuda.jit(device=True, inline=True)
-def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p0, m, col0, n_cols, lat_s, m_s, acc):
-    """acc (4 × 8 per thread) = latents of positions [p0, p0 + TILE_T) · m[:, col0 : col0 + n_cols]
-    (n_cols ≤ HEAD_DIM). The latents are dequantized TILE_R channels at a time into shared memory
-    beside the matching rows of m; thread (ty, tx) then owns positions 4ty … 4ty+3 and columns
-    tx + 16j: twelve shared loads feed 32 FMAs."""
+def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, m, col0, n_cols, lat_s, m_s,
+                  acc):
+    """acc (4 × 8 per thread) = latents of positions [p0, p0 + TILE_T) ∩ [0, n) · m[:, col0 : col0 +
+    n_cols] (n_cols ≤ HEAD_DIM). The latents are dequantized TILE_R channels at a time into shared
+    memory beside the matching rows of m; thread (ty, tx) then owns positions 4ty … 4ty+3 and
+    columns tx + 16j: twelve shared loads feed 32 FMAs."""
     tid = cuda.threadIdx.x
     ty, tx = tid // 16, tid % 16
     for i in range(32):
         acc[i] = float32(0.0)
     a = cuda.local.array(4, float32)
     w = cuda.local.array(8, float32)
-    n = n_q + tail.shape[0]
-    for r0 in range(0, m.shape[0], TILE_R):
+    width = m.shape[0]
+    for r0 in range(0, width, TILE_R):
         for i in range(tid, TILE_T * TILE_R, THREADS):
             t, r = i % TILE_T, i // TILE_T  # consecutive threads: consecutive positions of one channel
             p = p0 + t
             lat_s[t, r] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, r0 + r) \
-                if p < n else float32(0.0)
+                if p < n and r0 + r < width else float32(0.0)
         for i in range(tid, TILE_R * HEAD_DIM, THREADS):
             r, c = i // HEAD_DIM, i % HEAD_DIM
-            m_s[r, c] = m[r0 + r, col0 + c] if c < n_cols else float32(0.0)
+            m_s[r, c] = m[r0 + r, col0 + c] if c < n_cols and r0 + r < width else float32(0.0)
         cuda.syncthreads()
         for r in range(TILE_R):
             for i in range(4):
@@ -484,20 +510,18 @@ def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, 
 
 
 @cuda.jit(**_FAST)
-def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, mk, cos, sin, head_dim, scale_qk,
-                  scores):
+def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, mk, cos, sin, head_dim,
+                  scale_qk, scores):
     """Rematerialize-and-score: scores[h, t] = q_h · RoPE_t(z_t · mk)[kv head of h] · scale_qk for
-    the positions of a latent key stream (packed [0, n_q), exact tail after it; mk empty: the
-    latent is the key itself). Block (x, g): positions TILE_T·x … and kv head g; the rebuilt keys
-    live in shared memory only."""
+    positions [lo, n) of a latent key stream (mk empty: the latent is the key itself). Block (x, g):
+    positions lo + TILE_T·x … and kv head g; the rebuilt keys live in shared memory only."""
     lat_s = cuda.shared.array((TILE_T, LAT_ROW), float32)
     m_s = cuda.shared.array((TILE_R, HEAD_DIM), float32)
     key_s = cuda.shared.array((TILE_T, KEY_ROW), float32)
     q_s = cuda.shared.array((MAX_GROUP, HEAD_DIM), float32)
     acc = cuda.local.array(32, float32)
     tid = cuda.threadIdx.x
-    p0, g = cuda.blockIdx.x * TILE_T, cuda.blockIdx.y
-    n = n_q + tail.shape[0]
+    p0, g = lo + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y
     per_kv = scores.shape[0] // cuda.gridDim.y  # query heads per kv head
     col0 = g * head_dim
     c = tid % HEAD_DIM  # this thread's column in the per-position loops below
@@ -505,7 +529,7 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
         if c < head_dim:
             q_s[j, c] = q[(g * per_kv + j) * head_dim + c]
     if mk.shape[0]:
-        _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p0, mk, col0, head_dim, lat_s,
+        _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, mk, col0, head_dim, lat_s,
                       m_s, acc)
         ty, tx = tid // 16, tid % 16
         for i in range(4):
@@ -538,15 +562,15 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
 
 
 @cuda.jit(**_FAST)
-def values_latent(probs, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, width, chunk, parts):
-    """parts[s, h, c] = Σ probs[h, t]·z_t[c] over positions [s·chunk, (s+1)·chunk) of a per-token
-    latent value stream (grid: splits × column tiles; each thread one channel, every head)."""
+def values_latent(probs, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, width, chunk, parts):
+    """parts[s, h, c] = Σ probs[h, t]·z_t[c] over positions [lo + s·chunk, lo + (s+1)·chunk) ∩ [lo, n)
+    of a per-token latent value stream (grid: splits × column tiles; each thread one channel,
+    every head)."""
     p_s = cuda.shared.array((MAX_HEADS, 32), float32)
     acc = cuda.local.array(MAX_HEADS, float32)
     n_head = probs.shape[0]
-    n = n_q + tail.shape[0]
     c = cuda.blockIdx.y * THREADS + cuda.threadIdx.x
-    t0 = cuda.blockIdx.x * chunk
+    t0 = lo + cuda.blockIdx.x * chunk
     t1 = min(n, t0 + chunk)
     for h in range(n_head):
         acc[h] = float32(0.0)
@@ -567,9 +591,9 @@ def values_latent(probs, codes, scale, zero, bits, shift, off, cbits, sink, tail
 
 
 @cuda.jit(**_FAST)
-def project_values(parts, n_parts, width, mv, head_dim, out):
-    """out[h] = (Σₛ parts[s, h]) · mv[:, kv head of h] (mv empty: the latent is V itself). One
-    block per head."""
+def project_values(parts, n_parts, width, mv, head_dim, add, out):
+    """out[h] (+)= (Σₛ parts[s, h]) · mv[:, kv head of h] (mv empty: the latent is V itself; add:
+    onto what out holds, the runs of a history read from two sources). One block per head."""
     u_s = cuda.shared.array(MAX_WIDTH, float32)
     h = cuda.blockIdx.x
     for c in range(cuda.threadIdx.x, width, THREADS):
@@ -587,36 +611,144 @@ def project_values(parts, n_parts, width, mv, head_dim, out):
                 acc += u_s[c] * mv[c, k0 + i]
         else:
             acc = u_s[k0 + i]
-        out[h * head_dim + i] = acc
+        out[h * head_dim + i] = acc + (out[h * head_dim + i] if add else float32(0.0))
 
 
 @cuda.jit(**_FAST)
-def accumulate(acc, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, ukv_t, reset):
-    """XQuant-CL: acc[t] (+)= Δ̂_t · ukv_t for every position of a per-token delta stream (reset:
-    the seed layer, from zero). Grid: position tiles × column tiles of HEAD_DIM, the rebuild
-    product's tiling."""
+def accumulate(acc, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, ukv_t, reset):
+    """XQuant-CL: acc[t] (+)= Δ̂_t · ukv_t for positions [0, n) of a per-token delta stream (reset:
+    the seed layer, from zero; an fp16 acc rounds each row as the CPU's does). Grid: position
+    tiles × column tiles of HEAD_DIM, the rebuild product's tiling."""
     lat_s = cuda.shared.array((TILE_T, LAT_ROW), float32)
     m_s = cuda.shared.array((TILE_R, HEAD_DIM), float32)
     out = cuda.local.array(32, float32)
-    p0, col0 = cuda.blockIdx.x * TILE_T, cuda.blockIdx.y * HEAD_DIM
+    p0, col0 = lo + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y * HEAD_DIM
     n_cols = min(HEAD_DIM, acc.shape[1] - col0)
-    _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p0, ukv_t, col0, n_cols, lat_s, m_s,
-                  out)
+    _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, ukv_t, col0, n_cols, lat_s,
+                  m_s, out)
     ty, tx = cuda.threadIdx.x // 16, cuda.threadIdx.x % 16
     for i in range(4):
         p = p0 + 4 * ty + i
         for j in range(8):
             c = tx + 16 * j
-            if p < n_q + tail.shape[0] and c < n_cols:
-                acc[p, col0 + c] = out[8 * i + j] + (float32(0.0) if reset else acc[p, col0 + c])
+            if p < n and c < n_cols:
+                acc[p, col0 + c] = out[8 * i + j] + (float32(0.0) if reset else float32(acc[p, col0 + c]))
 
 
 @cuda.jit
-def dequantize_stream(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, out):
-    """out[p, c] = the latent of position p as fp16 (the input of a tensor-core rebuild product)."""
-    p = cuda.blockIdx.x
-    for c in range(cuda.threadIdx.x, out.shape[1], THREADS):
-        out[p, c] = float16(_latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, c))
+def dequantize_stream(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, out):
+    """out[p − lo, c] = the latent of position p ∈ [lo, n) as fp16 (the input of a tensor-core
+    rebuild product)."""
+    p = lo + cuda.blockIdx.x
+    if p < n:
+        for c in range(cuda.threadIdx.x, out.shape[1], THREADS):
+            out[p - lo, c] = float16(_latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, c))
+
+
+# ---- cache writes ----------------------------------------------------------------------------
+# xqrt.quant's rounding, bit for bit: the step is the fp16 just above (hi − m)/(2ᵇ − 1), the
+# minimum the fp16 just below, and q = ⌊(x − m)·(1/s) + ½⌋ with the product rounded before the
+# add (on a GPU a multiply-add would be fused into one rounding unless the product is an
+# explicit round-to-nearest multiply). These kernels are built without fastmath: IEEE division.
+@cuda.jit(device=True, inline=True)
+def _mul_rn(a, b):
+    if SHUFFLE:
+        return libdevice.fmul_rn(a, b)
+    return a * b
+
+
+@cuda.jit(device=True, inline=True)
+def _half_down(v):
+    """The largest fp16 value ≤ v, as float32 (xqrt.quant._f16_down). The half below a half h is
+    h − δ rounded to fp16, with δ strictly between half a spacing and one (exactly half where h is
+    a power of two and the spacing below it halves): h·2⁻¹¹ above zero, 1.5·|h|·2⁻¹¹ below it (away
+    from zero the spacing can only grow), never under the subnormal spacing 2⁻²⁴."""
+    v = max(min(v, float32(65504.0)), float32(-65504.0))
+    h = float32(float16(v))
+    if h <= v:
+        return h
+    if h == float32(0.0):
+        return float32(-5.9604645e-08)  # −2⁻²⁴
+    if h > float32(0.0):
+        return float32(float16(h - max(h * float32(4.8828125e-4), float32(5.9604645e-08))))
+    return float32(float16(h - max(h * float32(-7.32421875e-4), float32(5.9604645e-08))))
+
+
+@cuda.jit(device=True, inline=True)
+def _quantize(vals, n, bits, codes, o):
+    """vals[:n] (one group) → codes[o : o + n·bits/8] as xqrt.quant.quantize_row packs them;
+    returns (step, minimum), both fp16 values."""
+    lo = vals[0]
+    hi = lo
+    for j in range(n):
+        lo = min(lo, vals[j])
+        hi = max(hi, vals[j])
+    top = (1 << bits) - 1
+    m = _half_down(lo)
+    s = -_half_down(-((hi - m) / float32(top)))
+    inv = float32(1.0) / s if s > float32(0.0) else float32(0.0)
+    for j in range(0, n, 8):  # 8 values fill a whole number of bytes for every width
+        word = np.uint64(0)
+        for t in range(8):
+            q = np.int64(math.floor(_mul_rn(vals[j + t] - m, inv) + float32(0.5)))
+            q = min(max(q, 0), top)
+            word |= np.uint64(q) << np.uint64(bits * t)
+        for b in range(bits):
+            codes[o + j * bits // 8 + b] = np.uint8((word >> np.uint64(8 * b)) & np.uint64(255))
+    return s, m
+
+
+@cuda.jit
+def store_token(z, ring, slot, codes, scale, zero, bits, group, sink, pos, quantize):
+    """A new position's latent z: rounded to fp16 into row `slot` of the exact ring and into the
+    sinks while pos < len(sink), then — quantize — packed per token into row pos of the stream,
+    from the rounded values (a ring of no rows: from z itself, XQuant-CL's Δ). One thread per
+    group of the vector."""
+    vals = cuda.local.array(MAX_QUANT_GROUP, float32)
+    g = cuda.grid(1)
+    if g * group >= z.shape[0]:
+        return
+    for j in range(min(group, z.shape[0] - g * group)):
+        c = g * group + j
+        h = float16(z[c])
+        vals[j] = z[c]
+        if ring.shape[0]:  # the exact latents are fp16, and the packed ones are quantized from them
+            ring[slot, c] = h
+            vals[j] = float32(h)
+        if pos < sink.shape[0]:
+            sink[pos, c] = float32(h)
+    if quantize:
+        s, m = _quantize(vals, group, bits, codes[pos, 0], g * group * bits // 8)
+        scale[pos, 0, g] = float16(s)
+        zero[pos, 0, g] = float16(m)
+
+
+@cuda.jit
+def store_channel_group(ring, codes, scale, zero, off, cbits, group, sink, g0):
+    """The per-channel group of positions [g0, g0 + G) from the exact ring, one thread per channel
+    (xqrt.kernels.cpu._store_channel_group): sink positions, read from the sinks, take another
+    position's values here and leave the group's ranges alone."""
+    vals = cuda.local.array(MAX_QUANT_GROUP, float32)
+    c = cuda.grid(1)
+    if c >= ring.shape[1]:
+        return
+    for t in range(group):
+        vals[t] = float32(ring[(g0 + t) % ring.shape[0], c])
+    n_sink = max(min(sink.shape[0] - g0, group), 0)
+    fill = min(n_sink, group - 1)
+    for t in range(n_sink):
+        vals[t] = vals[fill]
+    b = g0 // group
+    s, m = _quantize(vals, group, cbits[c], codes[b, 0], off[c])
+    scale[b, c, 0] = float16(s)
+    zero[b, c, 0] = float16(m)
+
+
+@cuda.jit
+def subtract_row(x, rows, r, out):
+    """out = x − rows[r] (XQuant-CL: the new token's input less the accumulator's row)."""
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        out[i] = x[i] - float32(rows[r, i])
 
 
 # ---- launching -------------------------------------------------------------------------------
@@ -630,8 +762,9 @@ def available() -> bool:
 
 @dataclass
 class DeviceStream:
-    """One latent stream on the device (xqrt.cache.Stream's arrays, scales as float16): packed
-    positions [0, n_q) — the first len(sink) read exact from `sink` — then the exact rows `tail`."""
+    """One latent stream on the device (xqrt.cache.Stream's arrays, scales as float16) answering
+    for positions [lo, n): the first len(sink) read exact from `sink`, then packed up to n_q, then
+    exact from the ring `tail` (position p in row p mod len(tail))."""
     codes: object
     scale: object
     zero: object
@@ -642,36 +775,37 @@ class DeviceStream:
     sink: object
     tail: object
     n_q: int
+    lo: int
+    n: int
 
     @property
     def args(self):
         return (self.codes, self.scale, self.zero, self.bits, self.shift, self.off, self.cbits, self.sink, self.tail,
-                self.n_q)
-
-    @property
-    def n(self) -> int:
-        return self.n_q + self.tail.shape[0]
+                self.n_q, self.lo, self.n)
 
     @property
     def width(self) -> int:
-        return self.sink.shape[1]
+        return self.tail.shape[1]
 
 
 def upload_stream(codes, scale, zero, bits, group, off, sink, tail, n_q) -> DeviceStream:
     """Host arrays as xqrt.cache.Stream holds them (scales as fp16 bits; `off` the channel offsets
-    of a per-channel stream, else empty) → a DeviceStream. The GPU wants G a power of two."""
+    of a per-channel stream, else empty) and the exact rows of positions n_q … (None: none) → a
+    DeviceStream of positions [0, n_q + len(tail)). The GPU wants G a power of two."""
     if group & (group - 1):
         raise ValueError(f"the CUDA kernels need a power-of-two group size, not {group}")
     off = np.asarray(off, np.int64)
     cbits = (np.diff(off) * 8 // group).astype(np.int64) if len(off) else np.zeros(0, np.int64)
-    if len(cbits) and cbits.max() > 4:
-        raise ValueError("the CUDA kernels read channels of 1-4 bits (no fp16 channels yet)")
+    if len(cbits) and cbits.max() > 8:
+        raise ValueError("the CUDA kernels read channels of 1-8 bits (no fp16 channels)")
     as_f16 = lambda a: cuda.to_device(np.ascontiguousarray(a).view(np.float16))  # noqa: E731
     tail = np.zeros((0, sink.shape[1]), np.float32) if tail is None else tail
+    ring = np.zeros((max(len(tail), 1), sink.shape[1]), np.float32)
+    ring[(n_q + np.arange(len(tail))) % len(ring)] = tail
     return DeviceStream(cuda.to_device(np.ascontiguousarray(codes)), as_f16(scale), as_f16(zero), int(bits),
                         int(group).bit_length() - 1, cuda.to_device(off), cuda.to_device(cbits),
-                        cuda.to_device(np.ascontiguousarray(sink, np.float32)),
-                        cuda.to_device(np.ascontiguousarray(tail, np.float32)), int(n_q))
+                        cuda.to_device(np.ascontiguousarray(sink, np.float32)), cuda.to_device(ring), int(n_q), 0,
+                        int(n_q) + len(tail))
 
 
 def _blocks(n: int) -> int:
@@ -705,19 +839,28 @@ def attend_f16(q, k_cache, v_cache, n, n_head, head_dim, ws: Workspace, out, str
     sum_parts[n_head, THREADS, stream](ws.parts, n_parts, head_dim, out)
 
 
-def attend_latent(q, key: DeviceStream, value: DeviceStream, mk, mv, cos, sin, n_kv_head, head_dim, ws: Workspace,
-                  out, stream=0):
-    """Single-query attention rematerialized from latent streams: keys rebuilt tile by tile
-    (z·mk, RoPE, score) in shared memory, values summed in latent space and projected through mv
-    once. mk / mv: ws.empty when the latent is K / V itself (KIVI)."""
-    n = key.n
+def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace, out, stream=0):
+    """Single-query attention rematerialized from latent streams. keys / values: (DeviceStream,
+    rebuild matrix) runs covering [0, n) in order — one stream, or XQuant-CL's accumulator and then
+    the exact tail, whose latents live in different spaces. Keys are rebuilt tile by tile (z·mk,
+    RoPE, score) in shared memory; values are summed in latent space and projected through mv once
+    per run. A matrix is ws.empty where the latent is K / V itself (KIVI)."""
+    n = keys[-1][0].n
     n_head = q.shape[0] // head_dim
     if head_dim > HEAD_DIM or n_head // n_kv_head > MAX_GROUP or n_head > MAX_HEADS:
         raise ValueError("attention shape beyond the CUDA kernels' limits")
-    scores_latent[(-(-n // TILE_T), n_kv_head), THREADS, stream](q, *key.args, mk, cos, sin, head_dim,
-                                                                  np.float32(1.0 / math.sqrt(head_dim)), ws.scores)
+    scale_qk = np.float32(1.0 / math.sqrt(head_dim))
+    for key, mk in keys:
+        if key.n > key.lo:
+            scores_latent[(-(-(key.n - key.lo) // TILE_T), n_kv_head), THREADS, stream](
+                q, *key.args, mk, cos, sin, head_dim, scale_qk, ws.scores)
     softmax[n_head, THREADS, stream](ws.scores, n)
-    n_parts, chunk = splits(n)
-    width = value.width
-    values_latent[(n_parts, -(-width // THREADS)), THREADS, stream](ws.scores, *value.args, width, chunk, ws.parts)
-    project_values[n_head, THREADS, stream](ws.parts, n_parts, width, mv, head_dim, out)
+    first = True
+    for value, mv in values:
+        if value.n > value.lo:
+            n_parts, chunk = splits(value.n - value.lo)
+            width = value.width
+            values_latent[(n_parts, -(-width // THREADS)), THREADS, stream](ws.scores, *value.args, width, chunk,
+                                                                            ws.parts)
+            project_values[n_head, THREADS, stream](ws.parts, n_parts, width, mv, head_dim, not first, out)
+            first = False
