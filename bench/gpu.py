@@ -13,9 +13,10 @@ One run on one GPU prints and writes `docs/performance-gpu.md`:
   factors through cuBLAS, via torch on the same device buffers);
 - cache bytes per token and the largest context that fits 16 GB of cache per mode.
 
-Weights and cache contents are random (speed does not depend on them); a step appends no token to
-the cache: fp16 KV writes its K/V row, the latent modes compute the new token's latents but do not
-pack them (a few hundred bytes per layer). Needs numba-cuda and torch with CUDA.
+Weights and cache contents are random (speed does not depend on them). A step writes the new
+token as the engine does — fp16 KV its K/V row, the latent modes their latents into the exact ring
+and, per token, packed — but over the last position, so the context stays fixed; the once-per-G
+packing of a per-channel key group is left out. Needs numba-cuda and torch with CUDA.
 """
 from __future__ import annotations
 
@@ -225,13 +226,23 @@ def random_streams(s, n, bits, per_channel_keys: bool, width: int, n_layer: int)
             shape = (max(n_rows, 1), n_scale, 1) if per_channel else (max(n_rows, 1), 1, n_scale)
             scale = torch.rand(shape, device="cuda").half() * 0.1
             zero = -torch.rand(shape, device="cuda").half()
-            tail = torch.randn(n - n_q if per_channel else 0, width, device="cuda")
+            ring = torch.randn(GROUP if per_channel else 1, width, device="cuda")  # exact rows, p mod G
             pair.append(kc.DeviceStream(dev(codes), dev(scale), dev(zero), bits, GROUP.bit_length() - 1,
                                         cuda.to_device(off), cuda.to_device(cbits),
-                                        cuda.to_device(np.zeros((0, width), np.float32)), dev(tail),
-                                        n_q if per_channel else n))
+                                        cuda.to_device(np.zeros((0, width), np.float32)), dev(ring),
+                                        n_q if per_channel else n, 0, n))
         out.append(pair)
     return out
+
+
+def store(stream, z, pos, per_channel):
+    """The new position's latent into its stream as the engine writes it: into the exact ring, and
+    packed at once where the stream is per-token (a per-channel group is packed once per G steps)."""
+    ring_slot = pos % stream.tail.shape[0]
+    group = GROUP if per_channel else 1 << stream.shift
+    launch_grid = -(-z.shape[0] // (group * 32))
+    kc.store_token[launch_grid, 32, STREAM[0]](z, stream.tail, ring_slot, stream.codes, stream.scale, stream.zero,
+                                               stream.bits, group, stream.sink, pos, not per_channel)
 
 
 def bytes_per_token(mode, bits, s):
@@ -284,8 +295,8 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
             if tensor_cores:
                 attend_tensor_cores(model, key, value, n)
             else:
-                kc.attend_latent(model.q, key, value, mk, mv, model.cos, model.sin, nkv, hd, model.ws, model.attn,
-                                 STREAM[0])
+                kc.attend_latent(model.q, [(key, mk)], [(value, mv)], model.cos, model.sin, nkv, hd, model.ws,
+                                 model.attn, STREAM[0])
 
         def attend(i, L, xn):
             if mode == "kivi":
@@ -294,6 +305,8 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
             else:
                 matvec(L["uk"], xn, model.k)
                 matvec(L["uv"], xn, model.v)
+            store(streams[i][0], model.k, n - 1, True)
+            store(streams[i][1], model.v, n - 1, False)
             one_layer(i)
         one = lambda: one_layer(0)  # noqa: E731
     else:  # xquant-cl
@@ -301,16 +314,17 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
         acc = cuda.device_array((n, s["d"]), np.float32)
         none = cuda.to_device(np.zeros(0, np.int64))
         acc_stream = kc.DeviceStream(deltas[0].codes, deltas[0].scale, deltas[0].zero, 8, GROUP.bit_length() - 1,
-                                     none, none, cuda.to_device(np.zeros((0, s["d"]), np.float32)), acc, 0)
+                                     none, none, cuda.to_device(np.zeros((0, s["d"]), np.float32)), acc, 0, 0, n)
 
         def one_layer(i):
             launch(kc.accumulate, (-(-n // kc.TILE_T), -(-s["d"] // kc.HEAD_DIM)), acc, *deltas[i].args,
                    model.ukv_t, i == 0)
-            kc.attend_latent(model.q, acc_stream, acc_stream, model.wk_t, model.wv_t, model.cos, model.sin, nkv, hd,
-                             model.ws, model.attn, STREAM[0])
+            kc.attend_latent(model.q, [(acc_stream, model.wk_t)], [(acc_stream, model.wv_t)], model.cos, model.sin,
+                             nkv, hd, model.ws, model.attn, STREAM[0])
 
         def attend(i, L, xn):
             matvec(L["ukv"], xn, model.z)
+            store(deltas[i], model.z, n - 1, False)
             one_layer(i)
         one = lambda: one_layer(1)  # noqa: E731
     t_attn = graph_seconds(one)
