@@ -377,19 +377,24 @@ def store_f16(src, dst, row):
 # projected once, since Σⱼ aⱼ·(zⱼ·M) = (Σⱼ aⱼ·zⱼ)·M.
 @cuda.jit(**_FAST)
 def scores_f16(q, k_cache, n, n_head, head_dim, scale, scores):
-    """scores[h, t] = q_h · K[t] · scale for t < n: one warp per position, its lanes over the head."""
+    """scores[h, t] = q_h · K[t] · scale for t < n: one warp per position, its lanes over the head,
+    the row of K read once for all the query heads of its kv head."""
     buf = cuda.shared.array(THREADS, float32)
+    k_row = cuda.local.array(HEAD_DIM // 32, float32)
     g = cuda.blockIdx.y
     n_kv_head = k_cache.shape[1] // head_dim
     per_kv = n_head // n_kv_head
     t = cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32
     lane = cuda.threadIdx.x % 32
+    if t < n:
+        for i in range(lane, head_dim, 32):
+            k_row[i // 32] = float32(k_cache[t, g * head_dim + i])
     for j in range(per_kv):
         h = g * per_kv + j
         acc = float32(0.0)
         if t < n:
             for i in range(lane, head_dim, 32):
-                acc += q[h * head_dim + i] * float32(k_cache[t, g * head_dim + i])
+                acc += q[h * head_dim + i] * k_row[i // 32]
         acc = _warp_sum(acc, buf)
         if lane == 0 and t < n:
             scores[h, t] = acc * scale
@@ -417,16 +422,32 @@ def softmax(scores, n):
 
 @cuda.jit(**_FAST)
 def values_f16(probs, v_cache, n, chunk, head_dim, parts):
-    """parts[s, h, d] = Σ probs[h, t]·V[t, d] over positions [s·chunk, (s+1)·chunk) ∩ [0, n)
-    (grid: splits × heads; threads over the head's dims)."""
-    s, h = cuda.blockIdx.x, cuda.blockIdx.y
-    n_kv_head = v_cache.shape[1] // head_dim
-    k0 = (h // (probs.shape[0] // n_kv_head)) * head_dim
-    for i in range(cuda.threadIdx.x, head_dim, THREADS):
-        acc = float32(0.0)
-        for t in range(s * chunk, min(n, (s + 1) * chunk)):
-            acc += probs[h, t] * float32(v_cache[t, k0 + i])
-        parts[s, h, i] = acc
+    """parts[s, h, d] = Σ probs[h, t]·V[t, d] over positions [s·chunk, (s+1)·chunk) ∩ [0, n) for
+    the query heads h of one kv head (grid: splits × kv heads). V is read once per kv head, not
+    once per query head: a thread holds one dim for all the group's heads over every n_sub-th
+    position, and the n_sub partial sums meet in shared memory."""
+    red = cuda.shared.array((MAX_GROUP, THREADS), float32)
+    acc = cuda.local.array(MAX_GROUP, float32)
+    s, g, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    per_kv = probs.shape[0] // (v_cache.shape[1] // head_dim)
+    n_sub = THREADS // head_dim
+    d, sub = tid % head_dim, tid // head_dim
+    for j in range(per_kv):
+        acc[j] = float32(0.0)
+    if sub < n_sub:
+        for t in range(s * chunk + sub, min(n, (s + 1) * chunk), n_sub):
+            v = float32(v_cache[t, g * head_dim + d])
+            for j in range(per_kv):
+                acc[j] += probs[g * per_kv + j, t] * v
+    for j in range(per_kv):
+        red[j, tid] = acc[j]
+    cuda.syncthreads()
+    if tid < head_dim:
+        for j in range(per_kv):
+            total = float32(0.0)
+            for u in range(n_sub):
+                total += red[j, u * head_dim + d]
+            parts[s, g * per_kv + j, d] = total
 
 
 @cuda.jit(**_FAST)
@@ -835,7 +856,7 @@ def attend_f16(q, k_cache, v_cache, n, n_head, head_dim, ws: Workspace, out, str
                                                               np.float32(1.0 / math.sqrt(head_dim)), ws.scores)
     softmax[n_head, THREADS, stream](ws.scores, n)
     n_parts, chunk = splits(n)
-    values_f16[(n_parts, n_head), THREADS, stream](ws.scores, v_cache, n, chunk, head_dim, ws.parts)
+    values_f16[(n_parts, n_kv_head), THREADS, stream](ws.scores, v_cache, n, chunk, head_dim, ws.parts)
     sum_parts[n_head, THREADS, stream](ws.parts, n_parts, head_dim, out)
 
 
