@@ -88,3 +88,26 @@ def test_perplexity_first_1024_tokens_within_half_percent(engine, hf_model):
         ref = hf_model(torch.tensor([ids])).logits[0].numpy()
     ours, theirs = ppl(engine.logits(ids)), ppl(ref)
     assert abs(ours / theirs - 1) < 0.005, (ours, theirs)
+
+
+def greedy_alone(engine, prompt, n=64):
+    """Our greedy tokens, EOS masked as in greedy()."""
+    cache = engine.new_cache()
+    logits = engine.forward(engine.tokenizer.encode(prompt), cache)
+    out = []
+    for _ in range(n):
+        logits[list(engine.tokenizer.end_ids)] = -np.inf
+        out.append(int(np.argmax(logits)))
+        logits = engine.forward([out[-1]], cache)
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/nvidia0"), reason="needs a GPU (the simulator is too slow for SmolLM2)")
+@pytest.mark.parametrize("mode", ["fp16", "kivi", "xquant", "xquant-cl"])
+def test_gpu_greedy_64_tokens_match_the_cpu(mode, smollm2_path):
+    """The GPU step against the CPU's with 16-bit activations (the GPU multiplies float
+    activations), one prompt per cache mode."""
+    prompt = PROMPTS[0]
+    gpu = Engine(smollm2_path, ctx=256, cache=mode, device="cuda")
+    cpu = Engine(smollm2_path, ctx=256, cache=mode, act_bits=16)
+    assert greedy_alone(gpu, prompt) == greedy_alone(cpu, prompt)
