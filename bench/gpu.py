@@ -5,8 +5,8 @@
 One run on one GPU prints and writes `docs/performance-gpu.md`:
 - the two ceilings, measured: a device-to-device copy (bytes read + written per second) and an
   fp32 FMA-bound kernel (FLOP/s);
-- the weight matrix-vector product's GB/s per block format, rotating over more matrices than the
-  L2 cache holds;
+- the weight matrix-vector product's GB/s per block format and rows per block, rotating over more
+  matrices than the L2 cache holds;
 - decode step time and tokens/s at each context for fp16 KV, KIVI*, XQuant and XQuant-CL at 2/3/4
   bits, with each mode's attention alone against its roofline max(bytes / copy bandwidth,
   FLOPs / fp32 peak), plus the tensor-core variant of the XQuant rebuild (fp16 latents × fused
@@ -114,32 +114,37 @@ def matrix_bytes(w: kc.DeviceMatrix) -> int:
 XP = []  # matvec's permuted-input scratch, big enough for any row
 
 
-def matvec(w: kc.DeviceMatrix, x, out):
+def matvec(w: kc.DeviceMatrix, x, out, rows=kc.ROWS):
     if not XP:
         XP.append(cuda.device_array(kc.permuted_size(LLAMA3_8B["n_ff"]), np.float32))
-    kc.product(w, x, XP[0], out, STREAM[0])
+    kc.product(w, x, XP[0], out, STREAM[0], rows)
 
 
-def rotating_seconds(mats, x, out):
+ROWS_PER_BLOCK = (4, 8, 16)  # the product's rows per block, measured side by side (the engine's: kc.ROWS)
+
+
+def rotating_seconds(mats, x, out, rows):
     """GPU seconds per product, one after another over all of mats (so none is read from L2)."""
     def run():
         for w in mats:
-            matvec(w, x, out)
+            matvec(w, x, out, rows)
     t = graph_seconds(run)
     return float("nan") if isinstance(t, str) else t / len(mats)
 
 
 def matvec_bandwidth(s, qtype):
-    """(shape, bytes, seconds) of the product over the model's matrix shapes, cycling through
-    256 MiB of matrices (five times H100's L2)."""
-    rows = []
+    """(shape, rows per block, bytes, seconds) of the product over the model's matrix shapes,
+    cycling through 256 MiB of matrices (five times H100's L2)."""
+    out = []
     for r, c in ((s["d"], s["d"]), (s["n_ff"], s["d"]), (s["d"], s["n_ff"])):
         one = r * c // 32 * (kc._WORDS[qtype] * 4 + (4 if qtype == Q4_1 else 2))
         mats = [random_matrix(r, c, qtype) for _ in range(max(2, -(-256 * 2 ** 20 // one)))]
         x = cuda.to_device(np.random.default_rng(0).standard_normal(c).astype(np.float32))
-        t = rotating_seconds(mats, x, cuda.device_array(r, np.float32))
-        rows.append((f"{r}×{c}", matrix_bytes(mats[0]), t))
-    return rows
+        for rows in ROWS_PER_BLOCK:
+            t = rotating_seconds(mats, x, cuda.device_array(r, np.float32), rows)
+            out.append((f"{r}×{c}", rows, matrix_bytes(mats[0]), t))
+        del mats
+    return out
 
 
 # ---- the decode step ------------------------------------------------------------------------------
@@ -419,11 +424,11 @@ def main():
     say(f"- one Numba kernel launch from Python: {launch_s * 1e6:.1f} µs")
     say()
     say("## Weight matrix-vector product")
-    say("| format | shape | bytes | µs | GB/s | of copy bandwidth |")
-    say("|---|---|---|---|---|---|")
+    say(f"| format | shape | rows per block (the engine's: {kc.ROWS}) | bytes | µs | GB/s | of copy bandwidth |")
+    say("|---|---|---|---|---|---|---|")
     for qtype, label in ((Q4_0, "Q4_0"), (Q4_1, "Q4_1"), (Q8_0, "Q8_0")):
-        for shape, nbytes, t in matvec_bandwidth(s, qtype):
-            say(f"| {label} | {shape} | {nbytes / 1e6:.1f} MB | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | "
+        for shape, rows, nbytes, t in matvec_bandwidth(s, qtype):
+            say(f"| {label} | {shape} | {rows} | {nbytes / 1e6:.1f} MB | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | "
                 f"{nbytes / t / copy_bw:.0%} |")
     say()
     n_ctx = max(args.contexts)

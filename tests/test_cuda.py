@@ -47,6 +47,18 @@ def test_matvec_and_embed(qtype, cols):
     np.testing.assert_allclose(row.copy_to_host(), dense[7], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows_per_block", [4, 16])
+def test_matvec_rows_per_block(rows_per_block):
+    """The rows-per-block variants bench/gpu.py measures compute the same product."""
+    for qtype in (Q4_0, Q8_0):
+        data, dense = blocks(qtype, 19, 256)
+        x = rng.standard_normal(256).astype(np.float32)
+        out = cuda.device_array(19, np.float32)
+        kc.product(kc.upload_matrix(qtype, data, 256), cuda.to_device(x), cuda.device_array(256, np.float32), out,
+                   rows=rows_per_block)
+        np.testing.assert_allclose(out.copy_to_host(), dense @ x, rtol=1e-4, atol=1e-4)
+
+
 def test_elementwise():
     d = 80
     x = rng.standard_normal((2, d)).astype(np.float32)

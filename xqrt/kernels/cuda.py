@@ -179,7 +179,7 @@ def upload_dense(w: np.ndarray) -> DeviceMatrix:
 
 # Rows per block of the matrix-vector product: on a GPU four (each x value a lane loads meets four
 # rows, and a 4096-row matrix still fills the GPU); in the simulator, where every block costs a
-# round of Python threads, 32.
+# round of Python threads, 32. bench/gpu.py measures the other choices (`matvec_kernel(rows)`).
 ROWS = 4 if SHUFFLE else 32
 
 
@@ -204,81 +204,96 @@ def permute_x(x, qtype, n, xp):
         xp[_lane_slot(e, qtype)] = x[e] if e < x.shape[0] else float32(0.0)
 
 
-@cuda.jit(**_FAST)
-def matvec(qs, d, m, dense, qtype, xp, out):
-    """out[r] = W[r] · x, ROWS rows per block. Block formats: the warps share out each row's steps of
-    32 code words (128 contiguous bytes per row), x read from `permute_x`'s xp; float weights: the
-    threads over the row, xp = x. Partial sums meet in shared memory."""
-    buf = cuda.shared.array(THREADS, float32)
-    red = cuda.shared.array((WARPS, ROWS), float32)
-    part = cuda.shared.array((ROWS, THREADS), float32)
-    xv = cuda.local.array(8, float32)
-    acc = cuda.local.array(ROWS, float32)
-    tid = cuda.threadIdx.x
-    warp, lane = tid // 32, tid % 32
-    r0 = cuda.blockIdx.x * ROWS
-    n_rows = out.shape[0]
-    for i in range(ROWS):
-        acc[i] = float32(0.0)
-    if qtype == DENSE:
-        for i in range(ROWS):
-            if r0 + i < n_rows:
-                for j in range(tid, dense.shape[1], THREADS):
-                    acc[i] += dense[r0 + i, j] * xp[j]
-    else:
-        word_shift = 3 if qtype == Q8_0 else 2  # log2 of the words per block
-        span = 32 << (5 - word_shift)  # elements a step's 32 words hold
-        n_words = qs.shape[1]
-        for step in range(warp, (n_words + 31) // 32, WARPS):
-            word = step * 32 + lane
-            if word < n_words:
-                b = word >> word_shift
-                sx = float32(0.0)
-                if qtype == Q8_0:  # literal trip counts: xv stays in registers
-                    for i in range(4):
-                        xv[i] = xp[step * span + i * 32 + lane]
-                else:
-                    for i in range(8):
-                        xv[i] = xp[step * span + i * 32 + lane]
-                        sx += xv[i]
-                for i in range(ROWS):
-                    r = r0 + i
-                    if r < n_rows:
-                        wd = qs[r, word]
-                        dot = float32(0.0)
-                        if qtype == Q8_0:
-                            for k in range(4):
-                                q = np.int32((wd >> np.uint32(8 * k)) & np.uint32(255))
-                                dot += float32(q - 256 if q > 127 else q) * xv[k]
-                            acc[i] += float32(d[r, b]) * dot
-                        else:
-                            for k in range(4):
-                                byte = (wd >> np.uint32(8 * k)) & np.uint32(255)
-                                dot += float32(byte & np.uint32(15)) * xv[k] + float32(byte >> np.uint32(4)) * xv[4 + k]
-                            if qtype == Q4_1:
-                                acc[i] += float32(d[r, b]) * dot + float32(m[r, b]) * sx
+_MATVEC = {}
+
+
+def matvec_kernel(rows: int = ROWS):
+    """The matrix-vector product kernel for `rows` rows per block (compiled once per choice)."""
+    if rows not in _MATVEC:
+        _MATVEC[rows] = _make_matvec(rows)
+    return _MATVEC[rows]
+
+
+def _make_matvec(rows):
+    part_rows = 1 if SHUFFLE else rows  # the shared-memory reduction's buffer, for the simulator only
+
+    @cuda.jit(**_FAST)
+    def matvec(qs, d, m, dense, qtype, xp, out):
+        """out[r] = W[r] · x, `rows` rows per block. Block formats: the warps share out each row's
+        steps of 32 code words (128 contiguous bytes per row), x read from `permute_x`'s xp; float
+        weights: the threads over the row, xp = x. Partial sums meet in shared memory."""
+        buf = cuda.shared.array(THREADS, float32)
+        red = cuda.shared.array((WARPS, rows), float32)
+        part = cuda.shared.array((part_rows, THREADS), float32)
+        xv = cuda.local.array(8, float32)
+        acc = cuda.local.array(rows, float32)
+        tid = cuda.threadIdx.x
+        warp, lane = tid // 32, tid % 32
+        r0 = cuda.blockIdx.x * rows
+        n_rows = out.shape[0]
+        for i in range(rows):
+            acc[i] = float32(0.0)
+        if qtype == DENSE:
+            for i in range(rows):
+                if r0 + i < n_rows:
+                    for j in range(tid, dense.shape[1], THREADS):
+                        acc[i] += dense[r0 + i, j] * xp[j]
+        else:
+            word_shift = 3 if qtype == Q8_0 else 2  # log2 of the words per block
+            span = 32 << (5 - word_shift)  # elements a step's 32 words hold
+            n_words = qs.shape[1]
+            for step in range(warp, (n_words + 31) // 32, WARPS):
+                word = step * 32 + lane
+                if word < n_words:
+                    b = word >> word_shift
+                    sx = float32(0.0)
+                    if qtype == Q8_0:  # literal trip counts: xv stays in registers
+                        for i in range(4):
+                            xv[i] = xp[step * span + i * 32 + lane]
+                    else:
+                        for i in range(8):
+                            xv[i] = xp[step * span + i * 32 + lane]
+                            sx += xv[i]
+                    for i in range(rows):
+                        r = r0 + i
+                        if r < n_rows:
+                            wd = qs[r, word]
+                            dot = float32(0.0)
+                            if qtype == Q8_0:
+                                for k in range(4):
+                                    q = np.int32((wd >> np.uint32(8 * k)) & np.uint32(255))
+                                    dot += float32(q - 256 if q > 127 else q) * xv[k]
+                                acc[i] += float32(d[r, b]) * dot
                             else:
-                                acc[i] += float32(d[r, b]) * (dot - float32(8.0) * sx)
-    if SHUFFLE:  # each warp's sums by shuffles, then the warps' through shared memory: one barrier
-        for i in range(ROWS):
-            v = _warp_sum(acc[i], buf)
-            if lane == 0:
-                red[warp, i] = v
-        cuda.syncthreads()
-        if tid < ROWS and r0 + tid < n_rows:
-            total = float32(0.0)
-            for w in range(WARPS):
-                total += red[w, tid]
-            out[r0 + tid] = total
-    else:  # every thread's sums through shared memory, also one barrier
-        for i in range(ROWS):
-            part[i, tid] = acc[i]
-        cuda.syncthreads()
-        if tid < ROWS and r0 + tid < n_rows:
-            total = float32(0.0)
-            for t in range(THREADS):
-                total += part[tid, t]
-            out[r0 + tid] = total
+                                for k in range(4):
+                                    byte = (wd >> np.uint32(8 * k)) & np.uint32(255)
+                                    dot += float32(byte & np.uint32(15)) * xv[k] + float32(byte >> np.uint32(4)) * xv[4 + k]
+                                if qtype == Q4_1:
+                                    acc[i] += float32(d[r, b]) * dot + float32(m[r, b]) * sx
+                                else:
+                                    acc[i] += float32(d[r, b]) * (dot - float32(8.0) * sx)
+        if SHUFFLE:  # each warp's sums by shuffles, then the warps' through shared memory: one barrier
+            for i in range(rows):
+                v = _warp_sum(acc[i], buf)
+                if lane == 0:
+                    red[warp, i] = v
+            cuda.syncthreads()
+            if tid < rows and r0 + tid < n_rows:
+                total = float32(0.0)
+                for w in range(WARPS):
+                    total += red[w, tid]
+                out[r0 + tid] = total
+        else:  # every thread's sums through shared memory, also one barrier
+            for i in range(rows):
+                part[i, tid] = acc[i]
+            cuda.syncthreads()
+            if tid < rows and r0 + tid < n_rows:
+                total = float32(0.0)
+                for t in range(THREADS):
+                    total += part[tid, t]
+                out[r0 + tid] = total
+
+    return matvec
 
 
 def permuted_size(n_cols: int) -> int:
@@ -286,14 +301,15 @@ def permuted_size(n_cols: int) -> int:
     return -(-n_cols // 256) * 256
 
 
-def product(w: DeviceMatrix, x, xp, out, stream=0):
+def product(w: DeviceMatrix, x, xp, out, stream=0, rows=ROWS):
     """out = W·x on the device; xp: scratch of permuted_size(len(x)) floats (unused for float weights)."""
+    matvec = matvec_kernel(rows)
     if w.qtype == DENSE:
-        matvec[-(-w.n_rows // ROWS), THREADS, stream](*w.args, x, out)
+        matvec[-(-w.n_rows // rows), THREADS, stream](*w.args, x, out)
         return
     n = permuted_size(w.n_cols)  # xp is not sliced: a device-array view costs more host time than the launch
     permute_x[_blocks(n), THREADS, stream](x, w.qtype, n, xp)
-    matvec[-(-w.n_rows // ROWS), THREADS, stream](*w.args, xp, out)
+    matvec[-(-w.n_rows // rows), THREADS, stream](*w.args, xp, out)
 
 
 @cuda.jit(device=True, inline=True)
