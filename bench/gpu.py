@@ -93,7 +93,7 @@ def ceilings():
     m = torch.randn(8192, 8192, device="cuda")
     flops = max(flops, 2 * 8192 ** 3 / seconds(lambda: m @ m))
     empty = cuda.device_array(1, np.float32)
-    per_launch = seconds(lambda: kc.add[1, 32](empty, empty), most=2000)
+    per_launch = seconds(lambda: kc.silu_mul[1, 32](empty, empty, empty), most=2000)
     return copy_bw, flops, per_launch
 
 
@@ -114,10 +114,11 @@ def matrix_bytes(w: kc.DeviceMatrix) -> int:
 XP = []  # matvec's permuted-input scratch, big enough for any row
 
 
-def matvec(w: kc.DeviceMatrix, x, out, rows=kc.ROWS):
+def matvec(w: kc.DeviceMatrix, x, out, rows=kc.ROWS, permuted=False):
+    """kc.product on the shared scratch (permuted: the product before read the same x alike)."""
     if not XP:
         XP.append(cuda.device_array(kc.permuted_size(LLAMA3_8B["n_ff"]), np.float32))
-    kc.product(w, x, XP[0], out, STREAM[0], rows)
+    kc.product(w, x, XP[0], out, STREAM[0], rows, permuted)
 
 
 ROWS_PER_BLOCK = (4, 8, 16)  # the product's rows per block, measured side by side (the engine's: kc.ROWS)
@@ -185,6 +186,7 @@ class Model:
         self.z = cuda.device_array(2 * kv, np.float32)
         self.attn = cuda.device_array(d, np.float32)
         self.proj = cuda.device_array(d, np.float32)
+        self.proj_row, self.no_rows = self.proj.reshape(1, -1), cuda.device_array((0, d), np.float32)
         self.gate = cuda.device_array(ff, np.float32)
         self.up = cuda.device_array(ff, np.float32)
         self.logits = cuda.device_array(s["vocab"], np.float32)
@@ -194,21 +196,21 @@ class Model:
         """One decode step at position pos; attend(layer index, L) leaves the attention output in self.attn."""
         s, m = self.s, self
         elems = lambda n: kc._blocks(n)  # noqa: E731
+        residual = self.no_rows  # as xqrt.gpu.GpuStep: each norm adds the sublayer output before it
         for i, L in enumerate(self.layers):
-            launch(kc.rmsnorm, 1, self.x_row, L["norm"], np.float32(1e-5), self.xn)
+            launch(kc.rmsnorm, 1, self.x_row, residual, L["norm"], np.float32(1e-5), self.xn)
             xn = self.xn_vec
             matvec(L["wq"], xn, m.q)
             launch(kc.rope, elems(s["d"] // 2), m.q, s["head_dim"], m.cos, m.sin, pos)
             attend(i, L, xn)
             matvec(L["wo"], m.attn, m.proj)
-            launch(kc.add, elems(s["d"]), m.x, m.proj)
-            launch(kc.rmsnorm, 1, self.x_row, L["norm"], np.float32(1e-5), self.xn)
+            launch(kc.rmsnorm, 1, self.x_row, self.proj_row, L["norm"], np.float32(1e-5), self.xn)
             matvec(L["w_gate"], xn, m.gate)
-            matvec(L["w_up"], xn, m.up)
+            matvec(L["w_up"], xn, m.up, permuted=True)
             launch(kc.silu_mul, elems(s["n_ff"]), m.gate, m.up, m.gate)
             matvec(L["w_down"], m.gate, m.proj)
-            launch(kc.add, elems(s["d"]), m.x, m.proj)
-        launch(kc.rmsnorm, 1, self.x_row, self.layers[0]["norm"], np.float32(1e-5), self.xn)
+            residual = self.proj_row
+        launch(kc.rmsnorm, 1, self.x_row, residual, self.layers[0]["norm"], np.float32(1e-5), self.xn)
         matvec(self.output, self.xn_vec, self.logits)
 
 
@@ -283,8 +285,8 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
                   for _ in range(s["n_layer"])]
 
         def attend(i, L, xn):
-            matvec(L["wk"], xn, model.k)
-            matvec(L["wv"], xn, model.v)
+            matvec(L["wk"], xn, model.k, permuted=True)
+            matvec(L["wv"], xn, model.v, permuted=True)
             launch(kc.rope, kc._blocks(kv // 2), model.k, hd, model.cos, model.sin, n)
             launch(kc.store_f16, kc._blocks(kv), model.k, caches[i][0], n)
             launch(kc.store_f16, kc._blocks(kv), model.v, caches[i][1], n)
@@ -305,11 +307,11 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
 
         def attend(i, L, xn):
             if mode == "kivi":
-                matvec(L["wk"], xn, model.k)
-                matvec(L["wv"], xn, model.v)
-            else:
+                matvec(L["wk"], xn, model.k, permuted=True)
+                matvec(L["wv"], xn, model.v, permuted=True)
+            else:  # the factors are Q8_0, which reads x in another order than wq's Q4_0
                 matvec(L["uk"], xn, model.k)
-                matvec(L["uv"], xn, model.v)
+                matvec(L["uv"], xn, model.v, permuted=True)
             store(streams[i][0], model.k, n - 1, True)
             store(streams[i][1], model.v, n - 1, False)
             one_layer(i)

@@ -64,9 +64,17 @@ def test_elementwise():
     x = rng.standard_normal((2, d)).astype(np.float32)
     w = rng.standard_normal(d).astype(np.float32)
     out = cuda.device_array((2, d), np.float32)
-    kc.rmsnorm[2, kc.THREADS](cuda.to_device(x), cuda.to_device(w), np.float32(1e-5), out)
+    kc.rmsnorm[2, kc.THREADS](cuda.to_device(x), cuda.to_device(np.zeros((0, d), np.float32)), cuda.to_device(w),
+                              np.float32(1e-5), out)
     ref = x / np.sqrt((x * x).mean(1, keepdims=True) + 1e-5) * w
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
+    residual = rng.standard_normal((2, d)).astype(np.float32)
+    x_dev = cuda.to_device(x)
+    kc.rmsnorm[2, kc.THREADS](x_dev, cuda.to_device(residual), cuda.to_device(w), np.float32(1e-5), out)
+    s = x + residual
+    np.testing.assert_allclose(x_dev.copy_to_host(), s, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out.copy_to_host(), s / np.sqrt((s * s).mean(1, keepdims=True) + 1e-5) * w,
+                               rtol=1e-5, atol=1e-5)
 
     g, u = x[0], x[1]
     h = cuda.device_array(d, np.float32)
@@ -299,7 +307,8 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
 
     from xqrt import Engine
     from xqrt.errors import XQError
-    path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=1, ff=128))
+    # Q4_0 layers (embedding and output Q8_0): products of one x share its permutation
+    path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=1, ff=128), "q4_0")
     ids = [5, 17]
     for mode in ("fp16", "xquant"):
         gpu = Engine(path, ctx=8, cache=mode, device="cuda")

@@ -310,6 +310,9 @@ class GpuStep:
         self.layers = [dict(attn_norm=vec(L.attn_norm), ffn_norm=vec(L.ffn_norm), wq=up(L.wq), wk=up(L.wk),
                             wv=up(L.wv), wo=up(L.wo), w_gate=up(L.w_gate), w_up=up(L.w_up), w_down=up(L.w_down))
                        for L in model.layers]
+        same = lambda a, b: kc.x_layout(a.qtype) == kc.x_layout(b.qtype)  # noqa: E731
+        for L in self.layers:  # products of one x whose formats read it alike permute it once
+            L["same_x"] = (same(L["wk"], L["wq"]), same(L["wv"], L["wk"]), same(L["w_up"], L["w_gate"]))
         self.out_norm = vec(model.out_norm)
         cos, sin = cpu.rope_table(model.rope_freqs, n_ctx)
         self.cos, self.sin = cuda.to_device(cos), cuda.to_device(sin)
@@ -318,6 +321,7 @@ class GpuStep:
         self.xn = cuda.device_array((1, c.d_model), np.float32)
         self.x_row, self.xn_vec = self.x.reshape(1, -1), self.xn.reshape(-1)  # views made once: each costs host time
         self.attn, self.proj = zeros(c.q_dim), zeros(c.d_model)
+        self.proj_row, self.no_rows = self.proj.reshape(1, -1), cuda.device_array((0, c.d_model), np.float32)
         self.gate, self.up = zeros(c.n_ff), zeros(c.n_ff)
         self.logits_dev = zeros(c.vocab_size)
         self.logits = np.zeros(c.vocab_size, np.float32)
@@ -330,23 +334,23 @@ class GpuStep:
         blocks = kc._blocks
         x, xn = self.x, self.xn_vec
         kc.embed[blocks(c.d_model), T](*self.tok_embd.args, token, x)
+        residual = self.no_rows  # each norm adds the sublayer output before it into x
         for i, L in enumerate(self.layers):
-            kc.rmsnorm[1, T](self.x_row, L["attn_norm"], self.eps, self.xn)
+            kc.rmsnorm[1, T](self.x_row, residual, L["attn_norm"], self.eps, self.xn)
             kc.product(L["wq"], xn, self.xp, self.q)
             if cache.needs_kv:
-                kc.product(L["wk"], xn, self.xp, self.k)
-                kc.product(L["wv"], xn, self.xp, self.v)
+                kc.product(L["wk"], xn, self.xp, self.k, permuted=L["same_x"][0])
+                kc.product(L["wv"], xn, self.xp, self.v, permuted=L["same_x"][1])
             kc.rope[blocks(c.q_dim // 2), T](self.q, c.head_dim, self.cos, self.sin, pos)
             cache.attend_device(self, i, pos)
             kc.product(L["wo"], self.attn, self.xp, self.proj)
-            kc.add[blocks(c.d_model), T](x, self.proj)
-            kc.rmsnorm[1, T](self.x_row, L["ffn_norm"], self.eps, self.xn)
+            kc.rmsnorm[1, T](self.x_row, self.proj_row, L["ffn_norm"], self.eps, self.xn)
             kc.product(L["w_gate"], xn, self.xp, self.gate)
-            kc.product(L["w_up"], xn, self.xp, self.up)
+            kc.product(L["w_up"], xn, self.xp, self.up, permuted=L["same_x"][2])
             kc.silu_mul[blocks(c.n_ff), T](self.gate, self.up, self.gate)
             kc.product(L["w_down"], self.gate, self.xp, self.proj)
-            kc.add[blocks(c.d_model), T](x, self.proj)
-        kc.rmsnorm[1, T](self.x_row, self.out_norm, self.eps, self.xn)
+            residual = self.proj_row
+        kc.rmsnorm[1, T](self.x_row, residual, self.out_norm, self.eps, self.xn)
         kc.product(self.output, xn, self.xp, self.logits_dev)
         self.logits_dev.copy_to_host(self.logits)
         return self.logits

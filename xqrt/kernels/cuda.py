@@ -301,14 +301,21 @@ def permuted_size(n_cols: int) -> int:
     return -(-n_cols // 256) * 256
 
 
-def product(w: DeviceMatrix, x, xp, out, stream=0, rows=ROWS):
-    """out = W·x on the device; xp: scratch of permuted_size(len(x)) floats (unused for float weights)."""
+def x_layout(qtype: int) -> int:
+    """The permute_x layout a format reads x in (Q4_0 and Q4_1 share one; float weights: none)."""
+    return DENSE if qtype == DENSE else Q8_0 if qtype == Q8_0 else Q4_0
+
+
+def product(w: DeviceMatrix, x, xp, out, stream=0, rows=ROWS, permuted=False):
+    """out = W·x on the device; xp: scratch of permuted_size(len(x)) floats (unused for float
+    weights). permuted: xp already holds this x in w's layout (a product of the same x before)."""
     matvec = matvec_kernel(rows)
     if w.qtype == DENSE:
         matvec[-(-w.n_rows // rows), THREADS, stream](*w.args, x, out)
         return
-    n = permuted_size(w.n_cols)  # xp is not sliced: a device-array view costs more host time than the launch
-    permute_x[_blocks(n), THREADS, stream](x, w.qtype, n, xp)
+    if not permuted:
+        n = permuted_size(w.n_cols)  # xp is not sliced: a device-array view costs more host time than the launch
+        permute_x[_blocks(n), THREADS, stream](x, w.qtype, n, xp)
     matvec[-(-w.n_rows // rows), THREADS, stream](*w.args, xp, out)
 
 
@@ -336,24 +343,21 @@ def embed(qs, d, m, dense, qtype, token, out):
 
 # ---- elementwise -----------------------------------------------------------------------------
 @cuda.jit(**_FAST)
-def rmsnorm(x, weight, eps, out):
-    """out = x / rms(x) · weight, one block per row of x (rows × d)."""
+def rmsnorm(x, residual, weight, eps, out):
+    """x += residual (unless it has no rows), then out = x / rms(x) · weight; one block per row of
+    x (rows × d). The residual add rides along because a decode step is bound by its launches."""
     buf = cuda.shared.array(THREADS, float32)
     part = cuda.shared.array(WARPS, float32)
     r = cuda.blockIdx.x
     ss = float32(0.0)
     for i in range(cuda.threadIdx.x, x.shape[1], THREADS):
+        if residual.shape[0]:
+            x[r, i] += residual[r, i]
         ss += x[r, i] * x[r, i]
     ss = _block_sum(ss, buf, part)
     inv = float32(1.0) / math.sqrt(ss / x.shape[1] + eps)
     for i in range(cuda.threadIdx.x, x.shape[1], THREADS):
         out[r, i] = x[r, i] * inv * weight[i]
-
-
-@cuda.jit
-def add(x, y):
-    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
-        x[i] += y[i]
 
 
 @cuda.jit(**_FAST)
