@@ -287,9 +287,8 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
         def attend(i, L, xn):
             matvec(L["wk"], xn, model.k, permuted=True)
             matvec(L["wv"], xn, model.v, permuted=True)
-            launch(kc.rope, kc._blocks(kv // 2), model.k, hd, model.cos, model.sin, n)
-            launch(kc.store_f16, kc._blocks(kv), model.k, caches[i][0], n)
-            launch(kc.store_f16, kc._blocks(kv), model.v, caches[i][1], n)
+            launch(kc.store_kv, kc._blocks(kv // 2), model.k, model.v, hd, model.cos, model.sin, n, caches[i][0],
+                   caches[i][1])
             kc.attend_f16(model.q, caches[i][0], caches[i][1], n + 1, nh, hd, model.ws, model.attn, STREAM[0])
         one = lambda: kc.attend_f16(model.q, caches[0][0], caches[0][1], n + 1, nh, hd, model.ws, model.attn,  # noqa
                                     STREAM[0])

@@ -90,6 +90,12 @@ def test_elementwise():
     cpu.rope_rows(ref[None], 4, 16, 5, inv_freq)
     np.testing.assert_allclose(dv.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
 
+    k_cache, v_cache = cuda.device_array((8, 64), np.float16), cuda.device_array((8, 64), np.float16)
+    kc.store_kv[1, kc.THREADS](cuda.to_device(vec), cuda.to_device(x[1, :64]), 16, cuda.to_device(cos),
+                               cuda.to_device(sin), 5, k_cache, v_cache)
+    np.testing.assert_allclose(k_cache.copy_to_host()[5].astype(np.float32), ref.astype(np.float16), rtol=1e-3)
+    np.testing.assert_array_equal(v_cache.copy_to_host()[5], x[1, :64].astype(np.float16))
+
 
 def attention_ref(q, keys, values, n_head, head_dim):
     """Single-query attention: q (n_head·hd), keys/values (n, kv_dim) post-RoPE."""

@@ -103,9 +103,8 @@ class DeviceFP16KV(DeviceCache):
 
     def attend_device(self, s, layer, pos):
         kc, c, T = s.kc, self.config, s.kc.THREADS
-        kc.rope[kc._blocks(c.kv_dim // 2), T](s.k, c.head_dim, s.cos, s.sin, pos)
-        kc.store_f16[kc._blocks(c.kv_dim), T](s.k, self.k[layer], pos)
-        kc.store_f16[kc._blocks(c.kv_dim), T](s.v, self.v[layer], pos)
+        kc.store_kv[kc._blocks(c.kv_dim // 2), T](s.k, s.v, c.head_dim, s.cos, s.sin, pos, self.k[layer],
+                                                  self.v[layer])
         kc.attend_f16(s.q, self.k[layer], self.v[layer], pos + 1, c.n_head, c.head_dim, self.ws, s.attn)
 
     def nbytes(self):

@@ -383,10 +383,19 @@ def rope(vec, head_dim, cos, sin, pos):
 
 
 @cuda.jit
-def store_f16(src, dst, row):
-    """dst[row] = src as fp16 (a K or V row into the fp16 cache)."""
-    for i in range(cuda.grid(1), src.shape[0], cuda.gridsize(1)):
-        dst[row, i] = float16(src[i])
+def store_kv(k, v, head_dim, cos, sin, pos, k_cache, v_cache):
+    """Row pos of the fp16 cache: k rotated as `rope` rotates it, and v (one launch for the three
+    steps: a decode step is bound by its launches)."""
+    n_pairs = cos.shape[1]
+    per_head = head_dim // 2
+    for i in range(cuda.grid(1), k.shape[0] // 2, cuda.gridsize(1)):
+        o, p = 2 * i, i % per_head
+        a, b = k[o], k[o + 1]
+        if p < n_pairs:
+            c, s = cos[pos, p], sin[pos, p]
+            a, b = a * c - b * s, a * s + b * c
+        k_cache[pos, o], k_cache[pos, o + 1] = float16(a), float16(b)
+        v_cache[pos, o], v_cache[pos, o + 1] = float16(v[o]), float16(v[o + 1])
 
 
 # ---- attention -------------------------------------------------------------------------------
