@@ -24,7 +24,8 @@ DEVICES = ("auto", "cpu", "cuda")
 def unsupported(cache_mode: str, config: ModelConfig, options: CacheOptions) -> str | None:
     """Why this cache cannot run on the GPU, or None when it can."""
     from .kernels import cuda as kc
-    if config.head_dim > kc.HEAD_DIM or config.n_head > kc.MAX_HEADS or config.n_head // config.n_kv_head > kc.MAX_GROUP:
+    c = config
+    if c.head_dim > kc.HEAD_DIM or c.n_head > kc.MAX_HEADS or c.n_head // c.n_kv_head > kc.MAX_GROUP:
         return f"the CUDA attention kernels take heads of at most {kc.HEAD_DIM}, {kc.MAX_GROUP} query heads per " \
                f"kv head and {kc.MAX_HEADS} heads"
     if cache_mode == "fp16":
@@ -188,8 +189,9 @@ class DeviceLatentCache(DeviceCache):
         if isinstance(plan, XQuantCL):
             self.acc = cuda.to_device(np.zeros((n_ctx, c.d_model), np.float16))  # Â for every position
             # Â read as a stream: nothing packed, every row from the "ring" of n_ctx rows
+            none = cuda.to_device(np.zeros(0, np.int64))
             self.acc_stream = replace(self.layers[-1].delta, sink=self._empty(c.d_model, np.float32), tail=self.acc,
-                                      off=cuda.to_device(np.zeros(0, np.int64)), cbits=cuda.to_device(np.zeros(0, np.int64)))
+                                      off=none, cbits=none)
         self.ws = kc.Workspace(n_ctx, c.n_head, widest)
 
     def _empty(self, width, dtype):

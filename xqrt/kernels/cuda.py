@@ -314,7 +314,7 @@ def product(w: DeviceMatrix, x, xp, out, stream=0, rows=ROWS, permuted=False):
         matvec[-(-w.n_rows // rows), THREADS, stream](*w.args, x, out)
         return
     if not permuted:
-        n = permuted_size(w.n_cols)  # xp is not sliced: a device-array view costs more host time than the launch
+        n = permuted_size(w.n_cols)  # xp not sliced: a device-array view costs more host time than a launch
         permute_x[_blocks(n), THREADS, stream](x, w.qtype, n, xp)
     matvec[-(-w.n_rows // rows), THREADS, stream](*w.args, xp, out)
 
