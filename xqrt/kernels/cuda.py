@@ -30,6 +30,7 @@ WARPS = THREADS // 32
 MAX_GROUP = 8  # query heads per kv head
 MAX_HEADS = 64
 HEAD_DIM = 128  # the widest head the attention kernels hold in shared memory
+HEAD_LANE_VALUES = HEAD_DIM // 32  # a head's values per lane when one warp holds the head
 KEY_ROW = HEAD_DIM + 1  # a rebuilt key's row in shared memory, padded: the score loop reads down a column
 MAX_WIDTH = 8192  # the widest latent the value projection holds in shared memory
 MAX_QUANT_GROUP = 128  # the longest quantization group the cache writes hold in registers
@@ -409,7 +410,7 @@ def scores_f16(q, k_cache, n, n_head, head_dim, scale, scores):
     """scores[h, t] = q_h · K[t] · scale for t < n: one warp per position, its lanes over the head,
     the row of K read once for all the query heads of its kv head."""
     buf = cuda.shared.array(THREADS, float32)
-    k_row = cuda.local.array(HEAD_DIM // 32, float32)
+    k_row = cuda.local.array(HEAD_LANE_VALUES, float32)
     g = cuda.blockIdx.y
     n_kv_head = k_cache.shape[1] // head_dim
     per_kv = n_head // n_kv_head
