@@ -114,11 +114,11 @@ def matrix_bytes(w: kc.DeviceMatrix) -> int:
 XP = []  # matvec's permuted-input scratch, big enough for any row
 
 
-def matvec(w: kc.DeviceMatrix, x, out, rows=kc.ROWS, permuted=False):
+def matvec(w: kc.DeviceMatrix, x, out, rows=kc.ROWS, permuted=False, up=None):
     """kc.product on the shared scratch (permuted: the product before read the same x alike)."""
     if not XP:
         XP.append(cuda.device_array(kc.permuted_size(LLAMA3_8B["n_ff"]), np.float32))
-    kc.product(w, x, XP[0], out, STREAM[0], rows, permuted)
+    kc.product(w, x, XP[0], out, STREAM[0], rows, permuted, up)
 
 
 ROWS_PER_BLOCK = (4, 8, 16)  # the product's rows per block, measured side by side (the engine's: kc.ROWS)
@@ -207,8 +207,7 @@ class Model:
             launch(kc.rmsnorm, 1, self.x_row, self.proj_row, L["norm"], np.float32(1e-5), self.xn)
             matvec(L["w_gate"], xn, m.gate)
             matvec(L["w_up"], xn, m.up, permuted=True)
-            launch(kc.silu_mul, elems(s["n_ff"]), m.gate, m.up, m.gate)
-            matvec(L["w_down"], m.gate, m.proj)
+            matvec(L["w_down"], m.gate, m.proj, up=m.up)
             residual = self.proj_row
         launch(kc.rmsnorm, 1, self.x_row, residual, self.layers[0]["norm"], np.float32(1e-5), self.xn)
         matvec(self.output, self.xn_vec, self.logits)

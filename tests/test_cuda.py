@@ -59,6 +59,23 @@ def test_matvec_rows_per_block(rows_per_block):
         np.testing.assert_allclose(out.copy_to_host(), dense @ x, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("qtype", [Q4_1, None])
+def test_product_of_swiglu(qtype):
+    """product(..., up=u) multiplies silu(x)·u: fused into the permutation, or (float weights)
+    applied to x first."""
+    cols = 256
+    if qtype is None:
+        dense = rng.standard_normal((19, cols)).astype(np.float32)
+        w = kc.upload_dense(dense)
+    else:
+        data, dense = blocks(qtype, 19, cols)
+        w = kc.upload_matrix(qtype, data, cols)
+    x, u = rng.standard_normal((2, cols)).astype(np.float32)
+    out = cuda.device_array(19, np.float32)
+    kc.product(w, cuda.to_device(x), cuda.device_array(cols, np.float32), out, up=cuda.to_device(u))
+    np.testing.assert_allclose(out.copy_to_host(), dense @ (x / (1 + np.exp(-x)) * u), rtol=1e-4, atol=1e-4)
+
+
 def test_elementwise():
     d = 80
     x = rng.standard_normal((2, d)).astype(np.float32)

@@ -348,8 +348,7 @@ class GpuStep:
             kc.rmsnorm[1, T](self.x_row, self.proj_row, L["ffn_norm"], self.eps, self.xn)
             kc.product(L["w_gate"], xn, self.xp, self.gate)
             kc.product(L["w_up"], xn, self.xp, self.up, permuted=L["same_x"][2])
-            kc.silu_mul[blocks(c.n_ff), T](self.gate, self.up, self.gate)
-            kc.product(L["w_down"], self.gate, self.xp, self.proj)
+            kc.product(L["w_down"], self.gate, self.xp, self.proj, up=self.up)  # silu(gate)·up on the way
             residual = self.proj_row
         kc.rmsnorm[1, T](self.x_row, residual, self.out_norm, self.eps, self.xn)
         kc.product(self.output, xn, self.xp, self.logits_dev)

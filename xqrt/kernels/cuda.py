@@ -11,6 +11,7 @@ All threads of a block reach every reduction, so the shared-memory path's barrie
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -198,11 +199,16 @@ def _lane_slot(e, qtype):
 
 
 @cuda.jit(**_FAST)
-def permute_x(x, qtype, n, xp):
-    """xp[:n] = x in the lanes' order for `matvec` on a block format (n: len(x) rounded up to 256;
-    the padding zero)."""
+def permute_x(x, up, qtype, n, xp):
+    """xp[:n] = x — or, where `up` has elements, SwiGLU's silu(x)·up — in the lanes' order for
+    `matvec` on a block format (n: len(x) rounded up to 256; the padding zero)."""
     for e in range(cuda.grid(1), n, cuda.gridsize(1)):
-        xp[_lane_slot(e, qtype)] = x[e] if e < x.shape[0] else float32(0.0)
+        v = float32(0.0)
+        if e < x.shape[0]:
+            v = x[e]
+            if up.shape[0]:
+                v = v / (float32(1.0) + math.exp(-v)) * up[e]
+        xp[_lane_slot(e, qtype)] = v
 
 
 _MATVEC = {}
@@ -307,16 +313,26 @@ def x_layout(qtype: int) -> int:
     return DENSE if qtype == DENSE else Q8_0 if qtype == Q8_0 else Q4_0
 
 
-def product(w: DeviceMatrix, x, xp, out, stream=0, rows=ROWS, permuted=False):
+@functools.cache
+def _no_vector():
+    """An empty device vector: permute_x's "no up" (made on first use, once a context exists)."""
+    return cuda.to_device(np.zeros(0, np.float32))
+
+
+def product(w: DeviceMatrix, x, xp, out, stream=0, rows=ROWS, permuted=False, up=None):
     """out = W·x on the device; xp: scratch of permuted_size(len(x)) floats (unused for float
-    weights). permuted: xp already holds this x in w's layout (a product of the same x before)."""
+    weights). permuted: xp already holds this x in w's layout (a product of the same x before).
+    up: the product of SwiGLU's silu(x)·up instead, the activation applied while x is permuted
+    (float weights: in place in x first)."""
     matvec = matvec_kernel(rows)
     if w.qtype == DENSE:
+        if up is not None:
+            silu_mul[_blocks(x.shape[0]), THREADS, stream](x, up, x)
         matvec[-(-w.n_rows // rows), THREADS, stream](*w.args, x, out)
         return
     if not permuted:
         n = permuted_size(w.n_cols)  # xp not sliced: a device-array view costs more host time than a launch
-        permute_x[_blocks(n), THREADS, stream](x, w.qtype, n, xp)
+        permute_x[_blocks(n), THREADS, stream](x, _no_vector() if up is None else up, w.qtype, n, xp)
     matvec[-(-w.n_rows // rows), THREADS, stream](*w.args, xp, out)
 
 
