@@ -211,11 +211,106 @@ def permute_x(x, up, qtype, n, xp):
         xp[_lane_slot(e, qtype)] = v
 
 
+# ---- int8 activations: 4-way byte dot products ------------------------------------------------
+# x as int8 codes per block of 32 (xqrt.kernels.cpu.quantize_act's, with its exact sums and the
+# codes' error), so that a product is dp4a over whole code words. PTX's dp4a on a GPU; the
+# simulator runs the same sums in Python.
+if SHUFFLE:
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    def _dp4a_asm(ptx_types):
+        @intrinsic
+        def dp4a(typingctx, a, b, c):
+            def codegen(context, builder, sig, args):
+                i32 = ir.IntType(32)
+                asm = ir.InlineAsm(ir.FunctionType(i32, [i32, i32, i32]), f"dp4a.{ptx_types} $0, $1, $2, $3;",
+                                   "=r,r,r,r")
+                return builder.call(asm, args)
+            return types.int32(types.uint32, types.uint32, types.int32), codegen
+        return dp4a
+
+    _dp4a_us, _dp4a_ss = _dp4a_asm("u32.s32"), _dp4a_asm("s32.s32")
+else:
+    def _dp4a(a, b, c, a_signed):
+        for k in range(4):
+            x, y = (int(a) >> (8 * k)) & 255, (int(b) >> (8 * k)) & 255
+            c += (x - 256 if a_signed and x > 127 else x) * (y - 256 if y > 127 else y)
+        return np.int32(c)
+
+    def _dp4a_us(a, b, c):
+        """c + Σ unsigned bytes of a × signed bytes of b."""
+        return _dp4a(a, b, c, False)
+
+    def _dp4a_ss(a, b, c):
+        """c + Σ signed bytes of a × signed bytes of b."""
+        return _dp4a(a, b, c, True)
+
+
+@cuda.jit
+def quantize_x(x, up, xq, xd, xsum, xerr):
+    """cpu.quantize_act with int8 codes on the device — of silu(x)·up where `up` has elements —
+    one thread per block of 32; the codes packed four to a 32-bit word of xq, in order."""
+    b = cuda.grid(1)
+    if b * 32 >= x.shape[0]:
+        return
+    vals = cuda.local.array(32, float32)
+    amax = float32(0.0)
+    total = float32(0.0)
+    for j in range(32):
+        v = x[b * 32 + j]
+        if up.shape[0]:
+            v = v / (float32(1.0) + math.exp(-v)) * up[b * 32 + j]
+        vals[j] = v
+        amax = max(amax, abs(v))
+        total += v
+    scale = amax / float32(127.0)
+    inv = float32(1.0) / scale if scale > 0 else float32(0.0)
+    n_codes = 0
+    for w in range(8):
+        word = np.uint32(0)
+        for k in range(4):
+            c = np.int32(round(vals[4 * w + k] * inv))
+            n_codes += c
+            word |= np.uint32(c & 255) << np.uint32(8 * k)
+        xq[b * 8 + w] = word
+    xd[b] = scale
+    xsum[b] = total
+    xerr[b] = total - scale * float32(n_codes)
+
+
+@dataclass
+class Int8X:
+    """quantize_x's output for vectors of up to n elements (n a multiple of 32)."""
+    codes: object
+    scale: object
+    sum: object
+    err: object
+
+    @classmethod
+    def empty(cls, n):
+        f32 = lambda: cuda.device_array(n // 32, np.float32)  # noqa: E731
+        return cls(cuda.device_array(n // 4, np.uint32), f32(), f32(), f32())
+
+
+def product_int8(w: DeviceMatrix, x, act: Int8X, out, stream=0, rows=ROWS, quantized=False, up=None):
+    """out = W·x for a block format with x as int8 codes (llama.cpp's arithmetic; cpu's act_bits=8
+    sums): x quantized into `act` first unless `quantized` (act holds this x already); up as in
+    `product`."""
+    if not quantized:
+        quantize_x[_blocks(x.shape[0] // 32), THREADS, stream](x, _no_vector() if up is None else up, act.codes,
+                                                              act.scale, act.sum, act.err)
+    matvec_kernel(rows)[1][-(-w.n_rows // rows), THREADS, stream](w.qs, w.d, w.m, w.qtype, act.codes, act.scale,
+                                                                 act.sum, act.err, out)
+
+
 _MATVEC = {}
 
 
 def matvec_kernel(rows: int = ROWS):
-    """The matrix-vector product kernel for `rows` rows per block (compiled once per choice)."""
+    """The matrix-vector product kernels for `rows` rows per block, (float x, int8 x), compiled
+    once per choice."""
     if rows not in _MATVEC:
         _MATVEC[rows] = _make_matvec(rows)
     return _MATVEC[rows]
@@ -224,14 +319,42 @@ def matvec_kernel(rows: int = ROWS):
 def _make_matvec(rows):
     part_rows = 1 if SHUFFLE else rows  # the shared-memory reduction's buffer, for the simulator only
 
+    @cuda.jit(device=True, inline=True)
+    def rows_out(acc, out, r0):
+        """out[r0 + i] = the block's sum of every thread's acc[i]: one barrier either way."""
+        buf = cuda.shared.array(THREADS, float32)
+        red = cuda.shared.array((WARPS, rows), float32)
+        part = cuda.shared.array((part_rows, THREADS), float32)
+        tid = cuda.threadIdx.x
+        warp, lane = tid // 32, tid % 32
+        n_rows = out.shape[0]
+        if SHUFFLE:  # each warp's sums by shuffles, then the warps' through shared memory: one barrier
+            for i in range(rows):
+                v = _warp_sum(acc[i], buf)
+                if lane == 0:
+                    red[warp, i] = v
+            cuda.syncthreads()
+            if tid < rows and r0 + tid < n_rows:
+                total = float32(0.0)
+                for w in range(WARPS):
+                    total += red[w, tid]
+                out[r0 + tid] = total
+        else:  # every thread's sums through shared memory, also one barrier
+            for i in range(rows):
+                part[i, tid] = acc[i]
+            cuda.syncthreads()
+            if tid < rows and r0 + tid < n_rows:
+                total = float32(0.0)
+                for t in range(THREADS):
+                    total += part[tid, t]
+                out[r0 + tid] = total
+
+
     @cuda.jit(**_FAST)
     def matvec(qs, d, m, dense, qtype, xp, out):
         """out[r] = W[r] · x, `rows` rows per block. Block formats: the warps share out each row's
         steps of 32 code words (128 contiguous bytes per row), x read from `permute_x`'s xp; float
         weights: the threads over the row, xp = x. Partial sums meet in shared memory."""
-        buf = cuda.shared.array(THREADS, float32)
-        red = cuda.shared.array((WARPS, rows), float32)
-        part = cuda.shared.array((part_rows, THREADS), float32)
         xv = cuda.local.array(8, float32)
         acc = cuda.local.array(rows, float32)
         tid = cuda.threadIdx.x
@@ -279,28 +402,52 @@ def _make_matvec(rows):
                                     acc[i] += float32(d[r, b]) * dot + float32(m[r, b]) * sx
                                 else:
                                     acc[i] += float32(d[r, b]) * (dot - float32(8.0) * sx)
-        if SHUFFLE:  # each warp's sums by shuffles, then the warps' through shared memory: one barrier
-            for i in range(rows):
-                v = _warp_sum(acc[i], buf)
-                if lane == 0:
-                    red[warp, i] = v
-            cuda.syncthreads()
-            if tid < rows and r0 + tid < n_rows:
-                total = float32(0.0)
-                for w in range(WARPS):
-                    total += red[w, tid]
-                out[r0 + tid] = total
-        else:  # every thread's sums through shared memory, also one barrier
-            for i in range(rows):
-                part[i, tid] = acc[i]
-            cuda.syncthreads()
-            if tid < rows and r0 + tid < n_rows:
-                total = float32(0.0)
-                for t in range(THREADS):
-                    total += part[tid, t]
-                out[r0 + tid] = total
+        rows_out(acc, out, r0)
 
-    return matvec
+    @cuda.jit(**_FAST)
+    def matvec_int8(qs, d, m, qtype, xq, xd, xsum, xerr, out):
+        """out[r] = W[r] · x against x's int8 codes (quantize_x): per 32-bit code word one or two
+        4-way byte dot products (dp4a), the integer sums of xqrt.kernels.cpu's act_bits=8 path.
+        x needs no permutation: a Q4 word's nibbles meet codes 4w…4w+3 and 16+4w…, a Q8_0
+        word's bytes codes 4w…4w+3, both whole words of the codes in their natural order."""
+        acc = cuda.local.array(rows, float32)
+        tid = cuda.threadIdx.x
+        warp, lane = tid // 32, tid % 32
+        r0 = cuda.blockIdx.x * rows
+        n_rows = out.shape[0]
+        for i in range(rows):
+            acc[i] = float32(0.0)
+        word_shift = 3 if qtype == Q8_0 else 2
+        n_words = qs.shape[1]
+        for step in range(warp, (n_words + 31) // 32, WARPS):
+            word = step * 32 + lane
+            if word < n_words:
+                b = word >> word_shift
+                w = word & ((1 << word_shift) - 1)
+                lo = xq[b * 8 + w]
+                hi = xq[b * 8 + 4 + w] if qtype != Q8_0 else np.uint32(0)
+                n_codes = _dp4a_us(np.uint32(0x01010101), lo, np.int32(0)) + _dp4a_us(np.uint32(0x01010101), hi,
+                                                                                         np.int32(0))
+                scale_x = xd[b]
+                for i in range(rows):
+                    r = r0 + i
+                    if r < n_rows:
+                        wd = qs[r, word]
+                        dw = float32(d[r, b])
+                        if qtype == Q8_0:
+                            acc[i] += dw * scale_x * float32(_dp4a_ss(wd, lo, np.int32(0)))
+                        else:
+                            dot = _dp4a_us(wd & np.uint32(0x0F0F0F0F), lo, np.int32(0))
+                            dot = _dp4a_us((wd >> np.uint32(4)) & np.uint32(0x0F0F0F0F), hi, dot)
+                            if qtype == Q4_0:  # nibbles hold q + 8
+                                acc[i] += dw * scale_x * float32(dot - 8 * n_codes)
+                            else:  # cpu's Q4_1: d·xd·Σq·c + m·Σx + 8d·xerr, the float terms once per block
+                                acc[i] += dw * scale_x * float32(dot)
+                                if w == 0:
+                                    acc[i] += float32(m[r, b]) * xsum[b] + float32(8.0) * dw * xerr[b]
+        rows_out(acc, out, r0)
+
+    return matvec, matvec_int8
 
 
 def permuted_size(n_cols: int) -> int:
@@ -324,7 +471,7 @@ def product(w: DeviceMatrix, x, xp, out, stream=0, rows=ROWS, permuted=False, up
     weights). permuted: xp already holds this x in w's layout (a product of the same x before).
     up: the product of SwiGLU's silu(x)·up instead, the activation applied while x is permuted
     (float weights: in place in x first)."""
-    matvec = matvec_kernel(rows)
+    matvec = matvec_kernel(rows)[0]
     if w.qtype == DENSE:
         if up is not None:
             silu_mul[_blocks(x.shape[0]), THREADS, stream](x, up, x)
