@@ -76,6 +76,25 @@ def test_product_of_swiglu(qtype):
     np.testing.assert_allclose(out.copy_to_host(), dense @ (x / (1 + np.exp(-x)) * u), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_int8_product_is_the_cpus_act_bits_8(qtype, swiglu):
+    """product_int8 (x as int8 codes, dp4a sums) against xqrt.kernels.cpu.matvec with int8
+    activations: the same codes and integer sums, so the same result up to float summation order."""
+    rows, cols = 19, 2336
+    data, _ = blocks(qtype, rows, cols)
+    x, u = rng.standard_normal((2, cols)).astype(np.float32)
+    act_input = x / (1 + np.exp(-x)) * u if swiglu else x
+    ref = np.empty(rows, np.float32)
+    act = cpu.new_act(cols, 8)
+    cpu.quantize_act(act_input.astype(np.float32), act)
+    cpu.matvec(data, qtype, act_input.astype(np.float32), act, ref)
+    out = cuda.device_array(rows, np.float32)
+    kc.product_int8(kc.upload_matrix(qtype, data, cols), cuda.to_device(x), kc.Int8X.empty(cols), out,
+                    up=cuda.to_device(u) if swiglu else None)
+    np.testing.assert_allclose(out.copy_to_host(), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
 def test_elementwise():
     d = 80
     x = rng.standard_normal((2, d)).astype(np.float32)
@@ -325,7 +344,8 @@ def test_device_cache_steps_match_the_cpu_cache(three_layer_models, kind, mode, 
 
 def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
     """Decode steps of a tiny one-layer GQA model through the GPU step (fp16 K/V, and XQuant's
-    latents, in device memory) against the CPU engine with 16-bit activations (closest to float)."""
+    latents, in device memory) against the CPU engine with the same activation codes: 16 bits
+    (the GPU's float x), 8 bits (both int8 codes and integer block sums)."""
     from conftest import tiny_llama, write_llama_gguf
 
     from xqrt import Engine
@@ -333,9 +353,9 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
     # Q4_0 layers (embedding and output Q8_0): products of one x share its permutation
     path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=1, ff=128), "q4_0")
     ids = [5, 17]
-    for mode in ("fp16", "xquant"):
-        gpu = Engine(path, ctx=8, cache=mode, device="cuda")
-        np.testing.assert_allclose(gpu.logits(ids), Engine(path, ctx=8, cache=mode, act_bits=16).logits(ids),
+    for mode, act_bits in (("fp16", 16), ("xquant", 8)):  # float x; int8 codes (dp4a) as the CPU's
+        gpu = Engine(path, ctx=8, cache=mode, device="cuda", act_bits=act_bits)
+        np.testing.assert_allclose(gpu.logits(ids), Engine(path, ctx=8, cache=mode, act_bits=act_bits).logits(ids),
                                    rtol=1e-4, atol=1e-4, err_msg=mode)
     with pytest.raises(XQError, match="kv-budget windows run on the CPU only"):
         Engine(path, ctx=8, cache="xquant", kv_budget=4096, device="cuda")

@@ -103,11 +103,11 @@ def greedy_alone(engine, prompt, n=64):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/nvidia0"), reason="needs a GPU (the simulator is too slow for SmolLM2)")
-@pytest.mark.parametrize("mode", ["fp16", "kivi", "xquant", "xquant-cl"])
-def test_gpu_greedy_64_tokens_match_the_cpu(mode, smollm2_path):
-    """The GPU step against the CPU's with 16-bit activations (the GPU multiplies float
-    activations), one prompt per cache mode."""
+@pytest.mark.parametrize("mode, act_bits", [("fp16", 8), ("kivi", 8), ("xquant", 8), ("xquant-cl", 8), ("fp16", 16)])
+def test_gpu_greedy_64_tokens_match_the_cpu(mode, act_bits, smollm2_path):
+    """The GPU step against the CPU's, one prompt per cache mode: with int8 activation codes both
+    sum the same integers; with 16 bits the GPU multiplies float activations."""
     prompt = PROMPTS[0]
-    gpu = Engine(smollm2_path, ctx=256, cache=mode, device="cuda")
-    cpu = Engine(smollm2_path, ctx=256, cache=mode, act_bits=16)
+    gpu = Engine(smollm2_path, ctx=256, cache=mode, device="cuda", act_bits=act_bits)
+    cpu = Engine(smollm2_path, ctx=256, cache=mode, act_bits=act_bits)
     assert greedy_alone(gpu, prompt) == greedy_alone(cpu, prompt)

@@ -101,7 +101,7 @@ class Engine:
         self._log = stderr_log if verbose else None
         self.device = pick_device(device, self.cache_mode, c, self.cache_options,
                                   stderr_log if verbose and device == "auto" else None)
-        self._gpu = GpuStep(self.model, self.n_ctx) if self.device == "cuda" else None
+        self._gpu = GpuStep(self.model, self.n_ctx, act_bits) if self.device == "cuda" else None
         self.batch = max(1, int(batch))
         if threads:
             numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))

@@ -1,5 +1,7 @@
 """The decode step on a GPU (`Engine(device="cuda")`, `--device cuda`): the weights uploaded once,
-the cache in device memory, per step a token id in and its logits out.
+the cache in device memory, per step a token id in and its logits out. With --act-bits 8 (the
+default) the block-format products meet x as int8 codes through dp4a, the same integer sums as
+the CPU's; with 16 they take float x.
 
 Every cache mode runs here. fp16 keeps post-RoPE K/V rows; KIVI*, XQuant and XQuant-CL keep
 xqrt.cache's format itself — the same packed bytes, exact rings, sinks and XQuant-CL accumulator —
@@ -299,7 +301,7 @@ def new_device_cache(mode: str, model: Model, n_ctx: int, options: CacheOptions,
 class GpuStep:
     """The model's weights on the device and the scratch of one decode step."""
 
-    def __init__(self, model: Model, n_ctx: int):
+    def __init__(self, model: Model, n_ctx: int, act_bits: int = 8):
         from numba import cuda
 
         from .kernels import cpu, cuda as kc
@@ -311,8 +313,13 @@ class GpuStep:
         self.layers = [dict(attn_norm=vec(L.attn_norm), ffn_norm=vec(L.ffn_norm), wq=up(L.wq), wk=up(L.wk),
                             wv=up(L.wv), wo=up(L.wo), w_gate=up(L.w_gate), w_up=up(L.w_up), w_down=up(L.w_down))
                        for L in model.layers]
-        same = lambda a, b: kc.x_layout(a.qtype) == kc.x_layout(b.qtype)  # noqa: E731
-        for L in self.layers:  # products of one x whose formats read it alike permute it once
+        # act_bits 8: block formats meet x as int8 codes (dp4a), the CPU's integer sums; 16: float x
+        self.int8 = act_bits == 8
+        if self.int8:  # products of one x quantize it once …
+            same = lambda a, b: a.qtype != kc.DENSE and b.qtype != kc.DENSE  # noqa: E731
+        else:  # … or, with float x, permute it once where their formats read it alike
+            same = lambda a, b: kc.x_layout(a.qtype) == kc.x_layout(b.qtype)  # noqa: E731
+        for L in self.layers:
             L["same_x"] = (same(L["wk"], L["wq"]), same(L["wv"], L["wk"]), same(L["w_up"], L["w_gate"]))
         self.out_norm = vec(model.out_norm)
         cos, sin = cpu.rope_table(model.rope_freqs, n_ctx)
@@ -327,6 +334,7 @@ class GpuStep:
         self.logits_dev = zeros(c.vocab_size)
         self.logits = np.zeros(c.vocab_size, np.float32)
         self.xp = zeros(kc.permuted_size(max(c.d_model, c.n_ff, c.q_dim)))
+        self.act = kc.Int8X.empty(-(-max(c.d_model, c.n_ff, c.q_dim) // 32) * 32)
         self.eps = np.float32(c.norm_eps)
 
     def __call__(self, token: int, pos: int, cache: DeviceCache) -> np.ndarray:
@@ -338,22 +346,31 @@ class GpuStep:
         residual = self.no_rows  # each norm adds the sublayer output before it into x
         for i, L in enumerate(self.layers):
             kc.rmsnorm[1, T](self.x_row, residual, L["attn_norm"], self.eps, self.xn)
-            kc.product(L["wq"], xn, self.xp, self.q)
+            self.product(L["wq"], xn, self.q)
             if cache.needs_kv:
-                kc.product(L["wk"], xn, self.xp, self.k, permuted=L["same_x"][0])
-                kc.product(L["wv"], xn, self.xp, self.v, permuted=L["same_x"][1])
+                self.product(L["wk"], xn, self.k, again=L["same_x"][0])
+                self.product(L["wv"], xn, self.v, again=L["same_x"][1])
             kc.rope[blocks(c.q_dim // 2), T](self.q, c.head_dim, self.cos, self.sin, pos)
             cache.attend_device(self, i, pos)
-            kc.product(L["wo"], self.attn, self.xp, self.proj)
+            self.product(L["wo"], self.attn, self.proj)
             kc.rmsnorm[1, T](self.x_row, self.proj_row, L["ffn_norm"], self.eps, self.xn)
-            kc.product(L["w_gate"], xn, self.xp, self.gate)
-            kc.product(L["w_up"], xn, self.xp, self.up, permuted=L["same_x"][2])
-            kc.product(L["w_down"], self.gate, self.xp, self.proj, up=self.up)  # silu(gate)·up on the way
+            self.product(L["w_gate"], xn, self.gate)
+            self.product(L["w_up"], xn, self.up, again=L["same_x"][2])
+            self.product(L["w_down"], self.gate, self.proj, up=self.up)  # silu(gate)·up on the way
             residual = self.proj_row
         kc.rmsnorm[1, T](self.x_row, residual, self.out_norm, self.eps, self.xn)
-        kc.product(self.output, xn, self.xp, self.logits_dev)
+        self.product(self.output, xn, self.logits_dev)
         self.logits_dev.copy_to_host(self.logits)
         return self.logits
+
+
+    def product(self, w, x, out, again=False, up=None):
+        """out = w·x (or w·(silu(x)·up)); again: the product before read this same x alike, so its
+        int8 codes or permutation stand."""
+        if self.int8 and w.qtype != self.kc.DENSE:
+            self.kc.product_int8(w, x, self.act, out, quantized=again, up=up)
+        else:
+            self.kc.product(w, x, self.xp, out, permuted=again, up=up)
 
 
 def device_name() -> str:
