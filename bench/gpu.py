@@ -114,36 +114,45 @@ def matrix_bytes(w: kc.DeviceMatrix) -> int:
 XP = []  # matvec's permuted-input scratch, big enough for any row
 
 
-def matvec(w: kc.DeviceMatrix, x, out, rows=kc.ROWS, permuted=False, up=None):
-    """kc.product on the shared scratch (permuted: the product before read the same x alike)."""
+INT8 = [True]  # x as int8 codes (the engine's act_bits 8, its default) or float (act_bits 16)
+
+
+def matvec(w: kc.DeviceMatrix, x, out, rows=kc.ROWS, permuted=False, up=None, int8=None):
+    """The engine's product on shared scratch (permuted: the product before read the same x alike,
+    so its permutation or int8 codes stand)."""
     if not XP:
-        XP.append(cuda.device_array(kc.permuted_size(LLAMA3_8B["n_ff"]), np.float32))
-    kc.product(w, x, XP[0], out, STREAM[0], rows, permuted, up)
+        n = kc.permuted_size(LLAMA3_8B["n_ff"])
+        XP.extend([cuda.device_array(n, np.float32), kc.Int8X.empty(n)])
+    if INT8[0] if int8 is None else int8:
+        kc.product_int8(w, x, XP[1], out, STREAM[0], rows, permuted, up)
+    else:
+        kc.product(w, x, XP[0], out, STREAM[0], rows, permuted, up)
 
 
 ROWS_PER_BLOCK = (4, 8, 16)  # the product's rows per block, measured side by side (the engine's: kc.ROWS)
 
 
-def rotating_seconds(mats, x, out, rows):
+def rotating_seconds(mats, x, out, rows, int8):
     """GPU seconds per product, one after another over all of mats (so none is read from L2)."""
     def run():
         for w in mats:
-            matvec(w, x, out, rows)
+            matvec(w, x, out, rows, int8=int8)
     t = graph_seconds(run)
     return float("nan") if isinstance(t, str) else t / len(mats)
 
 
 def matvec_bandwidth(s, qtype):
-    """(shape, rows per block, bytes, seconds) of the product over the model's matrix shapes,
+    """(shape, x, rows per block, bytes, seconds) of the product over the model's matrix shapes,
     cycling through 256 MiB of matrices (five times H100's L2)."""
     out = []
     for r, c in ((s["d"], s["d"]), (s["n_ff"], s["d"]), (s["d"], s["n_ff"])):
         one = r * c // 32 * (kc._WORDS[qtype] * 4 + (4 if qtype == Q4_1 else 2))
         mats = [random_matrix(r, c, qtype) for _ in range(max(2, -(-256 * 2 ** 20 // one)))]
         x = cuda.to_device(np.random.default_rng(0).standard_normal(c).astype(np.float32))
-        for rows in ROWS_PER_BLOCK:
-            t = rotating_seconds(mats, x, cuda.device_array(r, np.float32), rows)
-            out.append((f"{r}×{c}", rows, matrix_bytes(mats[0]), t))
+        for int8 in (False, True):
+            for rows in ROWS_PER_BLOCK:
+                t = rotating_seconds(mats, x, cuda.device_array(r, np.float32), rows, int8)
+                out.append((f"{r}×{c}", "int8" if int8 else "float", rows, matrix_bytes(mats[0]), t))
         del mats
     return out
 
@@ -392,15 +401,19 @@ def main():
     ap.add_argument("--layers", type=int, default=LLAMA3_8B["n_layer"])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--act-bits", type=int, choices=(8, 16), default=8,
+                    help="the decode step's activations, as the engine's --act-bits: int8 codes or float [8]")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs"))
     args = ap.parse_args()
     if not cuda.is_available() or not torch.cuda.is_available():
         sys.exit("bench/gpu.py: no CUDA GPU visible to numba-cuda and torch")
     s = dict(LLAMA3_8B, n_layer=args.layers)
+    INT8[0] = args.act_bits == 8
     name = cuda.get_current_device().name
     name = name.decode() if isinstance(name, bytes) else name
     lines = [f"# GPU performance ({name})", "",
-             f"`python bench/gpu.py --layers {args.layers} --contexts {' '.join(map(str, args.contexts))}`: "
+             f"`python bench/gpu.py --layers {args.layers} --contexts {' '.join(map(str, args.contexts))} "
+             f"--act-bits {args.act_bits}`: "
              f"a Llama-3-8B-shaped model (d {s['d']}, {s['n_head']}/{s['n_kv_head']} heads of {s['head_dim']}, "
              f"ffn {s['n_ff']}, vocab {s['vocab']}, {s['n_layer']} layers), random Q4_0 weights, random cache "
              f"contents, group {GROUP}. Times are wall-clock, GPU work included: launched one kernel at a time from "
@@ -424,12 +437,15 @@ def main():
     say(f"- one Numba kernel launch from Python: {launch_s * 1e6:.1f} µs")
     say()
     say("## Weight matrix-vector product")
-    say(f"| format | shape | rows per block (the engine's: {kc.ROWS}) | bytes | µs | GB/s | of copy bandwidth |")
-    say("|---|---|---|---|---|---|---|")
+    say("x: float (permuted for the lanes), or int8 codes with dp4a (quantize_x's launch included). "
+        f"The engine's rows per block: {kc.ROWS}.")
+    say()
+    say("| format | shape | x | rows per block | bytes | µs | GB/s | of copy bandwidth |")
+    say("|---|---|---|---|---|---|---|---|")
     for qtype, label in ((Q4_0, "Q4_0"), (Q4_1, "Q4_1"), (Q8_0, "Q8_0")):
-        for shape, rows, nbytes, t in matvec_bandwidth(s, qtype):
-            say(f"| {label} | {shape} | {rows} | {nbytes / 1e6:.1f} MB | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | "
-                f"{nbytes / t / copy_bw:.0%} |")
+        for shape, x_kind, rows, nbytes, t in matvec_bandwidth(s, qtype):
+            say(f"| {label} | {shape} | {x_kind} | {rows} | {nbytes / 1e6:.1f} MB | {t * 1e6:.1f} | "
+                f"{nbytes / t / 1e9:.0f} | {nbytes / t / copy_bw:.0%} |")
     say()
     n_ctx = max(args.contexts)
     model = Model(s, n_ctx)
