@@ -95,6 +95,16 @@ def test_int8_product_is_the_cpus_act_bits_8(qtype, swiglu):
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
+def test_which_products_reuse_x():
+    """int8 codes serve any block format after any other; a float permutation only formats that
+    read x alike; float weights never leave prepared x behind."""
+    D = kc.DENSE
+    assert kc.reuses_x(Q4_0, Q8_0, True) and kc.reuses_x(Q8_0, Q4_1, True)
+    assert not kc.reuses_x(D, Q4_0, True) and not kc.reuses_x(Q4_0, D, True)
+    assert kc.reuses_x(Q4_0, Q4_1, False) and kc.reuses_x(Q8_0, Q8_0, False)
+    assert not kc.reuses_x(Q4_0, Q8_0, False) and not kc.reuses_x(D, Q4_1, False)
+
+
 def test_elementwise():
     d = 80
     x = rng.standard_normal((2, d)).astype(np.float32)

@@ -315,11 +315,8 @@ class GpuStep:
                        for L in model.layers]
         # act_bits 8: block formats meet x as int8 codes (dp4a), the CPU's integer sums; 16: float x
         self.int8 = act_bits == 8
-        if self.int8:  # products of one x quantize it once …
-            same = lambda a, b: a.qtype != kc.DENSE and b.qtype != kc.DENSE  # noqa: E731
-        else:  # … or, with float x, permute it once where their formats read it alike
-            same = lambda a, b: kc.x_layout(a.qtype) == kc.x_layout(b.qtype)  # noqa: E731
-        for L in self.layers:
+        same = lambda a, b: kc.reuses_x(a.qtype, b.qtype, self.int8)  # noqa: E731
+        for L in self.layers:  # products of one x quantize or permute it once
             L["same_x"] = (same(L["wk"], L["wq"]), same(L["wv"], L["wk"]), same(L["w_up"], L["w_gate"]))
         self.out_norm = vec(model.out_norm)
         cos, sin = cpu.rope_table(model.rope_freqs, n_ctx)

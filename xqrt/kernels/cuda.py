@@ -349,7 +349,6 @@ def _make_matvec(rows):
                     total += part[tid, t]
                 out[r0 + tid] = total
 
-
     @cuda.jit(**_FAST)
     def matvec(qs, d, m, dense, qtype, xp, out):
         """out[r] = W[r] · x, `rows` rows per block. Block formats: the warps share out each row's
@@ -455,9 +454,14 @@ def permuted_size(n_cols: int) -> int:
     return -(-n_cols // 256) * 256
 
 
-def x_layout(qtype: int) -> int:
-    """The permute_x layout a format reads x in (Q4_0 and Q4_1 share one; float weights: none)."""
-    return DENSE if qtype == DENSE else Q8_0 if qtype == Q8_0 else Q4_0
+def reuses_x(before: int, after: int, int8: bool) -> bool:
+    """Whether a product of weights in format `after` can take the x its product in `before`
+    prepared: int8 codes serve every block format; a float permutation, formats that read x
+    alike (Q4_0 and Q4_1 share one). Float weights read x itself (always True between them)."""
+    if int8:
+        return before != DENSE and after != DENSE
+    layout = lambda q: DENSE if q == DENSE else Q8_0 if q == Q8_0 else Q4_0  # noqa: E731
+    return layout(before) == layout(after)
 
 
 @functools.cache
