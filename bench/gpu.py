@@ -7,6 +7,8 @@ One run on one GPU prints and writes `docs/performance-gpu.md`:
   fp32 FMA-bound kernel (FLOP/s);
 - the weight matrix-vector product's GB/s per block format and rows per block, rotating over more
   matrices than the L2 cache holds;
+- the prompt's matrix-matrix product (512 rows) in TFLOP/s, next to cuBLAS fp32 and fp16 on the
+  same weights;
 - decode step time and tokens/s at each context for fp16 KV, KIVI*, XQuant and XQuant-CL at 2/3/4
   bits, with each mode's attention alone against its roofline max(bytes / copy bandwidth,
   FLOPs / fp32 peak), plus the tensor-core variant of the XQuant rebuild (fp16 latents × fused
@@ -155,6 +157,35 @@ def matvec_bandwidth(s, qtype):
                 out.append((f"{r}×{c}", "int8" if int8 else "float", rows, matrix_bytes(mats[0]), t))
         del mats
     return out
+
+
+PROMPT = 512  # rows of the prompt products (the engine's default --batch)
+
+
+def prompt_products(s):
+    """(shape, seconds of kc.product_rows on Q4_0, of cuBLAS fp32 on the same weights as float32
+    (TF32 off), of cuBLAS fp16 on tensor cores) for PROMPT rows of x, per model matrix shape."""
+    out = []
+    x = torch.randn(PROMPT, max(s["d"], s["n_ff"]), device="cuda")
+    for r, c in ((s["d"], s["d"]), (s["n_ff"], s["d"]), (s["d"], s["n_ff"])):
+        w = random_matrix(r, c, Q4_0)
+        dense = torch.empty(r, c, device="cuda")
+        launch(dequantize_rows, (r, -(-c // kc.THREADS)), *w.args, dev(dense))
+        xs, y = x[:, :c].contiguous(), torch.empty(PROMPT, r, device="cuda")
+        xs_dev, y_dev = dev(xs), dev(y)
+        t_numba = seconds(lambda: kc.product_rows(w, xs_dev, y_dev))
+        t_fp32 = seconds(lambda: torch.matmul(xs, dense.T, out=y))
+        xh, wh = xs.half(), dense.half()
+        t_fp16 = seconds(lambda: xh @ wh.T)
+        out.append((f"{r}×{c}", t_numba, t_fp32, t_fp16))
+    return out
+
+
+@cuda.jit
+def dequantize_rows(qs, d, m, dense, qtype, out):
+    r, j = cuda.blockIdx.x, cuda.blockIdx.y * kc.THREADS + cuda.threadIdx.x
+    if j < out.shape[1]:
+        out[r, j] = kc._weight_at(qs, d, m, dense, qtype, r, j)
 
 
 # ---- the decode step ------------------------------------------------------------------------------
@@ -446,6 +477,21 @@ def main():
         for shape, x_kind, rows, nbytes, t in matvec_bandwidth(s, qtype):
             say(f"| {label} | {shape} | {x_kind} | {rows} | {nbytes / 1e6:.1f} MB | {t * 1e6:.1f} | "
                 f"{nbytes / t / 1e9:.0f} | {nbytes / t / copy_bw:.0%} |")
+    say()
+    say(f"## Prompt products ({PROMPT} rows of x)")
+    say("The engine's prefill product (kc.product_rows: Q4_0 blocks dequantized into shared memory, fp32 FMAs) "
+        "next to cuBLAS on the same weights as float32 (TF32 off) and as fp16 (tensor cores).")
+    say()
+    say("| shape | Numba ms | TFLOP/s | of fp32 peak | cuBLAS fp32 ms | cuBLAS fp16 ms |")
+    say("|---|---|---|---|---|---|")
+    try:
+        for shape, t_numba, t_fp32, t_fp16 in prompt_products(s):
+            r, c = map(int, shape.split("×"))
+            flops = 2 * PROMPT * r * c
+            say(f"| {shape} | {t_numba * 1e3:.2f} | {flops / t_numba / 1e12:.1f} | {flops / t_numba / peak:.0%} | "
+                f"{t_fp32 * 1e3:.2f} | {t_fp16 * 1e3:.2f} |")
+    except Exception as e:  # noqa: BLE001 — report and go on to the decode step
+        say(f"| failed: {type(e).__name__}: {str(e)[:120]} |")
     say()
     n_ctx = max(args.contexts)
     model = Model(s, n_ctx)

@@ -95,6 +95,25 @@ def test_int8_product_is_the_cpus_act_bits_8(qtype, swiglu):
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0, None])
+def test_matmat(qtype):
+    """product_rows: a prompt's rows through one pass over W, against x · Wᵀ — across the edges
+    of a block's 64 rows × 32 positions, and with SwiGLU's silu(x)·up taken on the way."""
+    rows, cols, n = 70, 96, 35
+    if qtype is None:
+        dense = rng.standard_normal((rows, cols)).astype(np.float32)
+        w = kc.upload_dense(dense)
+    else:
+        data, dense = blocks(qtype, rows, cols)
+        w = kc.upload_matrix(qtype, data, cols)
+    x, u = rng.standard_normal((2, n, cols)).astype(np.float32)
+    out = cuda.device_array((n, rows), np.float32)
+    kc.product_rows(w, cuda.to_device(x), out)
+    np.testing.assert_allclose(out.copy_to_host(), x @ dense.T, rtol=1e-5, atol=1e-5)
+    kc.product_rows(w, cuda.to_device(x), out, up=cuda.to_device(u))
+    np.testing.assert_allclose(out.copy_to_host(), (x / (1 + np.exp(-x)) * u) @ dense.T, rtol=1e-5, atol=1e-5)
+
+
 def test_which_products_reuse_x():
     """int8 codes serve any block format after any other; a float permutation only formats that
     read x alike; float weights never leave prepared x behind."""
@@ -129,12 +148,13 @@ def test_elementwise():
 
     inv_freq = (1e4 ** (-np.arange(0, 16, 2) / 16)).astype(np.float32)
     cos, sin = cpu.rope_table(inv_freq, 8)
-    vec = x[0, :64].copy()
-    dv = cuda.to_device(vec)
+    two = x[:, :64].copy()  # positions 5 and 6
+    dv = cuda.to_device(two)
     kc.rope[1, kc.THREADS](dv, 16, cuda.to_device(cos), cuda.to_device(sin), 5)
-    ref = vec.copy()
-    cpu.rope_rows(ref[None], 4, 16, 5, inv_freq)
+    ref = two.copy()
+    cpu.rope_rows(ref, 4, 16, 5, inv_freq)
     np.testing.assert_allclose(dv.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
+    vec, ref = x[0, :64].copy(), ref[0]
 
     k_cache, v_cache = cuda.device_array((8, 64), np.float16), cuda.device_array((8, 64), np.float16)
     kc.store_kv[1, kc.THREADS](cuda.to_device(vec), cuda.to_device(x[1, :64]), 16, cuda.to_device(cos),
@@ -371,6 +391,25 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
         Engine(path, ctx=8, cache="xquant", kv_budget=4096, device="cuda")
     with pytest.raises(XQError, match="on the GPU, where --clip"):
         gpu.new_cache(clip=True)
+
+
+@pytest.mark.parametrize("mode", ["fp16", pytest.param("kivi", marks=pytest.mark.slow),
+                                  pytest.param("xquant-cl", marks=pytest.mark.slow)])
+def test_prompt_on_the_gpu_matches_the_cpu(tmp_path, mode):
+    """A prompt longer than the decode step takes (9 tokens) through the GPU's prefill — matrix-
+    matrix products, attention position by position — against the CPU's batched prefill: every
+    position's logits (both float x), and the last one's alone (both int8 codes in the lm head).
+    Groups of 8 positions, so a per-channel key group fills during the prompt."""
+    from conftest import tiny_llama, write_llama_gguf
+
+    from xqrt import Engine
+    path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=1, ff=128), "q4_0")
+    ids = list(range(5, 5 + 9 * 7, 7))
+    options = {} if mode == "fp16" else dict(group=8)
+    gpu, host = (Engine(path, ctx=16, cache=mode, device=d, **options) for d in ("cuda", "cpu"))
+    np.testing.assert_allclose(gpu.logits(ids), host.logits(ids), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gpu.forward(ids, gpu.new_cache()), host.forward(ids, host.new_cache()),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_device_choice(monkeypatch):

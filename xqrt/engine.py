@@ -165,6 +165,10 @@ class Engine:
 
     def _decode(self, token: int, pos: int, cache: Cache) -> np.ndarray:
         c, m = self.config, self.model
+        if self._gpu is not None:
+            logits = self._gpu(token, pos, cache)
+            cache.advance(1)
+            return logits
         x, xn, q, k, v = self._x, self._xn, self._q, self._k, self._v
         if isinstance(cache, FP16KV):
             cpu.decode_fp16(token, pos, m.tok_embd.data, m.tok_embd.qtype, self._mats, self._qtypes, self._norms,
@@ -190,6 +194,10 @@ class Engine:
     def _prefill(self, tokens: np.ndarray, pos0: int, cache: Cache, all_logits: bool) -> np.ndarray:
         c, m = self.config, self.model
         n = len(tokens)
+        if self._gpu is not None:
+            logits = self._gpu.prefill(tokens, pos0, cache, all_logits)
+            cache.advance(n)
+            return logits
         x = np.empty((n, c.d_model), np.float32)
         for t, tok in enumerate(tokens):
             cpu.dequantize_row(m.tok_embd.data, m.tok_embd.qtype, int(tok), x[t])
@@ -229,16 +237,11 @@ class Engine:
             raise XQError("no tokens to process")
         if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
             raise XQError(f"token id out of range [0, {self.config.vocab_size})")
+        if isinstance(cache, DeviceCache) != (self._gpu is not None):
+            raise XQError(f"this engine runs on the {self.device.upper()}, this cache lives elsewhere (make it with "
+                          "engine.new_cache())")
         pos0 = cache.n_tokens
         cache.check_room(pos0, len(tokens))
-        if isinstance(cache, DeviceCache):  # the GPU runs the prompt token by token too, for now
-            steps = []
-            for i, t in enumerate(tokens):
-                logits = self._gpu(int(t), pos0 + i, cache)
-                cache.advance(1)
-                if all_logits or i == len(tokens) - 1:
-                    steps.append(logits.copy())
-            return np.stack(steps) if all_logits else steps[-1]
         if len(tokens) <= _DECODE_MAX:  # a batch dequantizes every weight: not worth it for a few tokens
             steps = [self._decode(int(t), pos0 + i, cache).copy() for i, t in enumerate(tokens)]
             return np.stack(steps) if all_logits else steps[-1]

@@ -1,7 +1,9 @@
 """The decode step on a GPU (`Engine(device="cuda")`, `--device cuda`): the weights uploaded once,
 the cache in device memory, per step a token id in and its logits out. With --act-bits 8 (the
 default) the block-format products meet x as int8 codes through dp4a, the same integer sums as
-the CPU's; with 16 they take float x.
+the CPU's; with 16 they take float x. A prompt (`GpuStep.prefill`) takes its weight products as
+matrix-matrix products over all its rows, its attention position by position through the same
+cache kernels.
 
 Every cache mode runs here. fp16 keeps post-RoPE K/V rows; KIVI*, XQuant and XQuant-CL keep
 xqrt.cache's format itself — the same packed bytes, exact rings, sinks and XQuant-CL accumulator —
@@ -83,7 +85,7 @@ class DeviceCache(Cache):
     def attend(self, layer, pos0, xn, q, k, v):
         raise XQError("a device cache is read by the GPU step only")
 
-    def attend_device(self, step: GpuStep, layer: int, pos: int):
+    def attend_device(self, step: GpuStep | Position, layer: int, pos: int):
         """Store position pos of `layer` from the step's xn / k (pre-RoPE) / v and leave the
         attention of its q (post-RoPE) over [0, pos] in step.attn."""
         raise NotImplementedError
@@ -298,6 +300,22 @@ def new_device_cache(mode: str, model: Model, n_ctx: int, options: CacheOptions,
     return DeviceLatentCache(model, n_ctx, mode, options, log)
 
 
+@dataclass
+class Position:
+    """What DeviceCache.attend_device reads and writes of one position — xn_vec (the normed
+    input), q (post-RoPE), k (pre-RoPE) and v in, attn out — with the step's tables and scratch.
+    A GpuStep is its own for the decode step; a prompt's positions are views into its rows."""
+    kc: object
+    cos: object
+    sin: object
+    xp: object
+    xn_vec: object
+    q: object
+    k: object
+    v: object
+    attn: object
+
+
 class GpuStep:
     """The model's weights on the device and the scratch of one decode step."""
 
@@ -325,6 +343,7 @@ class GpuStep:
         self.x, self.q, self.k, self.v = zeros(c.d_model), zeros(c.q_dim), zeros(c.kv_dim), zeros(c.kv_dim)
         self.xn = cuda.device_array((1, c.d_model), np.float32)
         self.x_row, self.xn_vec = self.x.reshape(1, -1), self.xn.reshape(-1)  # views made once: each costs host time
+        self.q_row = self.q.reshape(1, -1)
         self.attn, self.proj = zeros(c.q_dim), zeros(c.d_model)
         self.proj_row, self.no_rows = self.proj.reshape(1, -1), cuda.device_array((0, c.d_model), np.float32)
         self.gate, self.up = zeros(c.n_ff), zeros(c.n_ff)
@@ -347,7 +366,7 @@ class GpuStep:
             if cache.needs_kv:
                 self.product(L["wk"], xn, self.k, again=L["same_x"][0])
                 self.product(L["wv"], xn, self.v, again=L["same_x"][1])
-            kc.rope[blocks(c.q_dim // 2), T](self.q, c.head_dim, self.cos, self.sin, pos)
+            kc.rope[blocks(c.q_dim // 2), T](self.q_row, c.head_dim, self.cos, self.sin, pos)
             cache.attend_device(self, i, pos)
             self.product(L["wo"], self.attn, self.proj)
             kc.rmsnorm[1, T](self.x_row, self.proj_row, L["ffn_norm"], self.eps, self.xn)
@@ -360,6 +379,47 @@ class GpuStep:
         self.logits_dev.copy_to_host(self.logits)
         return self.logits
 
+    def prefill(self, tokens, pos0: int, cache: DeviceCache, all_logits: bool) -> np.ndarray:
+        """Logits of a prompt's tokens at positions pos0…, stored into the cache: the last one's
+        (1 × vocab), or every one's (n × vocab). The weight products take all n rows at once
+        (matmat: each weight read once per 32 positions, as the CPU's prefill reads it once per
+        batch) with float x, as the CPU's prefill takes it; attention and the cache writes run
+        position by position through the cache's own step, so every query reads what it reads
+        in decode."""
+        from numba import cuda
+        kc, c, T = self.kc, self.config, self.kc.THREADS
+        n = len(tokens)
+        rows = lambda width: cuda.device_array((n, width), np.float32)  # noqa: E731
+        x, xn, q, k, v, attn = rows(c.d_model), rows(c.d_model), rows(c.q_dim), rows(c.kv_dim), rows(c.kv_dim), \
+            rows(c.q_dim)
+        proj, gate, up = rows(c.d_model), rows(c.n_ff), rows(c.n_ff)
+        at = [Position(kc, self.cos, self.sin, self.xp, xn[t], q[t], k[t], v[t], attn[t]) for t in range(n)]
+        for t, tok in enumerate(tokens):
+            kc.embed[kc._blocks(c.d_model), T](*self.tok_embd.args, int(tok), x[t])
+        residual = self.no_rows
+        for i, L in enumerate(self.layers):
+            kc.rmsnorm[n, T](x, residual, L["attn_norm"], self.eps, xn)
+            kc.product_rows(L["wq"], xn, q)
+            if cache.needs_kv:
+                kc.product_rows(L["wk"], xn, k)
+                kc.product_rows(L["wv"], xn, v)
+            kc.rope[kc._blocks(n * c.q_dim // 2), T](q, c.head_dim, self.cos, self.sin, pos0)
+            for t in range(n):
+                cache.attend_device(at[t], i, pos0 + t)
+            kc.product_rows(L["wo"], attn, proj)
+            kc.rmsnorm[n, T](x, proj, L["ffn_norm"], self.eps, xn)
+            kc.product_rows(L["w_gate"], xn, gate)
+            kc.product_rows(L["w_up"], xn, up)
+            kc.product_rows(L["w_down"], gate, proj, up=up)
+            residual = proj
+        if not all_logits:  # the last position only, through the decode step's own lm head
+            kc.rmsnorm[1, T](x[n - 1:], residual[n - 1:], self.out_norm, self.eps, self.xn)
+            self.product(self.output, self.xn_vec, self.logits_dev)
+            return self.logits_dev.copy_to_host()[None]
+        kc.rmsnorm[n, T](x, residual, self.out_norm, self.eps, xn)
+        logits = rows(c.vocab_size)
+        kc.product_rows(self.output, xn, logits)
+        return logits.copy_to_host()
 
     def product(self, w, x, out, again=False, up=None):
         """out = w·x (or w·(silu(x)·up)); again: the product before read this same x alike, so its

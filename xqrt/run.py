@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-c", "--ctx", type=int, default=None, help="context size in tokens (default: min(train, 4096))")
     add_compute_args(ap)
     ap.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
-                    help="where the decode step runs: cuda (every cache mode; --kv-budget, --clip and --fp16-channels "
+                    help="where the model runs: cuda (every cache mode; --kv-budget, --clip and --fp16-channels "
                          "are CPU-only), or auto: CUDA when numba-cuda finds a GPU and the cache runs there, else "
                          "the CPU, saying which [cpu]")
     add_cache_args(ap)

@@ -509,6 +509,72 @@ def embed(qs, d, m, dense, qtype, token, out):
         out[j] = _weight_at(qs, d, m, dense, qtype, token, j)
 
 
+# ---- the matrix-matrix product: a prompt's rows at once ----------------------------------------
+MM_ROWS = 64  # weight rows per block of `matmat` …
+MM_TOKENS = 32  # … rows of x (prompt positions) …
+MM_K = 32  # … and columns per step: one quantization block, dequantized once into shared memory
+
+
+@cuda.jit(**_FAST)
+def matmat(qs, d, m, dense, qtype, x, up, out):
+    """out[t] = W · x[t] — or W · (silu(x[t])·up[t]) where `up` has rows — for every row of x
+    (n × cols → n × rows). A block dequantizes a 64-row slice of W once per 32 columns into shared
+    memory, where 32 rows of x meet it, 8 outputs per thread (4 rows × 2 positions): a prompt
+    reads each weight once per 32 positions, where the decode step reads it once per position."""
+    w_s = cuda.shared.array((MM_K, MM_ROWS + 1), float32)  # padded: a warp's stores go down a column
+    x_s = cuda.shared.array((MM_K, MM_TOKENS + 1), float32)
+    acc = cuda.local.array(8, float32)
+    tid = cuda.threadIdx.x
+    tr, tt = tid % 16, tid // 16  # rows tr + 16i, positions tt + 16j
+    r0, t0 = cuda.blockIdx.x * MM_ROWS, cuda.blockIdx.y * MM_TOKENS
+    n_rows, n_tok, n_cols = out.shape[1], x.shape[0], x.shape[1]
+    for i in range(8):
+        acc[i] = float32(0.0)
+    for k0 in range(0, n_cols, MM_K):
+        for u in range(MM_ROWS * MM_K // THREADS):  # consecutive threads: consecutive columns of a row
+            e = tid + u * THREADS
+            r, kk = e // MM_K, e % MM_K
+            w = float32(0.0)
+            if r0 + r < n_rows and k0 + kk < n_cols:
+                w = _weight_at(qs, d, m, dense, qtype, r0 + r, k0 + kk)
+            w_s[kk, r] = w
+        for u in range(MM_TOKENS * MM_K // THREADS):
+            e = tid + u * THREADS
+            t, kk = e // MM_K, e % MM_K
+            v = float32(0.0)
+            if t0 + t < n_tok and k0 + kk < n_cols:
+                v = x[t0 + t, k0 + kk]
+                if up.shape[0]:
+                    v = v / (float32(1.0) + math.exp(-v)) * up[t0 + t, k0 + kk]
+            x_s[kk, t] = v
+        cuda.syncthreads()
+        for kk in range(MM_K):
+            x0, x1 = x_s[kk, tt], x_s[kk, tt + 16]
+            for i in range(4):
+                w = w_s[kk, tr + 16 * i]
+                acc[2 * i] += w * x0
+                acc[2 * i + 1] += w * x1
+        cuda.syncthreads()
+    for i in range(4):
+        r = r0 + tr + 16 * i
+        for j in range(2):
+            t = t0 + tt + 16 * j
+            if r < n_rows and t < n_tok:
+                out[t, r] = acc[2 * i + j]
+
+
+@functools.cache
+def _no_rows():
+    """An empty (0 × 0) device array: matmat's "no up"."""
+    return cuda.to_device(np.zeros((0, 0), np.float32))
+
+
+def product_rows(w: DeviceMatrix, x, out, stream=0, up=None):
+    """out = x · Wᵀ for the rows of x (n × cols; out n × rows), or of silu(x)·up (matmat)."""
+    grid = (-(-w.n_rows // MM_ROWS), -(-x.shape[0] // MM_TOKENS))
+    matmat[grid, THREADS, stream](*w.args, x, _no_rows() if up is None else up, out)
+
+
 # ---- elementwise -----------------------------------------------------------------------------
 @cuda.jit(**_FAST)
 def rmsnorm(x, residual, weight, eps, out):
@@ -536,18 +602,21 @@ def silu_mul(gate, up, out):
 
 
 @cuda.jit
-def rope(vec, head_dim, cos, sin, pos):
-    """Rotate the adjacent pairs of every head of vec by position pos (cos/sin: n_ctx × pairs)."""
+def rope(rows, head_dim, cos, sin, pos0):
+    """Rotate the adjacent pairs of every head of each row, row t by position pos0 + t (cos/sin:
+    n_ctx × pairs)."""
     n_pairs = cos.shape[1]
     per_head = head_dim // 2
-    for i in range(cuda.grid(1), vec.shape[0] // 2, cuda.gridsize(1)):
-        p = i % per_head
+    half = rows.shape[1] // 2
+    for i in range(cuda.grid(1), rows.shape[0] * half, cuda.gridsize(1)):
+        t, pair = i // half, i % half
+        p = pair % per_head
         if p < n_pairs:
-            o = 2 * i
-            a, b = vec[o], vec[o + 1]
-            c, s = cos[pos, p], sin[pos, p]
-            vec[o] = a * c - b * s
-            vec[o + 1] = a * s + b * c
+            o = 2 * pair
+            a, b = rows[t, o], rows[t, o + 1]
+            c, s = cos[pos0 + t, p], sin[pos0 + t, p]
+            rows[t, o] = a * c - b * s
+            rows[t, o + 1] = a * s + b * c
 
 
 @cuda.jit
