@@ -223,6 +223,7 @@ class Model:
         self.q = cuda.device_array(d, np.float32)
         self.k = cuda.device_array(kv, np.float32)
         self.v = cuda.device_array(kv, np.float32)
+        self.q_row, self.k_row, self.v_row = self.q.reshape(1, -1), self.k.reshape(1, -1), self.v.reshape(1, -1)
         self.z = cuda.device_array(2 * kv, np.float32)
         self.attn = cuda.device_array(d, np.float32)
         self.proj = cuda.device_array(d, np.float32)
@@ -241,7 +242,7 @@ class Model:
             launch(kc.rmsnorm, 1, self.x_row, residual, L["norm"], np.float32(1e-5), self.xn)
             xn = self.xn_vec
             matvec(L["wq"], xn, m.q)
-            launch(kc.rope, elems(s["d"] // 2), m.q, s["head_dim"], m.cos, m.sin, pos)
+            launch(kc.rope, elems(s["d"] // 2), m.q_row, s["head_dim"], m.cos, m.sin, pos)
             attend(i, L, xn)
             matvec(L["wo"], m.attn, m.proj)
             launch(kc.rmsnorm, 1, self.x_row, self.proj_row, L["norm"], np.float32(1e-5), self.xn)
@@ -251,6 +252,36 @@ class Model:
             residual = self.proj_row
         launch(kc.rmsnorm, 1, self.x_row, residual, self.layers[0]["norm"], np.float32(1e-5), self.xn)
         matvec(self.output, self.xn_vec, self.logits)
+
+
+def prompt_seconds(model):
+    """Seconds of one fp16-KV prefill of PROMPT tokens through every layer, as xqrt.gpu's prefill
+    runs it (matmat products, K/V rows stored and attended in one launch each), launched from Python."""
+    s = model.s
+    d, kv, ff, hd = s["d"], s["n_kv_head"] * s["head_dim"], s["n_ff"], s["head_dim"]
+    rows = lambda w: cuda.device_array((PROMPT, w), np.float32)  # noqa: E731
+    x, xn, q, k, v, attn, proj, gate, up = (rows(w) for w in (d, d, d, kv, kv, d, d, ff, ff))
+    caches = [(cuda.device_array((PROMPT, kv), np.float16), cuda.device_array((PROMPT, kv), np.float16))
+              for _ in model.layers]
+    eps = np.float32(1e-5)
+
+    def run():
+        residual = model.no_rows
+        for L, (k_cache, v_cache) in zip(model.layers, caches):
+            launch(kc.rmsnorm, PROMPT, x, residual, L["norm"], eps, xn)
+            for w, out in ((L["wq"], q), (L["wk"], k), (L["wv"], v)):
+                kc.product_rows(w, xn, out)
+            launch(kc.rope, kc._blocks(PROMPT * d // 2), q, hd, model.cos, model.sin, 0)
+            launch(kc.store_kv, kc._blocks(PROMPT * kv // 2), k, v, hd, model.cos, model.sin, 0, k_cache, v_cache)
+            kc.attend_prompt_f16(q, k_cache, v_cache, 0, hd, attn)
+            kc.product_rows(L["wo"], attn, proj)
+            launch(kc.rmsnorm, PROMPT, x, proj, L["norm"], eps, xn)
+            kc.product_rows(L["w_gate"], xn, gate)
+            kc.product_rows(L["w_up"], xn, up)
+            kc.product_rows(L["w_down"], gate, proj, up=up)
+            residual = proj
+    x.copy_to_device(np.zeros((PROMPT, d), np.float32))
+    return seconds(run, least=1.0, most=5)
 
 
 def random_streams(s, n, bits, per_channel_keys: bool, width: int, n_layer: int):
@@ -326,8 +357,8 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
         def attend(i, L, xn):
             matvec(L["wk"], xn, model.k, permuted=True)
             matvec(L["wv"], xn, model.v, permuted=True)
-            launch(kc.store_kv, kc._blocks(kv // 2), model.k, model.v, hd, model.cos, model.sin, n, caches[i][0],
-                   caches[i][1])
+            launch(kc.store_kv, kc._blocks(kv // 2), model.k_row, model.v_row, hd, model.cos, model.sin, n,
+                   caches[i][0], caches[i][1])
             kc.attend_f16(model.q, caches[i][0], caches[i][1], n + 1, nh, hd, model.ws, model.attn, STREAM[0])
         one = lambda: kc.attend_f16(model.q, caches[0][0], caches[0][1], n + 1, nh, hd, model.ws, model.attn,  # noqa
                                     STREAM[0])
@@ -494,7 +525,14 @@ def main():
         say(f"| failed: {type(e).__name__}: {str(e)[:120]} |")
     say()
     n_ctx = max(args.contexts)
-    model = Model(s, n_ctx)
+    model = Model(s, max(n_ctx, PROMPT))
+    try:
+        t = prompt_seconds(model)
+        say(f"A {PROMPT}-token prompt through all {s['n_layer']} layers (fp16 KV, the lm head left out): "
+            f"{t * 1e3:.1f} ms, {PROMPT / t:.0f} tokens/s.")
+    except Exception as e:  # noqa: BLE001
+        say(f"The {PROMPT}-token prompt failed: {type(e).__name__}: {str(e)[:120]}")
+    say()
     fp16_step = {}
     say("## Decode step")
     say("| mode | bits | context | cache B/token | largest context in 16 GB | step ms (launched from Python) "

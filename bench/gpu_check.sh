@@ -27,5 +27,5 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py -m "slow or not slow" 2>&1 \
   | tee "$OUT/test_cuda.log"
-timeout 230 python3 -m pytest -q -p no:cacheprovider tests/test_smollm2.py -k gpu 2>&1 | tee "$OUT/smollm2_gpu.log"
-timeout 180 python3 bench/gpu.py --layers 4 --contexts 1024 32768 --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+timeout 270 python3 -m pytest -q -p no:cacheprovider tests/test_smollm2.py -k gpu 2>&1 | tee "$OUT/smollm2_gpu.log"
+timeout 150 python3 bench/gpu.py --layers 4 --contexts 1024 32768 --out "$OUT" 2>&1 | tee "$OUT/bench.log"

@@ -157,7 +157,7 @@ def test_elementwise():
     vec, ref = x[0, :64].copy(), ref[0]
 
     k_cache, v_cache = cuda.device_array((8, 64), np.float16), cuda.device_array((8, 64), np.float16)
-    kc.store_kv[1, kc.THREADS](cuda.to_device(vec), cuda.to_device(x[1, :64]), 16, cuda.to_device(cos),
+    kc.store_kv[1, kc.THREADS](cuda.to_device(vec[None]), cuda.to_device(x[1:2, :64].copy()), 16, cuda.to_device(cos),
                                cuda.to_device(sin), 5, k_cache, v_cache)
     np.testing.assert_allclose(k_cache.copy_to_host()[5].astype(np.float32), ref.astype(np.float16), rtol=1e-3)
     np.testing.assert_array_equal(v_cache.copy_to_host()[5], x[1, :64].astype(np.float16))
@@ -185,6 +185,22 @@ def test_attend_f16():
     kc.attend_f16(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), n, n_head, hd, ws, out)
     ref = attention_ref(q, k[:n].astype(np.float32), v[:n].astype(np.float32), n_head, hd)
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_head, n_kv, hd", [(4, 2, 16), (3, 1, 48)])  # 48: lanes past the head's end
+def test_attend_prompt_f16(n_head, n_kv, hd):
+    """A prompt's causal attention in one launch: query row t (position pos0 + t) over cache rows
+    [0, pos0 + t], fewer or more positions than a block's warps."""
+    pos0, n_q = 3, 6
+    q = rng.standard_normal((n_q, n_head * hd)).astype(np.float32)
+    k = rng.standard_normal((16, n_kv * hd)).astype(np.float16)
+    v = rng.standard_normal((16, n_kv * hd)).astype(np.float16)
+    out = cuda.device_array((n_q, n_head * hd), np.float32)
+    kc.attend_prompt_f16(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), pos0, hd, out)
+    for t in range(n_q):
+        n = pos0 + t + 1
+        ref = attention_ref(q[t], k[:n].astype(np.float32), v[:n].astype(np.float32), n_head, hd)
+        np.testing.assert_allclose(out.copy_to_host()[t], ref, rtol=1e-4, atol=1e-5, err_msg=f"row {t}")
 
 
 def key_stream(z, bits, group, n_sink, channel_bits):

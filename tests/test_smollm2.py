@@ -9,6 +9,8 @@ from xqrt import Engine
 
 WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2-raw", "wiki.test.raw")
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "In a shocking finding, scientists discovered"]
+LONG_PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+               "combined movable metal type, oil-based ink and a wooden press. Within fifty years")
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +105,13 @@ def greedy_alone(engine, prompt, n=64):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/nvidia0"), reason="needs a GPU (the simulator is too slow for SmolLM2)")
-@pytest.mark.parametrize("mode, act_bits", [("fp16", 8), ("kivi", 8), ("xquant", 8), ("xquant-cl", 8), ("fp16", 16)])
-def test_gpu_greedy_64_tokens_match_the_cpu(mode, act_bits, smollm2_path):
-    """The GPU step against the CPU's, one prompt per cache mode: with int8 activation codes both
-    sum the same integers; with 16 bits the GPU multiplies float activations."""
-    prompt = PROMPTS[0]
+@pytest.mark.parametrize("mode, act_bits, prompt", [
+    ("fp16", 8, PROMPTS[0]), ("kivi", 8, PROMPTS[0]), ("xquant", 8, PROMPTS[0]), ("xquant-cl", 8, PROMPTS[0]),
+    ("fp16", 16, PROMPTS[0]), ("fp16", 8, LONG_PROMPT), ("xquant-cl", 8, LONG_PROMPT)])
+def test_gpu_greedy_64_tokens_match_the_cpu(mode, act_bits, prompt, smollm2_path):
+    """The GPU step against the CPU's per cache mode: with int8 activation codes both sum the same
+    integers; with 16 bits the GPU multiplies float activations. A short prompt goes through the
+    decode step; the long one through the prefill (float x on both, matrix-matrix products)."""
     gpu = Engine(smollm2_path, ctx=256, cache=mode, device="cuda", act_bits=act_bits)
     cpu = Engine(smollm2_path, ctx=256, cache=mode, act_bits=act_bits)
     assert greedy_alone(gpu, prompt) == greedy_alone(cpu, prompt)

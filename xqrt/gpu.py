@@ -2,8 +2,8 @@
 the cache in device memory, per step a token id in and its logits out. With --act-bits 8 (the
 default) the block-format products meet x as int8 codes through dp4a, the same integer sums as
 the CPU's; with 16 they take float x. A prompt (`GpuStep.prefill`) takes its weight products as
-matrix-matrix products over all its rows, its attention position by position through the same
-cache kernels.
+matrix-matrix products over all its rows; fp16 K/V attends all its rows in one launch, the latent
+caches position by position through their decode kernels.
 
 Every cache mode runs here. fp16 keeps post-RoPE K/V rows; KIVI*, XQuant and XQuant-CL keep
 xqrt.cache's format itself — the same packed bytes, exact rings, sinks and XQuant-CL accumulator —
@@ -14,6 +14,7 @@ small model's step; bench/gpu.py shows what replaying the step as one CUDA graph
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -90,6 +91,12 @@ class DeviceCache(Cache):
         attention of its q (post-RoPE) over [0, pos] in step.attn."""
         raise NotImplementedError
 
+    def attend_prompt(self, prompt: Prompt, layer: int):
+        """attend_device for every row of a prompt, in order: position by position, unless a mode
+        has better."""
+        for t, at in enumerate(prompt.positions):
+            self.attend_device(at, layer, prompt.pos0 + t)
+
 
 class DeviceFP16KV(DeviceCache):
     """Post-RoPE K and V as fp16, one (n_ctx × kv_dim) pair per layer."""
@@ -106,11 +113,18 @@ class DeviceFP16KV(DeviceCache):
         self.v = [cuda.device_array(shape, np.float16) for _ in range(c.n_layer)]
         self.ws = kc.Workspace(n_ctx, c.n_head, c.head_dim)
 
-    def attend_device(self, s, layer, pos):
+    def attend_device(self, s: GpuStep, layer, pos):
         kc, c, T = s.kc, self.config, s.kc.THREADS
-        kc.store_kv[kc._blocks(c.kv_dim // 2), T](s.k, s.v, c.head_dim, s.cos, s.sin, pos, self.k[layer],
+        kc.store_kv[kc._blocks(c.kv_dim // 2), T](s.k_row, s.v_row, c.head_dim, s.cos, s.sin, pos, self.k[layer],
                                                   self.v[layer])
         kc.attend_f16(s.q, self.k[layer], self.v[layer], pos + 1, c.n_head, c.head_dim, self.ws, s.attn)
+
+    def attend_prompt(self, p, layer):
+        """All the prompt's K/V rows in one launch, then its causal attention in one more."""
+        kc, c, T, n = p.step.kc, self.config, p.step.kc.THREADS, p.q.shape[0]
+        kc.store_kv[kc._blocks(n * c.kv_dim // 2), T](p.k, p.v, c.head_dim, p.step.cos, p.step.sin, p.pos0,
+                                                      self.k[layer], self.v[layer])
+        kc.attend_prompt_f16(p.q, self.k[layer], self.v[layer], p.pos0, c.head_dim, p.attn)
 
     def nbytes(self):
         return FP16KV.bytes_per_position(self.config) * self.n_tokens
@@ -316,6 +330,26 @@ class Position:
     attn: object
 
 
+@dataclass
+class Prompt:
+    """A prompt's rows at positions pos0… as a DeviceCache reads them: xn, q (post-RoPE), k
+    (pre-RoPE) and v in, attn out (n × width each)."""
+    step: GpuStep
+    pos0: int
+    xn: object
+    q: object
+    k: object
+    v: object
+    attn: object
+
+    @functools.cached_property
+    def positions(self) -> list[Position]:
+        """Each row as a Position of views (made once: a device-array view costs host time)."""
+        s = self.step
+        return [Position(s.kc, s.cos, s.sin, s.xp, self.xn[t], self.q[t], self.k[t], self.v[t], self.attn[t])
+                for t in range(self.q.shape[0])]
+
+
 class GpuStep:
     """The model's weights on the device and the scratch of one decode step."""
 
@@ -343,7 +377,7 @@ class GpuStep:
         self.x, self.q, self.k, self.v = zeros(c.d_model), zeros(c.q_dim), zeros(c.kv_dim), zeros(c.kv_dim)
         self.xn = cuda.device_array((1, c.d_model), np.float32)
         self.x_row, self.xn_vec = self.x.reshape(1, -1), self.xn.reshape(-1)  # views made once: each costs host time
-        self.q_row = self.q.reshape(1, -1)
+        self.q_row, self.k_row, self.v_row = self.q.reshape(1, -1), self.k.reshape(1, -1), self.v.reshape(1, -1)
         self.attn, self.proj = zeros(c.q_dim), zeros(c.d_model)
         self.proj_row, self.no_rows = self.proj.reshape(1, -1), cuda.device_array((0, c.d_model), np.float32)
         self.gate, self.up = zeros(c.n_ff), zeros(c.n_ff)
@@ -383,9 +417,8 @@ class GpuStep:
         """Logits of a prompt's tokens at positions pos0…, stored into the cache: the last one's
         (1 × vocab), or every one's (n × vocab). The weight products take all n rows at once
         (matmat: each weight read once per 32 positions, as the CPU's prefill reads it once per
-        batch) with float x, as the CPU's prefill takes it; attention and the cache writes run
-        position by position through the cache's own step, so every query reads what it reads
-        in decode."""
+        batch) with float x, as the CPU's prefill takes it; the cache stores and attends the rows
+        (DeviceCache.attend_prompt), every query reading what it reads in decode."""
         from numba import cuda
         kc, c, T = self.kc, self.config, self.kc.THREADS
         n = len(tokens)
@@ -393,7 +426,7 @@ class GpuStep:
         x, xn, q, k, v, attn = rows(c.d_model), rows(c.d_model), rows(c.q_dim), rows(c.kv_dim), rows(c.kv_dim), \
             rows(c.q_dim)
         proj, gate, up = rows(c.d_model), rows(c.n_ff), rows(c.n_ff)
-        at = [Position(kc, self.cos, self.sin, self.xp, xn[t], q[t], k[t], v[t], attn[t]) for t in range(n)]
+        prompt = Prompt(self, pos0, xn, q, k, v, attn)
         for t, tok in enumerate(tokens):
             kc.embed[kc._blocks(c.d_model), T](*self.tok_embd.args, int(tok), x[t])
         residual = self.no_rows
@@ -404,8 +437,7 @@ class GpuStep:
                 kc.product_rows(L["wk"], xn, k)
                 kc.product_rows(L["wv"], xn, v)
             kc.rope[kc._blocks(n * c.q_dim // 2), T](q, c.head_dim, self.cos, self.sin, pos0)
-            for t in range(n):
-                cache.attend_device(at[t], i, pos0 + t)
+            cache.attend_prompt(prompt, i)
             kc.product_rows(L["wo"], attn, proj)
             kc.rmsnorm[n, T](x, proj, L["ffn_norm"], self.eps, xn)
             kc.product_rows(L["w_gate"], xn, gate)

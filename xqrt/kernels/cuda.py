@@ -620,19 +620,21 @@ def rope(rows, head_dim, cos, sin, pos0):
 
 
 @cuda.jit
-def store_kv(k, v, head_dim, cos, sin, pos, k_cache, v_cache):
-    """Row pos of the fp16 cache: k rotated as `rope` rotates it, and v (one launch for the three
-    steps: a decode step is bound by its launches)."""
+def store_kv(k, v, head_dim, cos, sin, pos0, k_cache, v_cache):
+    """Rows pos0… of the fp16 cache from the rows of k (rotated as `rope` rotates them) and v — one
+    launch for the three steps: a decode step is bound by its launches."""
     n_pairs = cos.shape[1]
     per_head = head_dim // 2
-    for i in range(cuda.grid(1), k.shape[0] // 2, cuda.gridsize(1)):
-        o, p = 2 * i, i % per_head
-        a, b = k[o], k[o + 1]
+    half = k.shape[1] // 2
+    for i in range(cuda.grid(1), k.shape[0] * half, cuda.gridsize(1)):
+        t, pair = i // half, i % half
+        o, p, pos = 2 * pair, pair % per_head, pos0 + t
+        a, b = k[t, o], k[t, o + 1]
         if p < n_pairs:
             c, s = cos[pos, p], sin[pos, p]
             a, b = a * c - b * s, a * s + b * c
         k_cache[pos, o], k_cache[pos, o + 1] = float16(a), float16(b)
-        v_cache[pos, o], v_cache[pos, o + 1] = float16(v[o]), float16(v[o + 1])
+        v_cache[pos, o], v_cache[pos, o + 1] = float16(v[t, o]), float16(v[t, o + 1])
 
 
 # ---- attention -------------------------------------------------------------------------------
@@ -714,6 +716,72 @@ def values_f16(probs, v_cache, n, chunk, head_dim, parts):
             for u in range(n_sub):
                 total += red[j, u * head_dim + d]
             parts[s, g * per_kv + j, d] = total
+
+
+@cuda.jit(**_FAST)
+def prompt_attention_f16(q, k_cache, v_cache, pos0, head_dim, scale, out):
+    """out[t] = causal attention of the query row q[t], at position pos0 + t, over rows [0, pos0 + t]
+    of the fp16 cache: one block per (query, kv head) for all the query heads of that kv head —
+    a prompt's attention in one launch. Each warp keeps an online softmax over every WARPS-th
+    position (its lanes over the head, the dot products by warp sums), then the warps' states meet
+    in shared memory. Every warp runs the same trip count, so the simulator's barriers are uniform."""
+    buf = cuda.shared.array(THREADS, float32)
+    w_max = cuda.shared.array((WARPS, MAX_GROUP), float32)
+    w_sum = cuda.shared.array((WARPS, MAX_GROUP), float32)
+    w_acc = cuda.shared.array((WARPS, MAX_GROUP, HEAD_DIM), float32)
+    qv = cuda.local.array((MAX_GROUP, HEAD_LANE_VALUES), float32)
+    acc = cuda.local.array((MAX_GROUP, HEAD_LANE_VALUES), float32)
+    mx = cuda.local.array(MAX_GROUP, float32)
+    total = cuda.local.array(MAX_GROUP, float32)
+    kv_row = cuda.local.array(HEAD_LANE_VALUES, float32)
+    t, g, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    warp, lane = tid // 32, tid % 32
+    n_kv_head = k_cache.shape[1] // head_dim
+    per_kv = q.shape[1] // head_dim // n_kv_head
+    n = pos0 + t + 1
+    for j in range(per_kv):
+        h = g * per_kv + j
+        mx[j], total[j] = float32(-3.0e38), float32(0.0)  # finite: fastmath assumes no infinities
+        for u in range(HEAD_LANE_VALUES):
+            i = lane + 32 * u
+            qv[j, u] = q[t, h * head_dim + i] * scale if i < head_dim else float32(0.0)
+            acc[j, u] = float32(0.0)
+    for step in range(-(-n // WARPS)):
+        p = step * WARPS + warp
+        for u in range(HEAD_LANE_VALUES):
+            i = lane + 32 * u
+            kv_row[u] = float32(k_cache[p, g * head_dim + i]) if p < n and i < head_dim else float32(0.0)
+        for j in range(per_kv):
+            dot = float32(0.0)
+            for u in range(HEAD_LANE_VALUES):
+                dot += qv[j, u] * kv_row[u]
+            dot = _warp_sum(dot, buf)
+            if p < n:
+                new_max = max(mx[j], dot)
+                shrink, e = math.exp(mx[j] - new_max), math.exp(dot - new_max)
+                mx[j], total[j] = new_max, total[j] * shrink + e
+                for u in range(HEAD_LANE_VALUES):
+                    i = lane + 32 * u
+                    vv = float32(v_cache[p, g * head_dim + i]) if i < head_dim else float32(0.0)
+                    acc[j, u] = acc[j, u] * shrink + e * vv
+    for j in range(per_kv):
+        if lane == 0:
+            w_max[warp, j], w_sum[warp, j] = mx[j], total[j]
+        for u in range(HEAD_LANE_VALUES):
+            if lane + 32 * u < head_dim:
+                w_acc[warp, j, lane + 32 * u] = acc[j, u]
+    cuda.syncthreads()
+    for e in range(tid, per_kv * head_dim, THREADS):
+        j, i = e // head_dim, e % head_dim
+        top = w_max[0, j]  # warp 0 always holds position 0
+        for w in range(1, WARPS):
+            top = max(top, w_max[w, j])
+        norm, o = float32(0.0), float32(0.0)
+        for w in range(WARPS):
+            f = math.exp(w_max[w, j] - top)  # 0 for a warp that saw no position
+            norm += w_sum[w, j] * f
+            o += w_acc[w, j, i] * f
+        out[t, (g * per_kv + j) * head_dim + i] = o / norm
 
 
 @cuda.jit(**_FAST)
@@ -1124,6 +1192,14 @@ def attend_f16(q, k_cache, v_cache, n, n_head, head_dim, ws: Workspace, out, str
     n_parts, chunk = splits(n)
     values_f16[(n_parts, n_kv_head), THREADS, stream](ws.scores, v_cache, n, chunk, head_dim, ws.parts)
     sum_parts[n_head, THREADS, stream](ws.parts, n_parts, head_dim, out)
+
+
+def attend_prompt_f16(q, k_cache, v_cache, pos0, head_dim, out, stream=0):
+    """Causal attention of the rows of q (post-RoPE, positions pos0…) over the fp16 cache, whose
+    rows up to theirs are written."""
+    n_kv_head = k_cache.shape[1] // head_dim
+    prompt_attention_f16[(q.shape[0], n_kv_head), THREADS, stream](q, k_cache, v_cache, pos0, head_dim,
+                                                                  np.float32(1.0 / math.sqrt(head_dim)), out)
 
 
 def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace, out, stream=0):
