@@ -28,16 +28,20 @@ def blocks(qtype, rows, cols):
     return data, dense
 
 
+def device_weights(qtype, rows, cols):
+    """A random matrix on the device in a block format (None: float32), and the matrix it holds."""
+    if qtype is None:
+        dense = rng.standard_normal((rows, cols)).astype(np.float32)
+        return kc.upload_dense(dense), dense
+    data, dense = blocks(qtype, rows, cols)
+    return kc.upload_matrix(qtype, data, cols), dense
+
+
 @pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0, None])
 @pytest.mark.parametrize("cols", [96, 2336])  # one staged chunk of x, and more than one
 def test_matvec_and_embed(qtype, cols):
     rows = 19
-    if qtype is None:
-        dense = rng.standard_normal((rows, cols)).astype(np.float32)
-        w = kc.upload_dense(dense)
-    else:
-        data, dense = blocks(qtype, rows, cols)
-        w = kc.upload_matrix(qtype, data, cols)
+    w, dense = device_weights(qtype, rows, cols)
     x = rng.standard_normal(cols).astype(np.float32)
     out = cuda.device_array(rows, np.float32)
     kc.product(w, cuda.to_device(x), cuda.device_array(kc.permuted_size(cols), np.float32), out)
@@ -64,12 +68,7 @@ def test_product_of_swiglu(qtype):
     """product(..., up=u) multiplies silu(x)·u: fused into the permutation, or (float weights)
     applied to x first."""
     cols = 256
-    if qtype is None:
-        dense = rng.standard_normal((19, cols)).astype(np.float32)
-        w = kc.upload_dense(dense)
-    else:
-        data, dense = blocks(qtype, 19, cols)
-        w = kc.upload_matrix(qtype, data, cols)
+    w, dense = device_weights(qtype, 19, cols)
     x, u = rng.standard_normal((2, cols)).astype(np.float32)
     out = cuda.device_array(19, np.float32)
     kc.product(w, cuda.to_device(x), cuda.device_array(cols, np.float32), out, up=cuda.to_device(u))
@@ -100,12 +99,7 @@ def test_matmat(qtype):
     """product_rows: a prompt's rows through one pass over W, against x · Wᵀ — across the edges
     of a block's 64 rows × 32 positions, and with SwiGLU's silu(x)·up taken on the way."""
     rows, cols, n = 70, 96, 35
-    if qtype is None:
-        dense = rng.standard_normal((rows, cols)).astype(np.float32)
-        w = kc.upload_dense(dense)
-    else:
-        data, dense = blocks(qtype, rows, cols)
-        w = kc.upload_matrix(qtype, data, cols)
+    w, dense = device_weights(qtype, rows, cols)
     x, u = rng.standard_normal((2, n, cols)).astype(np.float32)
     out = cuda.device_array((n, rows), np.float32)
     kc.product_rows(w, cuda.to_device(x), out)
