@@ -401,6 +401,8 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
         Engine(path, ctx=8, cache="xquant", kv_budget=4096, device="cuda")
     with pytest.raises(XQError, match="on the GPU, where --clip"):
         gpu.new_cache(clip=True)
+    with pytest.raises(XQError, match="runs on the GPU and this cache does not"):
+        gpu.forward(ids, Engine(path, ctx=8).new_cache())
 
 
 @pytest.mark.parametrize("mode", ["fp16", pytest.param("kivi", marks=pytest.mark.slow),

@@ -238,8 +238,8 @@ class Engine:
         if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
             raise XQError(f"token id out of range [0, {self.config.vocab_size})")
         if isinstance(cache, DeviceCache) != (self._gpu is not None):
-            raise XQError(f"this engine runs on the {self.device.upper()}, this cache lives elsewhere (make it with "
-                          "engine.new_cache())")
+            where = "the GPU" if self._gpu is not None else "the CPU"
+            raise XQError(f"this engine runs on {where} and this cache does not (make it with engine.new_cache())")
         pos0 = cache.n_tokens
         cache.check_room(pos0, len(tokens))
         if len(tokens) <= _DECODE_MAX:  # a batch dequantizes every weight: not worth it for a few tokens
