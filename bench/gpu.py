@@ -225,6 +225,7 @@ class Model:
         self.v = cuda.device_array(kv, np.float32)
         self.q_row, self.k_row, self.v_row = self.q.reshape(1, -1), self.k.reshape(1, -1), self.v.reshape(1, -1)
         self.z = cuda.device_array(2 * kv, np.float32)
+        self.z_row = self.z.reshape(1, -1)
         self.attn = cuda.device_array(d, np.float32)
         self.proj = cuda.device_array(d, np.float32)
         self.proj_row, self.no_rows = self.proj.reshape(1, -1), cuda.device_array((0, d), np.float32)
@@ -273,7 +274,7 @@ def prompt_seconds(model):
                 kc.product_rows(w, xn, out)
             launch(kc.rope, kc._blocks(PROMPT * d // 2), q, hd, model.cos, model.sin, 0)
             launch(kc.store_kv, kc._blocks(PROMPT * kv // 2), k, v, hd, model.cos, model.sin, 0, k_cache, v_cache)
-            kc.attend_prompt_f16(q, k_cache, v_cache, 0, hd, attn)
+            kc.attend_prompt(q, k_cache, v_cache, 0, hd, attn)
             kc.product_rows(L["wo"], attn, proj)
             launch(kc.rmsnorm, PROMPT, x, proj, L["norm"], eps, xn)
             kc.product_rows(L["w_gate"], xn, gate)
@@ -313,12 +314,12 @@ def random_streams(s, n, bits, per_channel_keys: bool, width: int, n_layer: int)
 
 
 def store(stream, z, pos, per_channel):
-    """The new position's latent into its stream as the engine writes it: into the exact ring, and
-    packed at once where the stream is per-token (a per-channel group is packed once per G steps)."""
-    ring_slot = pos % stream.tail.shape[0]
+    """The new position's latent (a 1-row z) into its stream as the engine writes it: into the exact
+    ring, and packed at once where the stream is per-token (a per-channel group is packed once per
+    G steps)."""
     group = GROUP if per_channel else 1 << stream.shift
-    launch_grid = -(-z.shape[0] // (group * 32))
-    kc.store_token[launch_grid, 32, STREAM[0]](z, stream.tail, ring_slot, stream.codes, stream.scale, stream.zero,
+    launch_grid = -(-z.shape[1] // (group * 32))
+    kc.store_token[launch_grid, 32, STREAM[0]](z, stream.tail, stream.codes, stream.scale, stream.zero,
                                                stream.bits, group, stream.sink, pos, not per_channel)
 
 
@@ -381,8 +382,8 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
             else:  # the factors are Q8_0, which reads x in another order than wq's Q4_0
                 matvec(L["uk"], xn, model.k)
                 matvec(L["uv"], xn, model.v, permuted=True)
-            store(streams[i][0], model.k, n - 1, True)
-            store(streams[i][1], model.v, n - 1, False)
+            store(streams[i][0], model.k_row, n - 1, True)
+            store(streams[i][1], model.v_row, n - 1, False)
             one_layer(i)
         one = lambda: one_layer(0)  # noqa: E731
     else:  # xquant-cl
@@ -393,14 +394,14 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
                                      none, none, cuda.to_device(np.zeros((0, s["d"]), np.float32)), acc, 0, 0, n)
 
         def one_layer(i):
-            launch(kc.accumulate, (-(-n // kc.TILE_T), -(-s["d"] // kc.HEAD_DIM)), acc, *deltas[i].args,
-                   model.ukv_t, i == 0)
+            launch(kc.rebuild, (-(-n // kc.TILE_T), -(-s["d"] // kc.HEAD_DIM)), *deltas[i].args, model.ukv_t, acc,
+                   0, i != 0)
             kc.attend_latent(model.q, [(acc_stream, model.wk_t)], [(acc_stream, model.wv_t)], model.cos, model.sin,
                              nkv, hd, model.ws, model.attn, STREAM[0])
 
         def attend(i, L, xn):
             matvec(L["ukv"], xn, model.z)
-            store(deltas[i], model.z, n - 1, False)
+            store(deltas[i], model.z_row, n - 1, False)
             one_layer(i)
         one = lambda: one_layer(1)  # noqa: E731
     t_attn = graph_seconds(one)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -182,19 +183,30 @@ def test_attend_f16():
 
 
 @pytest.mark.parametrize("n_head, n_kv, hd", [(4, 2, 16), (3, 1, 48)])  # 48: lanes past the head's end
-def test_attend_prompt_f16(n_head, n_kv, hd):
-    """A prompt's causal attention in one launch: query row t (position pos0 + t) over cache rows
-    [0, pos0 + t], fewer or more positions than a block's warps."""
+def test_attend_prompt(n_head, n_kv, hd):
+    """A prompt's causal attention in one launch: query row t (position pos0 + t) over rows [0,
+    pos0 + t], fewer or more positions than a block's warps — of one fp16 history, and of two
+    (packed below each query's bounds, exact from them on) against xqrt.cache.mixed_attention."""
+    from xqrt.cache import mixed_attention
     pos0, n_q = 3, 6
+    end = pos0 + n_q
     q = rng.standard_normal((n_q, n_head * hd)).astype(np.float32)
     k = rng.standard_normal((16, n_kv * hd)).astype(np.float16)
     v = rng.standard_normal((16, n_kv * hd)).astype(np.float16)
     out = cuda.device_array((n_q, n_head * hd), np.float32)
-    kc.attend_prompt_f16(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), pos0, hd, out)
+    kc.attend_prompt(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), pos0, hd, out)
     for t in range(n_q):
         n = pos0 + t + 1
         ref = attention_ref(q[t], k[:n].astype(np.float32), v[:n].astype(np.float32), n_head, hd)
         np.testing.assert_allclose(out.copy_to_host()[t], ref, rtol=1e-4, atol=1e-5, err_msg=f"row {t}")
+    bound_k, bound_v = np.array([0, 0, 4, 4, 4, 8]), pos0 + np.arange(n_q) + 1  # groups of 4 / per token
+    k_q, v_q = (rng.standard_normal((b[-1], n_kv * hd)).astype(np.float32) for b in (bound_k, bound_v))
+    k_e, v_e = (rng.standard_normal((end - b[0], n_kv * hd)).astype(np.float32) for b in (bound_k, bound_v))
+    ref = mixed_attention(q, pos0, k_q, v_q, k_e, v_e, bound_k, bound_v, n_head, n_kv)
+    dev = cuda.to_device
+    kc.attend_prompt(dev(q), dev(k_q), dev(v_q), pos0, hd, out,
+                     exact=(dev(k_e), dev(v_e), int(bound_k[0]), int(bound_v[0]), dev(bound_k), dev(bound_v)))
+    np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-4, atol=1e-5)
 
 
 def key_stream(z, bits, group, n_sink, channel_bits):
@@ -260,18 +272,24 @@ def test_attend_latent(rebuild):
     np.testing.assert_allclose(lat.copy_to_host(), k_seen.astype(np.float16))
 
 
-def test_accumulate():
-    """XQuant-CL: acc = Δ̂ · ukvᵀ (seed), then acc += Δ̂' · ukvᵀ."""
-    n, width, d = 40, 32, 48
+def test_rebuild():
+    """z·m rows of a stream's positions [lo, n) at out[p − base]; m empty: z itself; add: XQuant-CL's
+    accumulator, acc = Δ̂ · ukvᵀ (the seed), then acc += Δ̂' · ukvᵀ, into fp16 rows."""
+    n, width, d = 70, 32, 136  # two position tiles, two column tiles
     ukv_t = rng.standard_normal((width, d)).astype(np.float32)
-    acc = cuda.to_device(np.full((n, d), np.nan, np.float32))
+    acc = cuda.to_device(np.full((n, d), np.nan, np.float16))
     total = np.zeros((n, d), np.float32)
-    for reset in (True, False):
+    grid = (-(-n // kc.TILE_T), -(-d // kc.HEAD_DIM))
+    for add in (False, True):
         delta, seen = value_stream(rng.standard_normal((n, width)).astype(np.float32), 2, 16, 0)
-        kc.accumulate[(-(-n // kc.TILE_T), -(-d // kc.HEAD_DIM)), kc.THREADS](acc, *delta.args,
-                                                                               cuda.to_device(ukv_t), reset)
-        total += seen @ ukv_t
-    np.testing.assert_allclose(acc.copy_to_host(), total, rtol=1e-4, atol=1e-4)
+        kc.rebuild[grid, kc.THREADS](*delta.args, cuda.to_device(ukv_t), acc, 0, add)
+        total = (total + seen @ ukv_t).astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(acc.copy_to_host().astype(np.float32), total, rtol=2e-3, atol=2e-3)
+    lo = 5
+    out = cuda.device_array((n - lo, width), np.float32)
+    kc.rebuild[(-(-(n - lo) // kc.TILE_T), 1), kc.THREADS](*replace(delta, lo=lo).args,
+                                                           cuda.to_device(np.zeros((0, 0), np.float32)), out, lo, False)
+    np.testing.assert_array_equal(out.copy_to_host(), seen[lo:])
 
 
 @pytest.mark.parametrize("bits, group, n_sink", [(2, 8, 0), (3, 16, 2), (4, 32, 4), (8, 8, 1)])
@@ -298,16 +316,17 @@ def test_cache_writes_are_xqrt_quant_bit_for_bit(bits, group, n_sink):
     c_zero, c_sink = dev(np.zeros_like(channel.zero).view(np.float16)), dev(np.zeros_like(channel.sink))
     off = dev(channel.channel_off)
     cbits = dev((np.diff(channel.channel_off) * 8 // group).astype(np.int64))
-    for pos in range(n):
-        kc.store_token[1, 32](dev(z[pos]), ring, pos % group, codes, scale, zero, bits, group, sink, pos, True)
-        kc.store_token[1, 32](dev(z[pos]), ring, pos % group, codes, scale, zero, bits, group, c_sink, pos, False)
-        if (pos + 1) % group == 0:
-            kc.store_channel_group[1, 32](ring, c_codes, c_scale, c_zero, off, cbits, group, c_sink, pos + 1 - group)
+    kc.store_token[(1, 3), 32](dev(z[:3]), ring, codes, scale, zero, bits, group, sink, 0, True)  # rows at once
+    for pos in range(3, n):
+        kc.store_token[1, 32](dev(z[pos:pos + 1]), ring, codes, scale, zero, bits, group, sink, pos, True)
+    ring_2 = dev(np.zeros((n, width), np.float16))  # both groups at once, from a ring that holds them
+    kc.store_token[(1, n), 32](dev(z), ring_2, codes, scale, zero, bits, group, c_sink, 0, False)
+    kc.store_channel_group[(1, 2), 32](ring_2, c_codes, c_scale, c_zero, off, cbits, group, c_sink, 0)
     np.testing.assert_array_equal(codes.copy_to_host(), token.codes)
     np.testing.assert_array_equal(scale.copy_to_host().view(np.uint16), token.scale)
     np.testing.assert_array_equal(zero.copy_to_host().view(np.uint16), token.zero)
     np.testing.assert_array_equal(sink.copy_to_host(), token.sink)
-    np.testing.assert_array_equal(ring.copy_to_host(), z16[group:].astype(np.float16))
+    np.testing.assert_array_equal(ring.copy_to_host(), z16[group:].astype(np.float16))  # the last G positions
     np.testing.assert_array_equal(c_codes.copy_to_host(), channel.codes)
     np.testing.assert_array_equal(c_scale.copy_to_host().view(np.uint16), channel.scale)
     np.testing.assert_array_equal(c_zero.copy_to_host().view(np.uint16), channel.zero)
@@ -315,12 +334,14 @@ def test_cache_writes_are_xqrt_quant_bit_for_bit(bits, group, n_sink):
 
 
 def device_step(model, n_ctx):
-    """What DeviceCache.attend_device reads of a GpuStep: its vectors, scratch and RoPE tables."""
+    """What DeviceCache.attend_device reads of a GpuStep: its vectors (and their 1-row views),
+    scratch and RoPE tables."""
     from types import SimpleNamespace
     c = model.config
     cos, sin = cpu.rope_table(model.rope_freqs, n_ctx)
-    return SimpleNamespace(kc=kc, xn_vec=cuda.device_array(c.d_model, np.float32), q=cuda.device_array(c.q_dim, np.float32),
-                           k=cuda.device_array(c.kv_dim, np.float32), v=cuda.device_array(c.kv_dim, np.float32),
+    xn, k, v = (cuda.device_array((1, w), np.float32) for w in (c.d_model, c.kv_dim, c.kv_dim))
+    return SimpleNamespace(kc=kc, xn=xn, xn_vec=xn.reshape(-1), k_row=k, k=k.reshape(-1), v_row=v, v=v.reshape(-1),
+                           q=cuda.device_array(c.q_dim, np.float32),
                            xp=cuda.device_array(kc.permuted_size(c.d_model), np.float32), cos=cuda.to_device(cos),
                            sin=cuda.to_device(sin), attn=cuda.device_array(c.q_dim, np.float32))
 
@@ -405,23 +426,32 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
         gpu.forward(ids, Engine(path, ctx=8).new_cache())
 
 
-@pytest.mark.parametrize("mode", ["fp16", pytest.param("kivi", marks=pytest.mark.slow),
-                                  pytest.param("xquant-cl", marks=pytest.mark.slow)])
-def test_prompt_on_the_gpu_matches_the_cpu(tmp_path, mode):
+@pytest.mark.parametrize("mode, options", [
+    ("fp16", {}),
+    ("xquant-cl", dict(group=8, base_layers=1)),  # two layers: the seed, and a delta layer after it
+    pytest.param("kivi", dict(group=8), marks=pytest.mark.slow),
+    pytest.param("xquant", dict(group=8, residual=16, bits=3), marks=pytest.mark.slow),
+])
+def test_prompt_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch, mode, options):
     """A prompt longer than the decode step takes (9 tokens) through the GPU's prefill — matrix-
-    matrix products, attention position by position — against the CPU's batched prefill: every
-    position's logits (both float x), and the last one's alone (both int8 codes in the lm head).
-    Groups of 8 positions, so a per-channel key group fills during the prompt."""
+    matrix products, the cache's rows stored and attended at once — against the CPU's batched
+    prefill: every position's logits (both float x), then a second prompt on the same cache, whose
+    queries read the first's history, its last logits alone (both int8 codes in the lm head).
+    Groups of 8 positions, so per-channel key groups fill during the prompts; a latent cache takes
+    4 rows at a time, so a prompt comes in parts and the rings wrap within it."""
     from conftest import tiny_llama, write_llama_gguf
 
     from xqrt import Engine
-    path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=1, ff=128), "q4_0")
+    from xqrt.gpu import DeviceLatentCache
+    monkeypatch.setattr(DeviceLatentCache, "prompt_rows", 4)
+    layers = 2 if mode == "xquant-cl" else 1
+    path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=layers, ff=128), "q4_0")
     ids = list(range(5, 5 + 9 * 7, 7))
-    options = {} if mode == "fp16" else dict(group=8)
-    gpu, host = (Engine(path, ctx=16, cache=mode, device=d, **options) for d in ("cuda", "cpu"))
-    np.testing.assert_allclose(gpu.logits(ids), host.logits(ids), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(gpu.forward(ids, gpu.new_cache()), host.forward(ids, host.new_cache()),
-                               rtol=1e-5, atol=1e-5)
+    gpu, host = (Engine(path, ctx=24, cache=mode, device=d, **options) for d in ("cuda", "cpu"))
+    on_gpu, on_host = gpu.new_cache(), host.new_cache()
+    for prompt, all_logits in ((ids, True), (ids[::-1], False)):
+        np.testing.assert_allclose(gpu.forward(prompt, on_gpu, all_logits), host.forward(prompt, on_host, all_logits),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_device_choice(monkeypatch):

@@ -2,8 +2,8 @@
 the cache in device memory, per step a token id in and its logits out. With --act-bits 8 (the
 default) the block-format products meet x as int8 codes through dp4a, the same integer sums as
 the CPU's; with 16 they take float x. A prompt (`GpuStep.prefill`) takes its weight products as
-matrix-matrix products over all its rows; fp16 K/V attends all its rows in one launch, the latent
-caches position by position through their decode kernels.
+matrix-matrix products over all its rows, and the cache stores and attends its rows at once (a
+latent cache rebuilds the layer's K/V of the history once for them, as the CPU's prefill does).
 
 Every cache mode runs here. fp16 keeps post-RoPE K/V rows; KIVI*, XQuant and XQuant-CL keep
 xqrt.cache's format itself — the same packed bytes, exact rings, sinks and XQuant-CL accumulator —
@@ -14,8 +14,7 @@ small model's step; bench/gpu.py shows what replaying the step as one CUDA graph
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -86,16 +85,14 @@ class DeviceCache(Cache):
     def attend(self, layer, pos0, xn, q, k, v):
         raise XQError("a device cache is read by the GPU step only")
 
-    def attend_device(self, step: GpuStep | Position, layer: int, pos: int):
+    def attend_device(self, step: GpuStep, layer: int, pos: int):
         """Store position pos of `layer` from the step's xn / k (pre-RoPE) / v and leave the
         attention of its q (post-RoPE) over [0, pos] in step.attn."""
         raise NotImplementedError
 
     def attend_prompt(self, prompt: Prompt, layer: int):
-        """attend_device for every row of a prompt, in order: position by position, unless a mode
-        has better."""
-        for t, at in enumerate(prompt.positions):
-            self.attend_device(at, layer, prompt.pos0 + t)
+        """attend_device for every row of a prompt at once: each query reads what decode would."""
+        raise NotImplementedError
 
 
 class DeviceFP16KV(DeviceCache):
@@ -124,7 +121,7 @@ class DeviceFP16KV(DeviceCache):
         kc, c, T, n = p.step.kc, self.config, p.step.kc.THREADS, p.q.shape[0]
         kc.store_kv[kc._blocks(n * c.kv_dim // 2), T](p.k, p.v, c.head_dim, p.step.cos, p.step.sin, p.pos0,
                                                       self.k[layer], self.v[layer])
-        kc.attend_prompt_f16(p.q, self.k[layer], self.v[layer], p.pos0, c.head_dim, p.attn)
+        kc.attend_prompt(p.q, self.k[layer], self.v[layer], p.pos0, c.head_dim, p.attn)
 
     def nbytes(self):
         return FP16KV.bytes_per_position(self.config) * self.n_tokens
@@ -139,20 +136,24 @@ class _DeviceLayer:
     shared: bool
     mk: object  # latent → K / V (float32, latent width × kv_dim), or empty: the identity
     mv: object
-    zk: object  # the new token's latents (float32 scratch)
+    zk: object  # the new token's latents (float32 scratch, 1 × width) …
     zv: object
-    ring_k: object  # the exact latents of recent positions, fp16 (position t in row t mod ring size)
+    zk_vec: object  # … and the same as vectors, the decode products' output
+    zv_vec: object
+    ring_k: object  # the exact latents of recent positions, fp16 (position t in row t mod its rows)
     ring_v: object
     key: object  # DeviceStream of the packed history, or None (XQuant-CL's delta layers)
     value: object
     per_channel: bool
     delta: object = None  # XQuant-CL: the packed Δ̂ stream …
-    ukv: object = None  # … Δ's projection (DeviceMatrix, r × d: its dense array serves accumulate) …
+    ukv: object = None  # … Δ's projection (DeviceMatrix, r × d: its dense array rebuilds Â) …
     seed: bool = False
     wk: object = None  # … and the accumulator's rebuild matrices (d × kv_dim)
     wv: object = None
-    x_less_acc: object = None  # scratch: x − Â, and Δ
+    x_less_acc: object = None  # scratch: x − Â, and Δ (1 × width, and as vectors)
     dz: object = None
+    x_less_acc_vec: object = None
+    dz_vec: object = None
 
 
 class DeviceLatentCache(DeviceCache):
@@ -160,7 +161,10 @@ class DeviceLatentCache(DeviceCache):
 
     The layout — factors, rotations, channel widths, group sizes, rings, bounds — comes from the
     CPU cache of the same options (`plan`, whose own arrays stay untouched), so both hold the
-    same bytes for the same latents; the packed streams' bytes are counted by its rules."""
+    same bytes for the same latents; the packed streams' bytes are counted by its rules. The
+    device rings hold `prompt_rows` rows more than the plan's, so that a prompt's rows at a time
+    can be written before their queries read the exact ones."""
+    prompt_rows = 128  # prompt rows stored and attended at a time
 
     def __init__(self, model: Model, n_ctx: int, mode: str, options: CacheOptions = CacheOptions(), log=None):
         super().__init__(model, n_ctx, options)
@@ -180,16 +184,17 @@ class DeviceLatentCache(DeviceCache):
         self._empty_rows = {}  # width → a (0, width) array: "no sinks" / "no ring"
         self.layers = []
         widest = c.kv_dim
+        ring_rows = self.ring_size + self.prompt_rows
         for i, L in enumerate(plan.layers):
             wk, wv = plan.latent_widths(L)
-            ring_k = cuda.to_device(np.zeros((self.ring_size, wk), np.float16))
-            ring_v = ring_k if L.shared else cuda.to_device(np.zeros((self.ring_size, wv), np.float16))
+            ring_k = cuda.to_device(np.zeros((ring_rows, wk), np.float16))
+            ring_v = ring_k if L.shared else cuda.to_device(np.zeros((ring_rows, wv), np.float16))
+            zk, zv = cuda.device_array((1, wk), np.float32), cuda.device_array((1, wv), np.float32)
             D = _DeviceLayer(
                 uk=None if L.uk is None else kc.upload_dense(L.uk.T), from_x=L.shared and L.uk is None,
                 uv=None if L.uv is None or L.shared else kc.upload_dense(L.uv.T), shared=L.shared,
                 mk=empty if L.mk is None else f32(L.mk), mv=empty if L.mv is None else f32(L.mv),
-                zk=cuda.device_array(wk, np.float32), zv=cuda.device_array(wv, np.float32),
-                ring_k=ring_k, ring_v=ring_v,
+                zk=zk, zv=zv, zk_vec=zk.reshape(-1), zv_vec=zv.reshape(-1), ring_k=ring_k, ring_v=ring_v,
                 key=None if L.key is None else self._upload(L.key, ring_k),
                 value=None if L.value is None else self._upload(L.value, ring_v),
                 per_channel=L.key_per_channel)
@@ -200,8 +205,9 @@ class DeviceLatentCache(DeviceCache):
                 ukv_t = plan.ukv_t[i] if plan.ukv_t[i].size else np.eye(c.d_model, dtype=np.float32)
                 D.delta = self._upload(L.delta, self._empty(L.delta.width, np.float16))
                 D.ukv, D.seed, D.wk, D.wv = kc.upload_dense(ukv_t), L.seed, f32(L.wk), f32(L.wv)
-                D.x_less_acc = cuda.device_array(c.d_model, np.float32)
-                D.dz = cuda.device_array(ukv_t.shape[0], np.float32)
+                D.x_less_acc = cuda.device_array((1, c.d_model), np.float32)
+                D.dz = cuda.device_array((1, ukv_t.shape[0]), np.float32)
+                D.x_less_acc_vec, D.dz_vec = D.x_less_acc.reshape(-1), D.dz.reshape(-1)
                 widest = max(widest, c.d_model)
             self.layers.append(D)
         if isinstance(plan, XQuantCL):
@@ -211,6 +217,7 @@ class DeviceLatentCache(DeviceCache):
             self.acc_stream = replace(self.layers[-1].delta, sink=self._empty(c.d_model, np.float32), tail=self.acc,
                                       off=none, cbits=none)
         self.ws = kc.Workspace(n_ctx, c.n_head, widest)
+        self._prompt_scratch = {}
 
     def _empty(self, width, dtype):
         from numba import cuda
@@ -233,62 +240,136 @@ class DeviceLatentCache(DeviceCache):
 
     def attend_device(self, s, layer, pos):
         kc, c, D = s.kc, self.config, self.layers[layer]
-        G, slot, n = self.group, pos % self.ring_size, pos + 1
         if D.uk is not None:
-            kc.product(D.uk, s.xn_vec, s.xp, D.zk)
+            kc.product(D.uk, s.xn_vec, s.xp, D.zk_vec)
         if D.uv is not None:
-            kc.product(D.uv, s.xn_vec, s.xp, D.zv)
-        zk = s.xn_vec if D.from_x else s.k if D.uk is None else D.zk
-        zv = zk if D.shared else s.v if D.uv is None else D.zv
-        key, value = D.key, D.value
-        if key is None:  # XQuant-CL's delta layer: its exact latents go to the ring only
-            self._store(s, zk, D.ring_k, slot, D.delta, G, None, pos, False)
-            if not D.shared:
-                self._store(s, zv, D.ring_v, slot, D.delta, G, None, pos, False)
-            return self._attend_delta(s, D, pos)
-        # the exact latents into their rings, packed at once where a stream is per-token
-        self._store(s, zk, D.ring_k, slot, key, G if D.per_channel else 1 << key.shift, key.sink, pos,
-                    not D.per_channel)
-        if not D.shared:
-            self._store(s, zv, D.ring_v, slot, value, 1 << value.shift, value.sink, pos, True)
-        if D.per_channel and n % G == 0:
-            kc.store_channel_group[kc._blocks(key.width), kc.THREADS](D.ring_k, key.codes, key.scale, key.zero,
-                                                                      key.off, key.cbits, G, key.sink, n - G)
+            kc.product(D.uv, s.xn_vec, s.xp, D.zv_vec)
+        zk = s.xn if D.from_x else s.k_row if D.uk is None else D.zk
+        zv = zk if D.shared else s.v_row if D.uv is None else D.zv
+        self._write(kc, D, zk, zv, pos)
+        n = pos + 1
+        if D.key is None:
+            x = s.xn_vec if D.seed else D.x_less_acc_vec
+            self._write_delta(kc, D, s.xn, D.x_less_acc, pos, lambda: kc.product(D.ukv, x, s.xp, D.dz_vec), D.dz, 0)
+            b = int(self.plan.bound(pos, False))
+            acc = replace(self.acc_stream, n_q=0, lo=0, n=b)
+            exact_k, exact_v = self._exact(D, b, b, n)
+            kc.attend_latent(s.q, [(acc, D.wk), (exact_k, D.mk)], [(acc, D.wv), (exact_v, D.mv)], s.cos, s.sin,
+                             c.n_kv_head, c.head_dim, self.ws, s.attn)
+            return
         bk, bv = int(self.plan.bound(pos, D.per_channel)), int(self.plan.bound(pos, False))
-        kc.attend_latent(s.q, [(replace(key, n_q=bk, n=n), D.mk)], [(replace(value, n_q=bv, n=n), D.mv)], s.cos,
+        kc.attend_latent(s.q, [(replace(D.key, n_q=bk, n=n), D.mk)], [(replace(D.value, n_q=bv, n=n), D.mv)], s.cos,
                          s.sin, c.n_kv_head, c.head_dim, self.ws, s.attn)
 
-    def _store(self, s, z, ring, slot, stream, group, sink, pos, quantize):
-        """store_token: one thread per group of z (sink None: no sinks)."""
-        if sink is None:
-            sink = self._empty(z.shape[0], np.float32)
-        threads = 32
-        s.kc.store_token[-(-z.shape[0] // (group * threads)), threads](z, ring, slot, stream.codes, stream.scale,
-                                                                       stream.zero, stream.bits, group, sink, pos,
-                                                                       quantize)
+    def attend_prompt(self, prompt, layer):
+        """A prompt's rows, prompt_rows at a time: their latents stored as decode stores them, then
+        the layer's keys and values rebuilt once — from the packed latents below the rows' bounds,
+        from the exact ones above — for every query of the rows to read (xqrt.cache's prefill)."""
+        kc, c, D = prompt.step.kc, self.config, self.layers[layer]
+        for p in prompt.parts(self.prompt_rows):
+            n, pos0 = p.q.shape[0], p.pos0
+            end = pos0 + n
+            zk = p.xn if D.from_x else p.k if D.uk is None else self._product(kc, D.uk, p.xn, "zk")
+            zv = zk if D.shared else p.v if D.uv is None else self._product(kc, D.uv, p.xn, "zv")
+            self._write(kc, D, zk, zv, pos0)
+            if D.key is None:
+                x_less_acc, dz = self._scratch("x_less_acc", n, c.d_model), self._scratch("dz", n, D.dz.shape[1])
+                self._write_delta(kc, D, p.xn, x_less_acc, pos0,
+                                  lambda: kc.product_rows(D.ukv, p.xn if D.seed else x_less_acc, dz), dz,
+                                  0 if pos0 == prompt.pos0 else pos0)
+                bk = bv = p.bounds(self.plan, False)
+                acc = replace(self.acc_stream, n_q=0, lo=0, n=bk.highest)
+                packed_k, packed_v = (acc, D.wk), (acc, D.wv)
+                exact_k, exact_v = self._exact(D, bk.lowest, bv.lowest, end)
+            else:
+                bk, bv = p.bounds(self.plan, D.per_channel), p.bounds(self.plan, False)
+                packed_k = replace(D.key, n_q=bk.highest, n=bk.highest), D.mk
+                packed_v = replace(D.value, n_q=bv.highest, n=bv.highest), D.mv
+                exact_k, exact_v = replace(D.key, n_q=0, lo=bk.lowest, n=end), replace(D.value, n_q=0, lo=bv.lowest,
+                                                                                      n=end)
+            k, k_exact = self._rebuild_both(kc, "k", *packed_k, exact_k, D.mk)
+            v, v_exact = self._rebuild_both(kc, "v", *packed_v, exact_v, D.mv)
+            for rows, first in ((k, 0), (k_exact, bk.lowest)):
+                if rows.shape[0]:
+                    kc.rope[kc._blocks(rows.size // 2), kc.THREADS](rows, c.head_dim, p.step.cos, p.step.sin, first)
+            kc.attend_prompt(p.q, k, v, pos0, c.head_dim, p.attn,
+                             exact=(k_exact, v_exact, bk.lowest, bv.lowest, bk.dev, bv.dev))
 
-    def _attend_delta(self, s, D, pos):
-        """XQuant-CL from its seed layer on: Δ = (x − Â)·ukv packed per token, Â ← Â + Δ̂·ukvᵀ for
-        every position, then K/V from Â — and from the layer's own exact latents in the ring for
-        the recent positions the residual rule reads exactly."""
-        kc, c = s.kc, self.config
-        n = pos + 1
-        x = s.xn_vec
+    def _product(self, kc, w, x, name):
+        out = self._scratch(name, x.shape[0], w.n_rows)
+        kc.product_rows(w, x, out)
+        return out
+
+    def _rebuild_both(self, kc, name, packed, m, exact, m_exact):
+        """K (or V) rows of positions [0, packed.n) from the packed latents and of [exact.lo,
+        exact.n) from the exact ones, into scratch."""
+        out = []
+        for part, src, mat in (("", packed, m), ("_exact", exact, m_exact)):
+            rows = self._scratch(name + part, src.n - src.lo, self.config.kv_dim)
+            self._rebuild(kc, src, mat, rows, src.lo, add=False)
+            out.append(rows)
+        return out
+
+    def _scratch(self, name, rows, width):
+        """A (rows × width) float32 scratch of the prompt path, grown as needed and kept."""
+        from numba import cuda
+        have = self._prompt_scratch.get(name)
+        if have is None or have.shape[0] < rows or have.shape[1] != width:
+            size = min(max(rows, 2 * (0 if have is None else have.shape[0]), 64), max(rows, self.n_ctx))
+            have = self._prompt_scratch[name] = cuda.device_array((size, width), np.float32)
+        return have[:rows]
+
+    def _rebuild(self, kc, stream, m, out, base, add):
+        if stream.n > stream.lo:
+            grid = (-(-(stream.n - stream.lo) // kc.TILE_T), -(-out.shape[1] // kc.HEAD_DIM))
+            kc.rebuild[grid, kc.THREADS](*stream.args, m, out, base, add)
+
+    def _exact(self, D, lo_k, lo_v, n):
+        """XQuant-CL's delta layer: its own exact latents of positions [lo, n), in the ring."""
+        exact_k = replace(self.acc_stream, sink=self._empty(D.ring_k.shape[1], np.float32), tail=D.ring_k, lo=lo_k,
+                          n=n)
+        return exact_k, replace(exact_k, sink=self._empty(D.ring_v.shape[1], np.float32), tail=D.ring_v, lo=lo_v)
+
+    def _write(self, kc, D, zk, zv, pos0):
+        """The latents of the rows at positions pos0… into their rings, packed at once where a stream
+        is per-token, and each per-channel key group they complete packed from the ring."""
+        G, end = self.group, pos0 + zk.shape[0]
+        key, value = D.key, D.value
+        if key is None:  # XQuant-CL's delta layer: its exact latents go to the ring only
+            self._store(kc, zk, D.ring_k, D.delta, G, None, pos0, False)
+            if not D.shared:
+                self._store(kc, zv, D.ring_v, D.delta, G, None, pos0, False)
+            return
+        self._store(kc, zk, D.ring_k, key, G if D.per_channel else 1 << key.shift, key.sink, pos0,
+                    not D.per_channel)
+        if not D.shared:
+            self._store(kc, zv, D.ring_v, value, 1 << value.shift, value.sink, pos0, True)
+        groups = end // G - pos0 // G
+        if D.per_channel and groups:
+            kc.store_channel_group[(kc._blocks(key.width), groups), kc.THREADS](
+                D.ring_k, key.codes, key.scale, key.zero, key.off, key.cbits, G, key.sink, pos0 // G * G)
+
+    def _store(self, kc, z, ring, stream, group, sink, pos0, quantize):
+        """store_token: one thread per group of each row of z (sink None: no sinks)."""
+        if sink is None:
+            sink = self._empty(z.shape[1], np.float32)
+        threads = 32
+        kc.store_token[(-(-z.shape[1] // (group * threads)), z.shape[0]), threads](
+            z, ring, stream.codes, stream.scale, stream.zero, stream.bits, group, sink, pos0, quantize)
+
+    def _write_delta(self, kc, D, x, x_less_acc, pos0, project, dz, acc_from):
+        """XQuant-CL from its seed layer on: Δ = (x − Â)·ukv of the rows at positions pos0… (project
+        computes it into dz from x, or from x_less_acc past the seed), packed per token; then Â ← Â
+        + Δ̂·ukvᵀ for the positions from acc_from up to theirs (the rows below it hold this layer's
+        Â already: an earlier part of the prompt added them), which the layer's K/V are rebuilt
+        from — and from its own exact latents for the recent positions the residual rule reads
+        exactly."""
         if not D.seed:
-            kc.subtract_row[kc._blocks(c.d_model), kc.THREADS](x, self.acc, pos, D.x_less_acc)
-            x = D.x_less_acc
-        kc.product(D.ukv, x, s.xp, D.dz)
-        delta = D.delta
-        self._store(s, D.dz, delta.tail, 0, delta, 1 << delta.shift, delta.sink, pos, True)
-        packed = replace(delta, n_q=n, n=n)
-        kc.accumulate[(-(-n // kc.TILE_T), -(-c.d_model // kc.HEAD_DIM)), kc.THREADS](self.acc, *packed.args,
-                                                                                      D.ukv.dense, D.seed)
-        b = int(self.plan.bound(pos, False))
-        acc = replace(self.acc_stream, n_q=0, lo=0, n=b)
-        exact_k = replace(self.acc_stream, sink=self._empty(D.ring_k.shape[1], np.float32), tail=D.ring_k, lo=b, n=n)
-        exact_v = replace(exact_k, sink=self._empty(D.ring_v.shape[1], np.float32), tail=D.ring_v)
-        kc.attend_latent(s.q, [(acc, D.wk), (exact_k, D.mk)], [(acc, D.wv), (exact_v, D.mv)], s.cos, s.sin,
-                         c.n_kv_head, c.head_dim, self.ws, s.attn)
+            kc.subtract_rows[kc._blocks(x.size), kc.THREADS](x, self.acc, pos0, x_less_acc)
+        project()
+        delta, end = D.delta, pos0 + x.shape[0]
+        self._store(kc, dz, delta.tail, delta, 1 << delta.shift, delta.sink, pos0, True)
+        self._rebuild(kc, replace(delta, n_q=end, lo=acc_from, n=end), D.ukv.dense, self.acc, 0, add=not D.seed)
 
     # ---- bookkeeping: the plan's rules, at this cache's length ------------------------------------
     def truncate(self, n_tokens):
@@ -314,20 +395,12 @@ def new_device_cache(mode: str, model: Model, n_ctx: int, options: CacheOptions,
     return DeviceLatentCache(model, n_ctx, mode, options, log)
 
 
-@dataclass
-class Position:
-    """What DeviceCache.attend_device reads and writes of one position — xn_vec (the normed
-    input), q (post-RoPE), k (pre-RoPE) and v in, attn out — with the step's tables and scratch.
-    A GpuStep is its own for the decode step; a prompt's positions are views into its rows."""
-    kc: object
-    cos: object
-    sin: object
-    xp: object
-    xn_vec: object
-    q: object
-    k: object
-    v: object
-    attn: object
+@dataclass(frozen=True)
+class Bounds:
+    """Where each row of a prompt starts reading its history exactly (xqrt.cache.LatentCache.bound)."""
+    dev: object  # one per row, on the device
+    lowest: int
+    highest: int
 
 
 @dataclass
@@ -341,13 +414,26 @@ class Prompt:
     k: object
     v: object
     attn: object
+    memo: dict = field(default_factory=dict)  # what every layer reads alike, made once: views cost host time
 
-    @functools.cached_property
-    def positions(self) -> list[Position]:
-        """Each row as a Position of views (made once: a device-array view costs host time)."""
-        s = self.step
-        return [Position(s.kc, s.cos, s.sin, s.xp, self.xn[t], self.q[t], self.k[t], self.v[t], self.attn[t])
-                for t in range(self.q.shape[0])]
+    def parts(self, rows: int) -> list[Prompt]:
+        """The prompt as consecutive prompts of at most `rows` rows."""
+        n = self.q.shape[0]
+        if n <= rows:
+            return [self]
+        if ("parts", rows) not in self.memo:
+            cut = lambda a, t: a[t:t + rows]  # noqa: E731
+            self.memo["parts", rows] = [Prompt(self.step, self.pos0 + t, cut(self.xn, t), cut(self.q, t),
+                                               cut(self.k, t), cut(self.v, t), cut(self.attn, t))
+                                        for t in range(0, n, rows)]
+        return self.memo["parts", rows]
+
+    def bounds(self, cache: Cache, per_channel: bool) -> Bounds:
+        if ("bounds", per_channel) not in self.memo:
+            from numba import cuda
+            b = cache.bound(np.arange(self.pos0, self.pos0 + self.q.shape[0]), per_channel).astype(np.int64)
+            self.memo["bounds", per_channel] = Bounds(cuda.to_device(b), int(b[0]), int(b[-1]))
+        return self.memo["bounds", per_channel]
 
 
 class GpuStep:

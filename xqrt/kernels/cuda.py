@@ -719,12 +719,15 @@ def values_f16(probs, v_cache, n, chunk, head_dim, parts):
 
 
 @cuda.jit(**_FAST)
-def prompt_attention_f16(q, k_cache, v_cache, pos0, head_dim, scale, out):
-    """out[t] = causal attention of the query row q[t], at position pos0 + t, over rows [0, pos0 + t]
-    of the fp16 cache: one block per (query, kv head) for all the query heads of that kv head —
-    a prompt's attention in one launch. Each warp keeps an online softmax over every WARPS-th
-    position (its lanes over the head, the dot products by warp sums), then the warps' states meet
-    in shared memory. Every warp runs the same trip count, so the simulator's barriers are uniform."""
+def prompt_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound, pos0, head_dim, scale, out):
+    """out[t] = causal attention of the query row q[t], at position pos0 + t, over positions [0,
+    pos0 + t]: one block per (query, kv head) for all the query heads of that kv head — a prompt's
+    attention in one launch. Query t reads position j's key from k[j] while j < k_bound[t] (always
+    when k_bound is empty: one history, the fp16 cache) and from k_exact[j − k_from] above — a
+    latent cache's packed and exact versions of its history, rebuilt — and its value alike. Each
+    warp keeps an online softmax over every WARPS-th position (its lanes over the head, the dot
+    products by warp sums), then the warps' states meet in shared memory. Every warp runs the same
+    trip count, so the simulator's barriers are uniform."""
     buf = cuda.shared.array(THREADS, float32)
     w_max = cuda.shared.array((WARPS, MAX_GROUP), float32)
     w_sum = cuda.shared.array((WARPS, MAX_GROUP), float32)
@@ -736,9 +739,11 @@ def prompt_attention_f16(q, k_cache, v_cache, pos0, head_dim, scale, out):
     kv_row = cuda.local.array(HEAD_LANE_VALUES, float32)
     t, g, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
     warp, lane = tid // 32, tid % 32
-    n_kv_head = k_cache.shape[1] // head_dim
+    n_kv_head = k.shape[1] // head_dim
     per_kv = q.shape[1] // head_dim // n_kv_head
     n = pos0 + t + 1
+    kb = k_bound[t] if k_bound.shape[0] else n
+    vb = v_bound[t] if v_bound.shape[0] else n
     for j in range(per_kv):
         h = g * per_kv + j
         mx[j], total[j] = float32(-3.0e38), float32(0.0)  # finite: fastmath assumes no infinities
@@ -750,7 +755,10 @@ def prompt_attention_f16(q, k_cache, v_cache, pos0, head_dim, scale, out):
         p = step * WARPS + warp
         for u in range(HEAD_LANE_VALUES):
             i = lane + 32 * u
-            kv_row[u] = float32(k_cache[p, g * head_dim + i]) if p < n and i < head_dim else float32(0.0)
+            col = g * head_dim + i
+            kv_row[u] = float32(0.0)
+            if p < n and i < head_dim:
+                kv_row[u] = float32(k[p, col]) if p < kb else float32(k_exact[p - k_from, col])
         for j in range(per_kv):
             dot = float32(0.0)
             for u in range(HEAD_LANE_VALUES):
@@ -762,7 +770,10 @@ def prompt_attention_f16(q, k_cache, v_cache, pos0, head_dim, scale, out):
                 mx[j], total[j] = new_max, total[j] * shrink + e
                 for u in range(HEAD_LANE_VALUES):
                     i = lane + 32 * u
-                    vv = float32(v_cache[p, g * head_dim + i]) if i < head_dim else float32(0.0)
+                    col = g * head_dim + i
+                    vv = float32(0.0)
+                    if i < head_dim:
+                        vv = float32(v[p, col]) if p < vb else float32(v_exact[p - v_from, col])
                     acc[j, u] = acc[j, u] * shrink + e * vv
     for j in range(per_kv):
         if lane == 0:
@@ -970,24 +981,32 @@ def project_values(parts, n_parts, width, mv, head_dim, add, out):
 
 
 @cuda.jit(**_FAST)
-def accumulate(acc, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, ukv_t, reset):
-    """XQuant-CL: acc[t] (+)= Δ̂_t · ukv_t for positions [0, n) of a per-token delta stream (reset:
-    the seed layer, from zero; an fp16 acc rounds each row as the CPU's does). Grid: position
-    tiles × column tiles of HEAD_DIM, the rebuild product's tiling."""
+def rebuild(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, m, out, base, add):
+    """out[p − base] (+)= z_p · m for the positions p ∈ [lo, n) of a latent stream (m empty: z_p
+    itself) — a prompt's keys and values, rebuilt once for all its queries, and XQuant-CL's
+    accumulator Â (add: onto what out holds; an fp16 out rounds each row as the CPU's does).
+    Grid: position tiles × column tiles of HEAD_DIM."""
     lat_s = cuda.shared.array((TILE_T, LAT_ROW), float32)
     m_s = cuda.shared.array((TILE_R, HEAD_DIM), float32)
-    out = cuda.local.array(32, float32)
+    acc = cuda.local.array(32, float32)
     p0, col0 = lo + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y * HEAD_DIM
-    n_cols = min(HEAD_DIM, acc.shape[1] - col0)
-    _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, ukv_t, col0, n_cols, lat_s,
-                  m_s, out)
+    n_cols = min(HEAD_DIM, out.shape[1] - col0)
     ty, tx = cuda.threadIdx.x // 16, cuda.threadIdx.x % 16
+    if m.shape[0]:
+        _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, m, col0, n_cols, lat_s,
+                      m_s, acc)
+    else:
+        for i in range(4):
+            for j in range(8):
+                p, c = p0 + 4 * ty + i, tx + 16 * j
+                acc[8 * i + j] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, col0 + c) \
+                    if p < n and c < n_cols else float32(0.0)
     for i in range(4):
         p = p0 + 4 * ty + i
         for j in range(8):
             c = tx + 16 * j
             if p < n and c < n_cols:
-                acc[p, col0 + c] = out[8 * i + j] + (float32(0.0) if reset else float32(acc[p, col0 + c]))
+                out[p - base, col0 + c] = acc[8 * i + j] + (float32(out[p - base, col0 + c]) if add else float32(0.0))
 
 
 @cuda.jit
@@ -1054,21 +1073,22 @@ def _quantize(vals, n, bits, codes, o):
 
 
 @cuda.jit
-def store_token(z, ring, slot, codes, scale, zero, bits, group, sink, pos, quantize):
-    """A new position's latent z: rounded to fp16 into row `slot` of the exact ring and into the
-    sinks while pos < len(sink), then — quantize — packed per token into row pos of the stream,
-    from the rounded values (a ring of no rows: from z itself, XQuant-CL's Δ). One thread per
-    group of the vector."""
+def store_token(z, ring, codes, scale, zero, bits, group, sink, pos0, quantize):
+    """Row t of z, the latent of position pos0 + t: rounded to fp16 into row (pos0 + t) mod len(ring)
+    of the exact ring and into the sinks while the position is below len(sink), then — quantize —
+    packed per token into the stream's row of that position, from the rounded values (a ring of
+    no rows: from z itself, XQuant-CL's Δ). One thread per group of a row; grid: groups × rows."""
     vals = cuda.local.array(MAX_QUANT_GROUP, float32)
-    g = cuda.grid(1)
-    if g * group >= z.shape[0]:
+    g, t = cuda.grid(1), cuda.blockIdx.y
+    if g * group >= z.shape[1]:
         return
-    for j in range(min(group, z.shape[0] - g * group)):
+    pos = pos0 + t
+    for j in range(min(group, z.shape[1] - g * group)):
         c = g * group + j
-        h = float16(z[c])
-        vals[j] = z[c]
+        h = float16(z[t, c])
+        vals[j] = z[t, c]
         if ring.shape[0]:  # the exact latents are fp16, and the packed ones are quantized from them
-            ring[slot, c] = h
+            ring[pos % ring.shape[0], c] = h
             vals[j] = float32(h)
         if pos < sink.shape[0]:
             sink[pos, c] = float32(h)
@@ -1080,13 +1100,14 @@ def store_token(z, ring, slot, codes, scale, zero, bits, group, sink, pos, quant
 
 @cuda.jit
 def store_channel_group(ring, codes, scale, zero, off, cbits, group, sink, g0):
-    """The per-channel group of positions [g0, g0 + G) from the exact ring, one thread per channel
-    (xqrt.kernels.cpu._store_channel_group): sink positions, read from the sinks, take another
-    position's values here and leave the group's ranges alone."""
+    """Per-channel groups of positions [g0, g0 + G), [g0 + G, g0 + 2G) … (one per blockIdx.y) from
+    the exact ring, one thread per channel (xqrt.kernels.cpu._store_channel_group): sink positions,
+    read from the sinks, take another position's values here and leave the group's ranges alone."""
     vals = cuda.local.array(MAX_QUANT_GROUP, float32)
     c = cuda.grid(1)
     if c >= ring.shape[1]:
         return
+    g0 += cuda.blockIdx.y * group
     for t in range(group):
         vals[t] = float32(ring[(g0 + t) % ring.shape[0], c])
     n_sink = max(min(sink.shape[0] - g0, group), 0)
@@ -1100,10 +1121,12 @@ def store_channel_group(ring, codes, scale, zero, off, cbits, group, sink, g0):
 
 
 @cuda.jit
-def subtract_row(x, rows, r, out):
-    """out = x − rows[r] (XQuant-CL: the new token's input less the accumulator's row)."""
-    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
-        out[i] = x[i] - float32(rows[r, i])
+def subtract_rows(x, rows, r0, out):
+    """out[t] = x[t] − rows[r0 + t] (XQuant-CL: the new tokens' inputs less the accumulator's rows)."""
+    width = x.shape[1]
+    for i in range(cuda.grid(1), x.shape[0] * width, cuda.gridsize(1)):
+        t, c = i // width, i % width
+        out[t, c] = x[t, c] - float32(rows[r0 + t, c])
 
 
 # ---- launching -------------------------------------------------------------------------------
@@ -1194,12 +1217,22 @@ def attend_f16(q, k_cache, v_cache, n, n_head, head_dim, ws: Workspace, out, str
     sum_parts[n_head, THREADS, stream](ws.parts, n_parts, head_dim, out)
 
 
-def attend_prompt_f16(q, k_cache, v_cache, pos0, head_dim, out, stream=0):
-    """Causal attention of the rows of q (post-RoPE, positions pos0…) over the fp16 cache, whose
-    rows up to theirs are written."""
-    n_kv_head = k_cache.shape[1] // head_dim
-    prompt_attention_f16[(q.shape[0], n_kv_head), THREADS, stream](q, k_cache, v_cache, pos0, head_dim,
-                                                                  np.float32(1.0 / math.sqrt(head_dim)), out)
+def attend_prompt(q, k, v, pos0, head_dim, out, exact=None, stream=0):
+    """Causal attention of the rows of q (post-RoPE, positions pos0…) over K (post-RoPE) / V rows
+    written up to each query's position. exact: (k_exact, v_exact, k_from, v_from, k_bound,
+    v_bound) — query t reads position j from k / v below its bounds and from the exact rows (of
+    positions k_from… / v_from…) from them on (xqrt.cache.mixed_attention's rule)."""
+    n_kv_head = k.shape[1] // head_dim
+    if exact is None:
+        none = _no_bounds()
+        exact = (k, v, 0, 0, none, none)
+    prompt_attention[(q.shape[0], n_kv_head), THREADS, stream](q, k, v, *exact, pos0, head_dim,
+                                                              np.float32(1.0 / math.sqrt(head_dim)), out)
+
+
+@functools.cache
+def _no_bounds():
+    return cuda.to_device(np.zeros(0, np.int64))
 
 
 def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace, out, stream=0):
