@@ -406,3 +406,9 @@ def test_compiled_decode_step_equals_the_batched_path(fixture, mode, opts, reque
                 for name in ("codes", "scale", "zero", "sink"):
                     np.testing.assert_array_equal(getattr(s, name), getattr(u, name))
     assert fused.nbytes() == plain.nbytes()
+
+
+def test_size_next_to_fp16_says_larger_when_larger():
+    from xqrt.cache import versus_fp16
+    assert versus_fp16(4.0) == "4.00x smaller than fp16 KV"
+    assert versus_fp16(0.5) == "2.00x larger than fp16 KV"

@@ -107,6 +107,14 @@ class CacheOptions:
             raise XQError(f"--fp16-channels {self.fp16_channels} must be 0 or more")
 
 
+def versus_fp16(ratio: float) -> str:
+    """A cache's size next to fp16 KV's, from fp16's bytes per token over its own: a cache that is
+    larger (a tiny model's latents can be) says so, not "0.57x smaller"."""
+    if ratio >= 1:
+        return f"{ratio:.2f}x smaller than fp16 KV"
+    return f"{1 / ratio:.2f}x larger than fp16 KV" if ratio > 0 else "no positions to compare with fp16 KV"
+
+
 def default_group(config: ModelConfig) -> int:
     g = 128
     while g > 8 and (config.d_model % g or config.kv_dim % g):

@@ -16,7 +16,7 @@ from typing import Iterator
 import numba
 import numpy as np
 
-from .cache import FP16KV, Cache, CacheOptions, file_recipe, make_cache
+from .cache import FP16KV, Cache, CacheOptions, file_recipe, make_cache, versus_fp16
 from .errors import XQError
 from .factors import stderr_log
 from .gguf_model import Model, QMatrix, load_model
@@ -42,7 +42,7 @@ class Stats:
         ratio = fp16_bytes_per_token / per_tok if per_tok else 0.0
         return (f"prompt: {self.prompt_tokens} tokens, {pp:.1f} tok/s | generation: {self.generated_tokens} tokens, "
                 f"{tg:.1f} tok/s | cache {cache_mode}: {self.cache_bytes} bytes for {self.cache_tokens} tokens "
-                f"({per_tok:.0f} B/token, {ratio:.2f}x smaller than fp16 KV)")
+                f"({per_tok:.0f} B/token, {versus_fp16(ratio)})")
 
 
 _DECODE_MAX = 8  # prompts up to this many tokens go through the decode step, token by token

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .cache import versus_fp16
 from .errors import XQError, cli_exit_code
 
 
@@ -59,7 +60,7 @@ class Result:
         return (f"ppl = {self.ppl:.4f} ± {self.ppl_se:.4f} | fp16-KV ppl = {self.ref_ppl:.4f} | "
                 f"Δppl = {self.delta_ppl_pct:+.2f}% | KLD = {self.kld:.5f} ± {self.kld_se:.5f} | "
                 f"same top token = {100 * self.top1:.2f}% | cache {self.bytes_per_token:.0f} B/token "
-                f"({self.ratio:.2f}x smaller than fp16 KV)")
+                f"({versus_fp16(self.ratio)})")
 
 
 def windows(tokens: list[int], n_ctx: int, n_chunks: int | None) -> list[list[int]]:
