@@ -250,7 +250,7 @@ class DeviceLatentCache(DeviceCache):
         n = pos + 1
         if D.key is None:
             x = s.xn_vec if D.seed else D.x_less_acc_vec
-            self._write_delta(kc, D, s.xn, D.x_less_acc, pos, lambda: kc.product(D.ukv, x, s.xp, D.dz_vec), D.dz, 0)
+            self._write_delta(kc, D, pos, s.xn, D.x_less_acc, D.dz, lambda: kc.product(D.ukv, x, s.xp, D.dz_vec), 0)
             b = int(self.plan.bound(pos, False))
             acc = replace(self.acc_stream, n_q=0, lo=0, n=b)
             exact_k, exact_v = self._exact(D, b, b, n)
@@ -274,8 +274,8 @@ class DeviceLatentCache(DeviceCache):
             self._write(kc, D, zk, zv, pos0)
             if D.key is None:
                 x_less_acc, dz = self._scratch("x_less_acc", n, c.d_model), self._scratch("dz", n, D.dz.shape[1])
-                self._write_delta(kc, D, p.xn, x_less_acc, pos0,
-                                  lambda: kc.product_rows(D.ukv, p.xn if D.seed else x_less_acc, dz), dz,
+                self._write_delta(kc, D, pos0, p.xn, x_less_acc, dz,
+                                  lambda: kc.product_rows(D.ukv, p.xn if D.seed else x_less_acc, dz),
                                   0 if pos0 == prompt.pos0 else pos0)
                 bk = bv = p.bounds(self.plan, False)
                 acc = replace(self.acc_stream, n_q=0, lo=0, n=bk.highest)
@@ -311,12 +311,13 @@ class DeviceLatentCache(DeviceCache):
         return out
 
     def _scratch(self, name, rows, width):
-        """A (rows × width) float32 scratch of the prompt path, grown as needed and kept."""
+        """A (rows × width) float32 scratch of the prompt path, grown as needed and kept (per width:
+        layers' latents may differ in width)."""
         from numba import cuda
-        have = self._prompt_scratch.get(name)
-        if have is None or have.shape[0] < rows or have.shape[1] != width:
+        have = self._prompt_scratch.get((name, width))
+        if have is None or have.shape[0] < rows:
             size = min(max(rows, 2 * (0 if have is None else have.shape[0]), 64), max(rows, self.n_ctx))
-            have = self._prompt_scratch[name] = cuda.device_array((size, width), np.float32)
+            have = self._prompt_scratch[name, width] = cuda.device_array((size, width), np.float32)
         return have[:rows]
 
     def _rebuild(self, kc, stream, m, out, base, add):
@@ -357,7 +358,7 @@ class DeviceLatentCache(DeviceCache):
         kc.store_token[(-(-z.shape[1] // (group * threads)), z.shape[0]), threads](
             z, ring, stream.codes, stream.scale, stream.zero, stream.bits, group, sink, pos0, quantize)
 
-    def _write_delta(self, kc, D, x, x_less_acc, pos0, project, dz, acc_from):
+    def _write_delta(self, kc, D, pos0, x, x_less_acc, dz, project, acc_from):
         """XQuant-CL from its seed layer on: Δ = (x − Â)·ukv of the rows at positions pos0… (project
         computes it into dz from x, or from x_less_acc past the seed), packed per token; then Â ← Â
         + Δ̂·ukvᵀ for the positions from acc_from up to theirs (the rows below it hold this layer's
@@ -428,7 +429,7 @@ class Prompt:
                                         for t in range(0, n, rows)]
         return self.memo["parts", rows]
 
-    def bounds(self, cache: Cache, per_channel: bool) -> Bounds:
+    def bounds(self, cache: LatentCache, per_channel: bool) -> Bounds:
         if ("bounds", per_channel) not in self.memo:
             from numba import cuda
             b = cache.bound(np.arange(self.pos0, self.pos0 + self.q.shape[0]), per_channel).astype(np.int64)
