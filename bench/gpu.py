@@ -61,8 +61,13 @@ def seconds(fn, least=0.3, most=50):
     return (time.perf_counter() - t0) / n
 
 
+DEVICE = "cuda"  # torch's device for the random weights and cache contents ("cpu": Numba's simulator, in tests)
+
+
 def dev(t: torch.Tensor):
-    return cuda.as_cuda_array(t.detach())
+    """t as a Numba device array: the same memory on a GPU, a copy in the simulator."""
+    t = t.detach()
+    return cuda.as_cuda_array(t) if t.is_cuda else cuda.to_device(t.numpy())
 
 
 # ---- ceilings -----------------------------------------------------------------------------------
@@ -102,11 +107,11 @@ def ceilings():
 # ---- weights --------------------------------------------------------------------------------------
 def random_matrix(rows, cols, qtype) -> kc.DeviceMatrix:
     words = kc._WORDS[qtype] * (cols // 32)
-    qs = dev(torch.randint(-2 ** 31, 2 ** 31 - 1, (rows, words), dtype=torch.int32, device="cuda")).view(np.uint32)
-    d = dev(torch.rand(rows, cols // 32, device="cuda").half() * 0.01)
-    m = dev(-torch.rand(rows, cols // 32, device="cuda").half() * 0.05) if qtype == Q4_1 else \
-        dev(torch.zeros(1, 1, dtype=torch.float16, device="cuda"))
-    return kc.DeviceMatrix(qtype, rows, cols, qs, d, m, dev(torch.zeros(1, 1, device="cuda")))
+    qs = dev(torch.randint(-2 ** 31, 2 ** 31 - 1, (rows, words), dtype=torch.int32, device=DEVICE)).view(np.uint32)
+    d = dev(torch.rand(rows, cols // 32, device=DEVICE).half() * 0.01)
+    m = dev(-torch.rand(rows, cols // 32, device=DEVICE).half() * 0.05) if qtype == Q4_1 else \
+        dev(torch.zeros(1, 1, dtype=torch.float16, device=DEVICE))
+    return kc.DeviceMatrix(qtype, rows, cols, qs, d, m, dev(torch.zeros(1, 1, device=DEVICE)))
 
 
 def matrix_bytes(w: kc.DeviceMatrix) -> int:
@@ -203,21 +208,20 @@ class Model:
                 wo=random_matrix(d, d, Q4_0), w_gate=random_matrix(ff, d, Q4_0), w_up=random_matrix(ff, d, Q4_0),
                 w_down=random_matrix(d, ff, Q4_0),
                 uk=random_matrix(kv, d, Q8_0), uv=random_matrix(kv, d, Q8_0), ukv=random_matrix(2 * kv, d, Q8_0),
-                norm=dev(torch.ones(d, device="cuda")),
+                norm=dev(torch.ones(d, device=DEVICE)),
             ))
         self.output = random_matrix(s["vocab"], d, Q4_0)
         # Fused rebuild factors are per layer in a real model; one set serves every layer here (read from L2
         # either way: the product, not their bytes, bounds the rebuild).
-        self.mk = dev(torch.randn(kv, kv, device="cuda") * 0.03)
-        self.mv = dev(torch.randn(kv, kv, device="cuda") * 0.03)
-        self.mk16 = torch.as_tensor(self.mk, device="cuda").half()
-        self.ukv_t = dev(torch.randn(2 * kv, d, device="cuda") * 0.02)  # XQuant-CL: Δ latent → x space
-        self.wk_t = dev(torch.randn(d, kv, device="cuda") * 0.02)  # accumulator → K / V
-        self.wv_t = dev(torch.randn(d, kv, device="cuda") * 0.02)
+        mk = torch.randn(kv, kv, device=DEVICE) * 0.03
+        self.mk, self.mv, self.mk16 = dev(mk), dev(torch.randn(kv, kv, device=DEVICE) * 0.03), mk.half()
+        self.ukv_t = dev(torch.randn(2 * kv, d, device=DEVICE) * 0.02)  # XQuant-CL: Δ latent → x space
+        self.wk_t = dev(torch.randn(d, kv, device=DEVICE) * 0.02)  # accumulator → K / V
+        self.wv_t = dev(torch.randn(d, kv, device=DEVICE) * 0.02)
         inv_freq = 500000.0 ** (-np.arange(0, s["head_dim"], 2) / s["head_dim"])
         ang = np.arange(n_ctx + 1)[:, None] * inv_freq[None]
         self.cos, self.sin = cuda.to_device(np.cos(ang).astype(np.float32)), cuda.to_device(np.sin(ang).astype(np.float32))
-        self.x = cuda.device_array(d, np.float32)
+        self.x = dev(torch.randn(d, device=DEVICE))  # the residual stream: each step adds to it
         self.xn = cuda.device_array((1, d), np.float32)
         self.x_row, self.xn_vec = self.x.reshape(1, -1), self.xn.reshape(-1)  # views made once: each costs host time
         self.q = cuda.device_array(d, np.float32)
@@ -300,11 +304,11 @@ def random_streams(s, n, bits, per_channel_keys: bool, width: int, n_layer: int)
             else:
                 n_rows, row_bytes, n_scale = n, width * bits // 8, width // GROUP
                 off = cbits = np.zeros(0, np.int64)
-            codes = torch.randint(0, 256, (max(n_rows, 1), 1, row_bytes), dtype=torch.uint8, device="cuda")
+            codes = torch.randint(0, 256, (max(n_rows, 1), 1, row_bytes), dtype=torch.uint8, device=DEVICE)
             shape = (max(n_rows, 1), n_scale, 1) if per_channel else (max(n_rows, 1), 1, n_scale)
-            scale = torch.rand(shape, device="cuda").half() * 0.1
-            zero = -torch.rand(shape, device="cuda").half()
-            ring = torch.randn(GROUP if per_channel else 1, width, device="cuda")  # exact rows, p mod G
+            scale = torch.rand(shape, device=DEVICE).half() * 0.1
+            zero = -torch.rand(shape, device=DEVICE).half()
+            ring = torch.randn(GROUP if per_channel else 1, width, device=DEVICE)  # exact rows, p mod G
             pair.append(kc.DeviceStream(dev(codes), dev(scale), dev(zero), bits, GROUP.bit_length() - 1,
                                         cuda.to_device(off), cuda.to_device(cbits),
                                         cuda.to_device(np.zeros((0, width), np.float32)), dev(ring),
@@ -352,7 +356,7 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
     nh, hd, nkv = s["n_head"], s["head_dim"], s["n_kv_head"]
     empty = model.ws.empty
     if mode == "fp16":
-        caches = [(dev(torch.randn(n + 1, kv, device="cuda").half()), dev(torch.randn(n + 1, kv, device="cuda").half()))
+        caches = [(dev(torch.randn(n + 1, kv, device=DEVICE).half()), dev(torch.randn(n + 1, kv, device=DEVICE).half()))
                   for _ in range(s["n_layer"])]
 
         def attend(i, L, xn):
@@ -403,7 +407,7 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
             matvec(L["ukv"], xn, model.z)
             store(deltas[i], model.z_row, n - 1, False)
             one_layer(i)
-        one = lambda: one_layer(1)  # noqa: E731
+        one = lambda: one_layer(s["n_layer"] - 1)  # noqa: E731 — past the seed, where Â is added to
     t_attn = graph_seconds(one)
     if isinstance(t_attn, str):
         t_attn = seconds(one, least=0.3, most=20)
@@ -416,6 +420,8 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
 def graph_seconds(step):
     """Seconds per replay of `step` captured as one CUDA graph (torch's capture; the Numba kernels
     launched onto the capturing stream), or the reason it could not be captured."""
+    if DEVICE != "cuda":
+        return "no CUDA graphs without a GPU"
     side = torch.cuda.Stream()
     try:
         side.wait_stream(torch.cuda.current_stream())

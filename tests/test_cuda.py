@@ -475,3 +475,27 @@ def test_device_choice(monkeypatch):
     assert pick_device("auto", "fp16", config, plain) == "cpu"
     with pytest.raises(XQError, match="unknown device"):
         pick_device("tpu", "fp16", config, plain)
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs(monkeypatch):
+    """bench/gpu.py's fp16 prefill and its decode step of every mode, on a tiny shape with random
+    contents made by CPU torch: what a lent GPU's few minutes would otherwise find broken (a kernel
+    signature the bench did not follow). Each timing runs its step once."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "bench_gpu", os.path.join(os.path.dirname(__file__), "..", "bench", "gpu.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shape = dict(d=64, n_head=4, n_kv_head=2, head_dim=16, n_ff=128, vocab=96, n_layer=1)
+    for name, value in (("DEVICE", "cpu"), ("GROUP", 16), ("PROMPT", 8), ("LLAMA3_8B", shape),
+                        ("seconds", lambda fn, least=0, most=0: (fn(), 1.0)[1])):
+        monkeypatch.setattr(bench, name, value)
+    n = 40  # two per-channel key groups packed, eight positions exact
+    model = bench.Model(shape, n)
+    assert bench.prompt_seconds(model) == 1.0
+    for mode, bits in (("fp16", 16), ("kivi", 2), ("xquant", 3), ("xquant-cl", 4)):
+        t_step, t_graph, t_attn = bench.run_mode(model, mode, bits, n)
+        assert (t_step, t_attn) == (1.0, 1.0) and t_graph == "no CUDA graphs without a GPU"
+        assert np.isfinite(model.attn.copy_to_host()).all(), mode
