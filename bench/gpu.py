@@ -324,7 +324,7 @@ def store(stream, z, pos, per_channel):
     group = GROUP if per_channel else 1 << stream.shift
     launch_grid = -(-z.shape[1] // (group * 32))
     kc.store_token[launch_grid, 32, STREAM[0]](z, stream.tail, stream.codes, stream.scale, stream.zero,
-                                               stream.bits, group, stream.sink, pos, not per_channel)
+                                               stream.bits, group, stream.sink, pos, not per_channel, False)
 
 
 def bytes_per_token(mode, bits, s):

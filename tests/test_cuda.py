@@ -292,21 +292,25 @@ def test_rebuild():
     np.testing.assert_array_equal(out.copy_to_host(), seen[lo:])
 
 
-@pytest.mark.parametrize("bits, group, n_sink", [(2, 8, 0), (3, 16, 2), (4, 32, 4), (8, 8, 1)])
-def test_cache_writes_are_xqrt_quant_bit_for_bit(bits, group, n_sink):
+@pytest.mark.parametrize("bits, group, n_sink, clip", [(2, 8, 0, False), (2, 8, 0, True), (3, 16, 2, True),
+                                                       (4, 32, 4, False), (8, 8, 1, False)])
+def test_cache_writes_are_xqrt_quant_bit_for_bit(bits, group, n_sink, clip):
     """store_token (per-token rows, sinks, the fp16 ring) and store_channel_group (a per-channel
     group of mixed 1-4-bit channels read from the ring, sinks left out of its ranges) write the
-    bytes xqrt.cache.Stream.write does."""
+    bytes xqrt.cache.Stream.write does — with clip, in the ranges of least squared error."""
     from xqrt.cache import Stream
     width, n = 32, 2 * group
     z = (rng.standard_normal((n, width)) * rng.uniform(0.01, 50, width)).astype(np.float32)
     z16 = z.astype(np.float16).astype(np.float32)
-    token = Stream(n, width, bits, group, per_channel=False, sinks=n_sink)
-    token.write(0, z16)
     channel_bits = [bits] * width if bits == 8 else quant.allocate_channel_bits(rng.random(width), min(bits, 3))
-    channel = Stream(n, width, bits, group, per_channel=True, sinks=n_sink, channel_bits=channel_bits)
+    token, channel, unclipped = (Stream(n, width, bits, group, per_channel=per_channel, sinks=n_sink, clip=c,
+                                        channel_bits=channel_bits if per_channel else None)
+                                 for per_channel, c in ((False, clip), (True, clip), (False, False)))
+    for stream in (token, unclipped):
+        stream.write(0, z16)
     for g0 in range(0, n, group):
         channel.write(g0, z16[g0:g0 + group])
+    assert (token.scale != unclipped.scale).any() == clip  # clipping moved some ranges
     dev = lambda a: cuda.to_device(np.ascontiguousarray(a))  # noqa: E731
     codes, scale, zero = dev(np.zeros_like(token.codes)), dev(np.zeros_like(token.scale).view(np.float16)), \
         dev(np.zeros_like(token.zero).view(np.float16))
@@ -316,12 +320,12 @@ def test_cache_writes_are_xqrt_quant_bit_for_bit(bits, group, n_sink):
     c_zero, c_sink = dev(np.zeros_like(channel.zero).view(np.float16)), dev(np.zeros_like(channel.sink))
     off = dev(channel.channel_off)
     cbits = dev((np.diff(channel.channel_off) * 8 // group).astype(np.int64))
-    kc.store_token[(1, 3), 32](dev(z[:3]), ring, codes, scale, zero, bits, group, sink, 0, True)  # rows at once
+    kc.store_token[(1, 3), 32](dev(z[:3]), ring, codes, scale, zero, bits, group, sink, 0, True, clip)  # rows at once
     for pos in range(3, n):
-        kc.store_token[1, 32](dev(z[pos:pos + 1]), ring, codes, scale, zero, bits, group, sink, pos, True)
+        kc.store_token[1, 32](dev(z[pos:pos + 1]), ring, codes, scale, zero, bits, group, sink, pos, True, clip)
     ring_2 = dev(np.zeros((n, width), np.float16))  # both groups at once, from a ring that holds them
-    kc.store_token[(1, n), 32](dev(z), ring_2, codes, scale, zero, bits, group, c_sink, 0, False)
-    kc.store_channel_group[(1, 2), 32](ring_2, c_codes, c_scale, c_zero, off, cbits, group, c_sink, 0)
+    kc.store_token[(1, n), 32](dev(z), ring_2, codes, scale, zero, bits, group, c_sink, 0, False, clip)
+    kc.store_channel_group[(1, 2), 32](ring_2, c_codes, c_scale, c_zero, off, cbits, group, c_sink, 0, clip)
     np.testing.assert_array_equal(codes.copy_to_host(), token.codes)
     np.testing.assert_array_equal(scale.copy_to_host().view(np.uint16), token.scale)
     np.testing.assert_array_equal(zero.copy_to_host().view(np.uint16), token.zero)
@@ -358,8 +362,8 @@ def three_layer_models(tmp_path_factory):
 
 # The simulator runs a 256-thread block at about 50 ms a barrier: one case in the default run.
 @pytest.mark.parametrize("kind, mode, options, n_ctx", [
-    ("gqa", "xquant-cl", dict(bits=2, base_layers=2), 9),
-    pytest.param("gqa", "kivi", dict(bits=2), 9, marks=pytest.mark.slow),
+    ("gqa", "xquant-cl", dict(bits=2, base_layers=2, clip=True), 9),
+    pytest.param("gqa", "kivi", dict(bits=2, clip=True), 9, marks=pytest.mark.slow),
     pytest.param("gqa", "xquant", dict(bits=3, value_bits=4, residual=16, rotate=False), 17, marks=pytest.mark.slow),
     pytest.param("mha", "xquant-cl", dict(bits=3, base_layers=2), 9, marks=pytest.mark.slow),
     pytest.param("mha", "kivi", dict(bits=4, sinks=0), 9, marks=pytest.mark.slow),
@@ -420,8 +424,8 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
                                    rtol=1e-4, atol=1e-4, err_msg=mode)
     with pytest.raises(XQError, match="kv-budget windows run on the CPU only"):
         Engine(path, ctx=8, cache="xquant", kv_budget=4096, device="cuda")
-    with pytest.raises(XQError, match="on the GPU, where --clip"):
-        gpu.new_cache(clip=True)
+    with pytest.raises(XQError, match="on the GPU, where --fp16-channels"):
+        gpu.new_cache(fp16_channels=2)
     with pytest.raises(XQError, match="runs on the GPU and this cache does not"):
         gpu.forward(ids, Engine(path, ctx=8).new_cache())
 

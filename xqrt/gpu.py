@@ -8,7 +8,7 @@ latent cache rebuilds the layer's K/V of the history once for them, as the CPU's
 Every cache mode runs here. fp16 keeps post-RoPE K/V rows; KIVI*, XQuant and XQuant-CL keep
 xqrt.cache's format itself — the same packed bytes, exact rings, sinks and XQuant-CL accumulator —
 written token by token by device kernels and read by the fused rematerializing attention. What
-runs on the CPU only: --kv-budget windows, --clip, fp16 key channels, unquantized (16/32-bit)
+runs on the CPU only: --kv-budget windows, fp16 key channels, unquantized (16/32-bit)
 latents, simulated caches. Every kernel is launched from Python (about 40 µs each), which bounds a
 small model's step; bench/gpu.py shows what replaying the step as one CUDA graph saves.
 """
@@ -42,8 +42,6 @@ def unsupported(cache_mode: str, config: ModelConfig, options: CacheOptions) -> 
         return "--kv-budget windows run on the CPU only"
     if o.simulated:
         return "simulated caches run on the CPU only"
-    if o.clip:
-        return "--clip runs on the CPU only"
     if o.fp16_channels:
         return "--fp16-channels runs on the CPU only"
     if any(b > 8 for b in (o.bits, o.value_bits or 0, *(o.layer_bits or ()))):
@@ -348,7 +346,8 @@ class DeviceLatentCache(DeviceCache):
         groups = end // G - pos0 // G
         if D.per_channel and groups:
             kc.store_channel_group[(kc._blocks(key.width), groups), kc.THREADS](
-                D.ring_k, key.codes, key.scale, key.zero, key.off, key.cbits, G, key.sink, pos0 // G * G)
+                D.ring_k, key.codes, key.scale, key.zero, key.off, key.cbits, G, key.sink, pos0 // G * G,
+                self.options.clip)
 
     def _store(self, kc, z, ring, stream, group, sink, pos0, quantize):
         """store_token: one thread per group of each row of z (sink None: no sinks)."""
@@ -356,7 +355,8 @@ class DeviceLatentCache(DeviceCache):
             sink = self._empty(z.shape[1], np.float32)
         threads = 32
         kc.store_token[(-(-z.shape[1] // (group * threads)), z.shape[0]), threads](
-            z, ring, stream.codes, stream.scale, stream.zero, stream.bits, group, sink, pos0, quantize)
+            z, ring, stream.codes, stream.scale, stream.zero, stream.bits, group, sink, pos0, quantize,
+            self.options.clip)
 
     def _write_delta(self, kc, D, pos0, x, x_less_acc, dz, project, acc_from):
         """XQuant-CL from its seed layer on: Δ = (x − Â)·ukv of the rows at positions pos0… (project

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import config, cuda, float32
+from numba import config, cuda, float32, float64
 from numba.cuda import libdevice
 from numba.types import float16
 
@@ -1049,15 +1049,40 @@ def _half_down(v):
 
 
 @cuda.jit(device=True, inline=True)
-def _quantize(vals, n, bits, codes, o):
-    """vals[:n] (one group) → codes[o : o + n·bits/8] as xqrt.quant.quantize_row packs them;
-    returns (step, minimum), both fp16 values."""
+def _mse_range(vals, n, lo, hi, top):
+    """xqrt.quant._mse_range, operation for operation: the ends of [lo, hi] moved in by multiples
+    of 1/20 of it whose grid has the least squared error over vals[:n] (the sum in float64)."""
+    best, best_lo, best_hi = math.inf, lo, hi
+    span = hi - lo
+    for a in range(6):
+        for b in range(6):
+            c_lo = lo + _mul_rn(float32(a / 20.0), span)
+            c_hi = hi - _mul_rn(float32(b / 20.0), span)
+            s = (c_hi - c_lo) / float32(top)
+            if s <= float32(0.0):
+                continue
+            err = 0.0
+            for j in range(n):
+                q = float32(min(max(math.floor((vals[j] - c_lo) / s + float32(0.5)), 0), top))
+                d = _mul_rn(q, s) + c_lo - vals[j]
+                err += float64(_mul_rn(d, d))
+            if err < best:
+                best, best_lo, best_hi = err, c_lo, c_hi
+    return best_lo, best_hi
+
+
+@cuda.jit(device=True, inline=True)
+def _quantize(vals, n, bits, codes, o, clip):
+    """vals[:n] (one group) → codes[o : o + n·bits/8] as xqrt.quant.quantize_row packs them (clip:
+    the range of least squared error); returns (step, minimum), both fp16 values."""
     lo = vals[0]
     hi = lo
     for j in range(n):
         lo = min(lo, vals[j])
         hi = max(hi, vals[j])
     top = (1 << bits) - 1
+    if clip:
+        lo, hi = _mse_range(vals, n, lo, hi, top)
     m = _half_down(lo)
     s = -_half_down(-((hi - m) / float32(top)))
     inv = float32(1.0) / s if s > float32(0.0) else float32(0.0)
@@ -1073,11 +1098,12 @@ def _quantize(vals, n, bits, codes, o):
 
 
 @cuda.jit
-def store_token(z, ring, codes, scale, zero, bits, group, sink, pos0, quantize):
+def store_token(z, ring, codes, scale, zero, bits, group, sink, pos0, quantize, clip):
     """Row t of z, the latent of position pos0 + t: rounded to fp16 into row (pos0 + t) mod len(ring)
     of the exact ring and into the sinks while the position is below len(sink), then — quantize —
     packed per token into the stream's row of that position, from the rounded values (a ring of
-    no rows: from z itself, XQuant-CL's Δ). One thread per group of a row; grid: groups × rows."""
+    no rows: from z itself, XQuant-CL's Δ), clip: in ranges of least squared error. One thread per
+    group of a row; grid: groups × rows."""
     vals = cuda.local.array(MAX_QUANT_GROUP, float32)
     g, t = cuda.grid(1), cuda.blockIdx.y
     if g * group >= z.shape[1]:
@@ -1093,13 +1119,13 @@ def store_token(z, ring, codes, scale, zero, bits, group, sink, pos0, quantize):
         if pos < sink.shape[0]:
             sink[pos, c] = float32(h)
     if quantize:
-        s, m = _quantize(vals, group, bits, codes[pos, 0], g * group * bits // 8)
+        s, m = _quantize(vals, group, bits, codes[pos, 0], g * group * bits // 8, clip)
         scale[pos, 0, g] = float16(s)
         zero[pos, 0, g] = float16(m)
 
 
 @cuda.jit
-def store_channel_group(ring, codes, scale, zero, off, cbits, group, sink, g0):
+def store_channel_group(ring, codes, scale, zero, off, cbits, group, sink, g0, clip):
     """Per-channel groups of positions [g0, g0 + G), [g0 + G, g0 + 2G) … (one per blockIdx.y) from
     the exact ring, one thread per channel (xqrt.kernels.cpu._store_channel_group): sink positions,
     read from the sinks, take another position's values here and leave the group's ranges alone."""
@@ -1115,7 +1141,7 @@ def store_channel_group(ring, codes, scale, zero, off, cbits, group, sink, g0):
     for t in range(n_sink):
         vals[t] = vals[fill]
     b = g0 // group
-    s, m = _quantize(vals, group, cbits[c], codes[b, 0], off[c])
+    s, m = _quantize(vals, group, cbits[c], codes[b, 0], off[c], clip)
     scale[b, c, 0] = float16(s)
     zero[b, c, 0] = float16(m)
 
