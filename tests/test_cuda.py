@@ -202,10 +202,20 @@ def test_attend_prompt(n_head, n_kv, hd):
     bound_k, bound_v = np.array([0, 0, 4, 4, 4, 8]), pos0 + np.arange(n_q) + 1  # groups of 4 / per token
     k_q, v_q = (rng.standard_normal((b[-1], n_kv * hd)).astype(np.float32) for b in (bound_k, bound_v))
     k_e, v_e = (rng.standard_normal((end - b[0], n_kv * hd)).astype(np.float32) for b in (bound_k, bound_v))
-    ref = mixed_attention(q, pos0, k_q, v_q, k_e, v_e, bound_k, bound_v, n_head, n_kv)
     dev = cuda.to_device
-    kc.attend_prompt(dev(q), dev(k_q), dev(v_q), pos0, hd, out,
-                     exact=(dev(k_e), dev(v_e), int(bound_k[0]), int(bound_v[0]), dev(bound_k), dev(bound_v)))
+    exact = (dev(k_e), dev(v_e), int(bound_k[0]), int(bound_v[0]), dev(bound_k), dev(bound_v))
+    ref = mixed_attention(q, pos0, k_q, v_q, k_e, v_e, bound_k, bound_v, n_head, n_kv)
+    kc.attend_prompt(dev(q), dev(k_q), dev(v_q), pos0, hd, out, exact=exact)
+    np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-4, atol=1e-5)
+    # and a --kv-budget window of the last 3 positions, from fp16 rings (position p in row p mod 11)
+    window, ring_rows = 3, 11
+    k_w, v_w = (rng.standard_normal((end - (pos0 - window + 1), n_kv * hd)).astype(np.float16) for _ in "kv")
+    ring_k, ring_v = (np.zeros((ring_rows, n_kv * hd), np.float16) for _ in "kv")
+    rows = np.arange(pos0 - window + 1, end) % ring_rows
+    ring_k[rows], ring_v[rows] = k_w, v_w
+    ref = mixed_attention(q, pos0, k_q, v_q, k_e, v_e, bound_k, bound_v, n_head, n_kv, window,
+                          k_w.astype(np.float32), v_w.astype(np.float32))
+    kc.attend_prompt(dev(q), dev(k_q), dev(v_q), pos0, hd, out, exact=exact, window=(dev(ring_k), dev(ring_v), window))
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-4, atol=1e-5)
 
 
@@ -362,9 +372,10 @@ def three_layer_models(tmp_path_factory):
 
 # The simulator runs a 256-thread block at about 50 ms a barrier: one case in the default run.
 @pytest.mark.parametrize("kind, mode, options, n_ctx", [
-    ("gqa", "xquant-cl", dict(bits=2, base_layers=2, clip=True), 9),
+    ("gqa", "xquant-cl", dict(bits=2, base_layers=2, clip=True, window=3), 9),
     pytest.param("gqa", "kivi", dict(bits=2, clip=True), 9, marks=pytest.mark.slow),
     pytest.param("gqa", "xquant", dict(bits=3, value_bits=4, residual=16, rotate=False), 17, marks=pytest.mark.slow),
+    pytest.param("gqa", "xquant", dict(bits=3, window=5), 17, marks=pytest.mark.slow),
     pytest.param("mha", "xquant-cl", dict(bits=3, base_layers=2), 9, marks=pytest.mark.slow),
     pytest.param("mha", "kivi", dict(bits=4, sinks=0), 9, marks=pytest.mark.slow),
 ])
@@ -372,13 +383,16 @@ def test_device_cache_steps_match_the_cpu_cache(three_layer_models, kind, mode, 
     """Decode steps of every layer through DeviceLatentCache against xqrt.cache's own, past the
     first per-channel group (positions read packed, from the rings and from the sinks): the same
     attention outputs and the same packed bytes — all of them for KIVI, whose latents are k and v
-    themselves; nearly all where the latents are products the two sides sum in other orders."""
-    from xqrt.cache import CacheOptions, make_cache
+    themselves; nearly all where the latents are products the two sides sum in other orders.
+    window: a --kv-budget of that many positions' fp16 K/V."""
+    from xqrt.cache import FP16KV, CacheOptions, make_cache
     from xqrt.gguf_model import load_model
     from xqrt.gpu import DeviceLatentCache
     model = load_model(three_layer_models[kind])
     c = model.config
-    opts = CacheOptions(**{"group": 8, "sinks": 2, **options})
+    options = dict(options)
+    window = options.pop("window", 0)
+    opts = CacheOptions(**{"group": 8, "sinks": 2, "kv_budget": window * FP16KV.bytes_per_position(c), **options})
     host, device = make_cache(mode, model, n_ctx, opts), DeviceLatentCache(model, n_ctx, mode, opts)
     step = device_step(model, n_ctx)
     for pos in range(n_ctx):
@@ -422,8 +436,6 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
         gpu = Engine(path, ctx=8, cache=mode, device="cuda", act_bits=act_bits)
         np.testing.assert_allclose(gpu.logits(ids), Engine(path, ctx=8, cache=mode, act_bits=act_bits).logits(ids),
                                    rtol=1e-4, atol=1e-4, err_msg=mode)
-    with pytest.raises(XQError, match="kv-budget windows run on the CPU only"):
-        Engine(path, ctx=8, cache="xquant", kv_budget=4096, device="cuda")
     with pytest.raises(XQError, match="on the GPU, where --fp16-channels"):
         gpu.new_cache(fp16_channels=2)
     with pytest.raises(XQError, match="runs on the GPU and this cache does not"):
@@ -433,7 +445,7 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
 @pytest.mark.parametrize("mode, options", [
     ("fp16", {}),
     ("xquant-cl", dict(group=8, base_layers=1)),  # two layers: the seed, and a delta layer after it
-    pytest.param("kivi", dict(group=8), marks=pytest.mark.slow),
+    pytest.param("kivi", dict(group=8, kv_budget=5 * 128), marks=pytest.mark.slow),  # a window of 5 positions
     pytest.param("xquant", dict(group=8, residual=16, bits=3), marks=pytest.mark.slow),
 ])
 def test_prompt_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch, mode, options):
@@ -465,12 +477,12 @@ def test_device_choice(monkeypatch):
     from xqrt.gpu import pick_device
     config = ModelConfig(arch="llama", n_layer=2, d_model=96, n_ff=128, n_head=4, n_kv_head=2, head_dim=24,
                          rope_dim=24, rope_base=1e4, rope_scale=1.0, norm_eps=1e-5, vocab_size=300, ctx_train=512)
-    plain, window = CacheOptions(), CacheOptions(kv_budget=1 << 20)
+    plain, cpu_only = CacheOptions(), CacheOptions(fp16_channels=2)
     said = []
     assert pick_device("cpu", "xquant", config, plain) == "cpu"
     assert pick_device("auto", "xquant-cl", config, plain) == "cuda"  # the simulator stands in for a GPU
-    assert pick_device("auto", "xquant", config, window, said.append) == "cpu"
-    assert said == ["xqrt: device cpu (--kv-budget windows run on the CPU only)"]
+    assert pick_device("auto", "xquant", config, cpu_only, said.append) == "cpu"
+    assert said == ["xqrt: device cpu (--fp16-channels runs on the CPU only)"]
     with pytest.raises(XQError, match="--device cuda: the CUDA cache writes take power-of-two groups"):
         pick_device("cuda", "kivi", config, CacheOptions(group=24))
     monkeypatch.setattr(kc, "available", lambda: False)

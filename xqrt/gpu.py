@@ -8,7 +8,7 @@ latent cache rebuilds the layer's K/V of the history once for them, as the CPU's
 Every cache mode runs here. fp16 keeps post-RoPE K/V rows; KIVI*, XQuant and XQuant-CL keep
 xqrt.cache's format itself — the same packed bytes, exact rings, sinks and XQuant-CL accumulator —
 written token by token by device kernels and read by the fused rematerializing attention. What
-runs on the CPU only: --kv-budget windows, fp16 key channels, unquantized (16/32-bit)
+runs on the CPU only: fp16 key channels, unquantized (16/32-bit)
 latents, simulated caches. Every kernel is launched from Python (about 40 µs each), which bounds a
 small model's step; bench/gpu.py shows what replaying the step as one CUDA graph saves.
 """
@@ -38,8 +38,6 @@ def unsupported(cache_mode: str, config: ModelConfig, options: CacheOptions) -> 
         return f"the CUDA value projection takes latents of at most {kc.MAX_WIDTH} channels"
     check_recipe(cache_mode, config, options)
     o = options
-    if o.kv_budget:
-        return "--kv-budget windows run on the CPU only"
     if o.simulated:
         return "simulated caches run on the CPU only"
     if o.fp16_channels:
@@ -174,7 +172,8 @@ class DeviceLatentCache(DeviceCache):
             raise XQError(f"the GPU step cannot run this cache: {why_not}")
         self.mode = mode
         self.plan = plan = make_cache(mode, model, n_ctx, options, log)
-        self.needs_kv = mode == "kivi"
+        self.window = plan.window
+        self.needs_kv = mode == "kivi" or bool(self.window)  # a window keeps K and V themselves
         c = self.config
         self.group, self.ring_size = plan.group, plan.ring_size
         f32 = lambda m: cuda.to_device(np.ascontiguousarray(m, np.float32))  # noqa: E731
@@ -214,6 +213,13 @@ class DeviceLatentCache(DeviceCache):
             none = cuda.to_device(np.zeros(0, np.int64))
             self.acc_stream = replace(self.layers[-1].delta, sink=self._empty(c.d_model, np.float32), tail=self.acc,
                                       off=none, cbits=none)
+        if self.window:  # K (post-RoPE) and V of the last W positions, fp16 rings of prompt_rows more rows
+            rows, none = self.window + self.prompt_rows, cuda.to_device(np.zeros(0, np.int64))
+            self.win_k = [cuda.to_device(np.zeros((rows, c.kv_dim), np.float16)) for _ in range(c.n_layer)]
+            self.win_v = [cuda.to_device(np.zeros((rows, c.kv_dim), np.float16)) for _ in range(c.n_layer)]
+            first = self.layers[0]  # a window ring read as a stream: nothing packed, every row exact
+            self._win_stream = replace(first.delta if first.value is None else first.value, n_q=0, off=none,
+                                       cbits=none, sink=self._empty(c.kv_dim, np.float32))
         self.ws = kc.Workspace(n_ctx, c.n_head, widest)
         self._prompt_scratch = {}
 
@@ -245,19 +251,26 @@ class DeviceLatentCache(DeviceCache):
         zk = s.xn if D.from_x else s.k_row if D.uk is None else D.zk
         zv = zk if D.shared else s.v_row if D.uv is None else D.zv
         self._write(kc, D, zk, zv, pos)
-        n = pos + 1
+        n = w0 = pos + 1  # positions from w0 on are read from the window
+        window = None
+        if self.window:
+            kc.store_kv[kc._blocks(c.kv_dim // 2), kc.THREADS](s.k_row, s.v_row, c.head_dim, s.cos, s.sin, pos,
+                                                                self.win_k[layer], self.win_v[layer])
+            w0 = n - min(self.window, n)
+            window = tuple(replace(self._win_stream, tail=ring, lo=w0, n=n)
+                           for ring in (self.win_k[layer], self.win_v[layer]))
         if D.key is None:
             x = s.xn_vec if D.seed else D.x_less_acc_vec
             self._write_delta(kc, D, pos, s.xn, D.x_less_acc, D.dz, lambda: kc.product(D.ukv, x, s.xp, D.dz_vec), 0)
-            b = int(self.plan.bound(pos, False))
+            b = min(int(self.plan.bound(pos, False)), w0)
             acc = replace(self.acc_stream, n_q=0, lo=0, n=b)
-            exact_k, exact_v = self._exact(D, b, b, n)
+            exact_k, exact_v = self._exact(D, b, b, w0)
             kc.attend_latent(s.q, [(acc, D.wk), (exact_k, D.mk)], [(acc, D.wv), (exact_v, D.mv)], s.cos, s.sin,
-                             c.n_kv_head, c.head_dim, self.ws, s.attn)
+                             c.n_kv_head, c.head_dim, self.ws, s.attn, window=window)
             return
-        bk, bv = int(self.plan.bound(pos, D.per_channel)), int(self.plan.bound(pos, False))
-        kc.attend_latent(s.q, [(replace(D.key, n_q=bk, n=n), D.mk)], [(replace(D.value, n_q=bv, n=n), D.mv)], s.cos,
-                         s.sin, c.n_kv_head, c.head_dim, self.ws, s.attn)
+        bk, bv = (min(int(self.plan.bound(pos, per_channel)), w0) for per_channel in (D.per_channel, False))
+        kc.attend_latent(s.q, [(replace(D.key, n_q=bk, n=w0), D.mk)], [(replace(D.value, n_q=bv, n=w0), D.mv)],
+                         s.cos, s.sin, c.n_kv_head, c.head_dim, self.ws, s.attn, window=window)
 
     def attend_prompt(self, prompt, layer):
         """A prompt's rows, prompt_rows at a time: their latents stored as decode stores them, then
@@ -270,6 +283,11 @@ class DeviceLatentCache(DeviceCache):
             zk = p.xn if D.from_x else p.k if D.uk is None else self._product(kc, D.uk, p.xn, "zk")
             zv = zk if D.shared else p.v if D.uv is None else self._product(kc, D.uv, p.xn, "zv")
             self._write(kc, D, zk, zv, pos0)
+            window = None
+            if self.window:
+                kc.store_kv[kc._blocks(n * c.kv_dim // 2), kc.THREADS](p.k, p.v, c.head_dim, p.step.cos, p.step.sin,
+                                                                        pos0, self.win_k[layer], self.win_v[layer])
+                window = self.win_k[layer], self.win_v[layer], self.window
             if D.key is None:
                 x_less_acc, dz = self._scratch("x_less_acc", n, c.d_model), self._scratch("dz", n, D.dz.shape[1])
                 self._write_delta(kc, D, pos0, p.xn, x_less_acc, dz,
@@ -291,7 +309,7 @@ class DeviceLatentCache(DeviceCache):
                 if rows.shape[0]:
                     kc.rope[kc._blocks(rows.size // 2), kc.THREADS](rows, c.head_dim, p.step.cos, p.step.sin, first)
             kc.attend_prompt(p.q, k, v, pos0, c.head_dim, p.attn,
-                             exact=(k_exact, v_exact, bk.lowest, bv.lowest, bk.dev, bv.dev))
+                             exact=(k_exact, v_exact, bk.lowest, bv.lowest, bk.dev, bv.dev), window=window)
 
     def _product(self, kc, w, x, name):
         out = self._scratch(name, x.shape[0], w.n_rows)

@@ -621,8 +621,9 @@ def rope(rows, head_dim, cos, sin, pos0):
 
 @cuda.jit
 def store_kv(k, v, head_dim, cos, sin, pos0, k_cache, v_cache):
-    """Rows pos0… of the fp16 cache from the rows of k (rotated as `rope` rotates them) and v — one
-    launch for the three steps: a decode step is bound by its launches."""
+    """Positions pos0… of the fp16 cache from the rows of k (rotated as `rope` rotates them) and v,
+    position p in row p mod its rows (a --kv-budget window is a ring) — one launch for the three
+    steps: a decode step is bound by its launches."""
     n_pairs = cos.shape[1]
     per_head = head_dim // 2
     half = k.shape[1] // 2
@@ -633,8 +634,9 @@ def store_kv(k, v, head_dim, cos, sin, pos0, k_cache, v_cache):
         if p < n_pairs:
             c, s = cos[pos, p], sin[pos, p]
             a, b = a * c - b * s, a * s + b * c
-        k_cache[pos, o], k_cache[pos, o + 1] = float16(a), float16(b)
-        v_cache[pos, o], v_cache[pos, o + 1] = float16(v[t, o]), float16(v[t, o + 1])
+        r = pos % k_cache.shape[0]
+        k_cache[r, o], k_cache[r, o + 1] = float16(a), float16(b)
+        v_cache[r, o], v_cache[r, o + 1] = float16(v[t, o]), float16(v[t, o + 1])
 
 
 # ---- attention -------------------------------------------------------------------------------
@@ -719,12 +721,15 @@ def values_f16(probs, v_cache, n, chunk, head_dim, parts):
 
 
 @cuda.jit(**_FAST)
-def prompt_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound, pos0, head_dim, scale, out):
+def prompt_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound, k_win, v_win, window, pos0,
+                     head_dim, scale, out):
     """out[t] = causal attention of the query row q[t], at position pos0 + t, over positions [0,
     pos0 + t]: one block per (query, kv head) for all the query heads of that kv head — a prompt's
     attention in one launch. Query t reads position j's key from k[j] while j < k_bound[t] (always
     when k_bound is empty: one history, the fp16 cache) and from k_exact[j − k_from] above — a
-    latent cache's packed and exact versions of its history, rebuilt — and its value alike. Each
+    latent cache's packed and exact versions of its history, rebuilt — and its value alike; the
+    last `window` positions before it from the fp16 ring k_win (position j in row j mod its rows,
+    a --kv-budget window). Each
     warp keeps an online softmax over every WARPS-th position (its lanes over the head, the dot
     products by warp sums), then the warps' states meet in shared memory. Every warp runs the same
     trip count, so the simulator's barriers are uniform."""
@@ -744,6 +749,7 @@ def prompt_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound
     n = pos0 + t + 1
     kb = k_bound[t] if k_bound.shape[0] else n
     vb = v_bound[t] if v_bound.shape[0] else n
+    win_lo = n - window
     for j in range(per_kv):
         h = g * per_kv + j
         mx[j], total[j] = float32(-3.0e38), float32(0.0)  # finite: fastmath assumes no infinities
@@ -758,7 +764,12 @@ def prompt_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound
             col = g * head_dim + i
             kv_row[u] = float32(0.0)
             if p < n and i < head_dim:
-                kv_row[u] = float32(k[p, col]) if p < kb else float32(k_exact[p - k_from, col])
+                if p >= win_lo:
+                    kv_row[u] = float32(k_win[p % k_win.shape[0], col])
+                elif p < kb:
+                    kv_row[u] = float32(k[p, col])
+                else:
+                    kv_row[u] = float32(k_exact[p - k_from, col])
         for j in range(per_kv):
             dot = float32(0.0)
             for u in range(HEAD_LANE_VALUES):
@@ -773,7 +784,12 @@ def prompt_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound
                     col = g * head_dim + i
                     vv = float32(0.0)
                     if i < head_dim:
-                        vv = float32(v[p, col]) if p < vb else float32(v_exact[p - v_from, col])
+                        if p >= win_lo:
+                            vv = float32(v_win[p % v_win.shape[0], col])
+                        elif p < vb:
+                            vv = float32(v[p, col])
+                        else:
+                            vv = float32(v_exact[p - v_from, col])
                     acc[j, u] = acc[j, u] * shrink + e * vv
     for j in range(per_kv):
         if lane == 0:
@@ -1243,16 +1259,19 @@ def attend_f16(q, k_cache, v_cache, n, n_head, head_dim, ws: Workspace, out, str
     sum_parts[n_head, THREADS, stream](ws.parts, n_parts, head_dim, out)
 
 
-def attend_prompt(q, k, v, pos0, head_dim, out, exact=None, stream=0):
+def attend_prompt(q, k, v, pos0, head_dim, out, exact=None, window=None, stream=0):
     """Causal attention of the rows of q (post-RoPE, positions pos0…) over K (post-RoPE) / V rows
     written up to each query's position. exact: (k_exact, v_exact, k_from, v_from, k_bound,
     v_bound) — query t reads position j from k / v below its bounds and from the exact rows (of
-    positions k_from… / v_from…) from them on (xqrt.cache.mixed_attention's rule)."""
+    positions k_from… / v_from…) from them on; window: (k_win, v_win, W) — the last W positions
+    up to each query from the fp16 rings (xqrt.cache.mixed_attention's rules)."""
     n_kv_head = k.shape[1] // head_dim
     if exact is None:
         none = _no_bounds()
         exact = (k, v, 0, 0, none, none)
-    prompt_attention[(q.shape[0], n_kv_head), THREADS, stream](q, k, v, *exact, pos0, head_dim,
+    if window is None:
+        window = (k, v, 0)
+    prompt_attention[(q.shape[0], n_kv_head), THREADS, stream](q, k, v, *exact, *window, pos0, head_dim,
                                                               np.float32(1.0 / math.sqrt(head_dim)), out)
 
 
@@ -1261,24 +1280,31 @@ def _no_bounds():
     return cuda.to_device(np.zeros(0, np.int64))
 
 
-def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace, out, stream=0):
+def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace, out, stream=0, window=None):
     """Single-query attention rematerialized from latent streams. keys / values: (DeviceStream,
     rebuild matrix) runs covering [0, n) in order — one stream, or XQuant-CL's accumulator and then
     the exact tail, whose latents live in different spaces. Keys are rebuilt tile by tile (z·mk,
     RoPE, score) in shared memory; values are summed in latent space and projected through mv once
-    per run. A matrix is ws.empty where the latent is K / V itself (KIVI)."""
-    n = keys[-1][0].n
+    per run. A matrix is ws.empty where the latent is K / V itself (KIVI). window: (key, value)
+    streams of the last run, K (post-RoPE) and V rows of a --kv-budget window, read as they are
+    (RoPE tables of no columns rotate nothing)."""
+    key_runs = [(key, mk, cos, sin) for key, mk in keys]
+    value_runs = list(values)
+    if window is not None:
+        key_runs.append((window[0], ws.empty, ws.empty, ws.empty))
+        value_runs.append((window[1], ws.empty))
+    n = key_runs[-1][0].n
     n_head = q.shape[0] // head_dim
     if head_dim > HEAD_DIM or n_head // n_kv_head > MAX_GROUP or n_head > MAX_HEADS:
         raise ValueError("attention shape beyond the CUDA kernels' limits")
     scale_qk = np.float32(1.0 / math.sqrt(head_dim))
-    for key, mk in keys:
+    for key, mk, key_cos, key_sin in key_runs:
         if key.n > key.lo:
             scores_latent[(-(-(key.n - key.lo) // TILE_T), n_kv_head), THREADS, stream](
-                q, *key.args, mk, cos, sin, head_dim, scale_qk, ws.scores)
+                q, *key.args, mk, key_cos, key_sin, head_dim, scale_qk, ws.scores)
     softmax[n_head, THREADS, stream](ws.scores, n)
     first = True
-    for value, mv in values:
+    for value, mv in value_runs:
         if value.n > value.lo:
             n_parts, chunk = splits(value.n - value.lo)
             width = value.width
