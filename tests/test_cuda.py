@@ -424,7 +424,8 @@ def test_device_cache_steps_match_the_cpu_cache(three_layer_models, kind, mode, 
 def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
     """Decode steps of a tiny one-layer GQA model through the GPU step (fp16 K/V, and XQuant's
     latents, in device memory) against the CPU engine with the same activation codes: 16 bits
-    (the GPU's float x), 8 bits (both int8 codes and integer block sums)."""
+    (the GPU's float x), 8 bits (both int8 codes and integer block sums); q/k/v and gate/up as one
+    stacked product each, and one by one."""
     from conftest import tiny_llama, write_llama_gguf
 
     from xqrt import Engine
@@ -432,8 +433,12 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
     # Q4_0 layers (embedding and output Q8_0): products of one x share its permutation
     path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=1, ff=128), "q4_0")
     ids = [5, 17]
-    for mode, act_bits in (("fp16", 16), ("xquant", 8)):  # float x; int8 codes (dp4a) as the CPU's
-        gpu = Engine(path, ctx=8, cache=mode, device="cuda", act_bits=act_bits)
+    for mode, act_bits, stacked in (("fp16", 16, True), ("fp16", 8, False), ("xquant", 8, True)):
+        gpu = Engine(path, ctx=8, cache=mode, device="cuda", act_bits=act_bits)  # float x; int8 codes (dp4a)
+        for L in gpu._gpu.layers:
+            assert L["wqkv"] is not None and L["w_gate_up"] is not None  # one format: stacked at upload
+            if not stacked:  # q/k/v and gate/up one product each, as where their formats differ
+                L["wqkv"] = L["w_gate_up"] = None
         np.testing.assert_allclose(gpu.logits(ids), Engine(path, ctx=8, cache=mode, act_bits=act_bits).logits(ids),
                                    rtol=1e-4, atol=1e-4, err_msg=mode)
     with pytest.raises(XQError, match="on the GPU, where --fp16-channels"):

@@ -467,9 +467,23 @@ class GpuStep:
         up = lambda m: kc.upload_matrix(m.qtype, m.data, m.n_cols)  # noqa: E731
         vec = lambda a: cuda.to_device(np.ascontiguousarray(a, np.float32))  # noqa: E731
         self.tok_embd, self.output = up(model.tok_embd), up(model.output)
-        self.layers = [dict(attn_norm=vec(L.attn_norm), ffn_norm=vec(L.ffn_norm), wq=up(L.wq), wk=up(L.wk),
-                            wv=up(L.wv), wo=up(L.wo), w_gate=up(L.w_gate), w_up=up(L.w_up), w_down=up(L.w_down))
-                       for L in model.layers]
+
+        def stacked(*ms):
+            """The rows of matrices that one x meets as one device matrix (one launch for them all in
+            the decode step) and each as a view of it; None and each alone where formats differ."""
+            if len({(m.qtype, m.n_cols) for m in ms}) > 1:
+                return None, [up(m) for m in ms]
+            w = kc.upload_matrix(ms[0].qtype, np.concatenate([m.data for m in ms]), ms[0].n_cols)
+            ends = np.cumsum([0] + [m.n_rows for m in ms])
+            return w, [kc.rows_of(w, int(a), int(b)) for a, b in zip(ends[:-1], ends[1:])]
+
+        self.layers = []
+        for L in model.layers:
+            wqkv, (wq, wk, wv) = stacked(L.wq, L.wk, L.wv)
+            w_gate_up, (w_gate, w_up) = stacked(L.w_gate, L.w_up)
+            self.layers.append(dict(attn_norm=vec(L.attn_norm), ffn_norm=vec(L.ffn_norm), wqkv=wqkv, wq=wq, wk=wk,
+                                    wv=wv, wo=up(L.wo), w_gate_up=w_gate_up, w_gate=w_gate, w_up=w_up,
+                                    w_down=up(L.w_down)))
         # act_bits 8: block formats meet x as int8 codes (dp4a), the CPU's integer sums; 16: float x
         self.int8 = act_bits == 8
         same = lambda a, b: kc.reuses_x(a.qtype, b.qtype, self.int8)  # noqa: E731
@@ -479,13 +493,15 @@ class GpuStep:
         cos, sin = cpu.rope_table(model.rope_freqs, n_ctx)
         self.cos, self.sin = cuda.to_device(cos), cuda.to_device(sin)
         zeros = lambda n: cuda.device_array(n, np.float32)  # noqa: E731
-        self.x, self.q, self.k, self.v = zeros(c.d_model), zeros(c.q_dim), zeros(c.kv_dim), zeros(c.kv_dim)
+        self.qkv, self.gate_up = zeros(c.q_dim + 2 * c.kv_dim), zeros(2 * c.n_ff)  # the stacked products' outputs
+        self.q, self.k, self.v = self.qkv[:c.q_dim], self.qkv[c.q_dim:c.q_dim + c.kv_dim], self.qkv[c.q_dim + c.kv_dim:]
+        self.gate, self.up = self.gate_up[:c.n_ff], self.gate_up[c.n_ff:]
+        self.x = zeros(c.d_model)
         self.xn = cuda.device_array((1, c.d_model), np.float32)
         self.x_row, self.xn_vec = self.x.reshape(1, -1), self.xn.reshape(-1)  # views made once: each costs host time
         self.q_row, self.k_row, self.v_row = self.q.reshape(1, -1), self.k.reshape(1, -1), self.v.reshape(1, -1)
         self.attn, self.proj = zeros(c.q_dim), zeros(c.d_model)
         self.proj_row, self.no_rows = self.proj.reshape(1, -1), cuda.device_array((0, c.d_model), np.float32)
-        self.gate, self.up = zeros(c.n_ff), zeros(c.n_ff)
         self.logits_dev = zeros(c.vocab_size)
         self.logits = np.zeros(c.vocab_size, np.float32)
         self.xp = zeros(kc.permuted_size(max(c.d_model, c.n_ff, c.q_dim)))
@@ -501,16 +517,22 @@ class GpuStep:
         residual = self.no_rows  # each norm adds the sublayer output before it into x
         for i, L in enumerate(self.layers):
             kc.rmsnorm[1, T](self.x_row, residual, L["attn_norm"], self.eps, self.xn)
-            self.product(L["wq"], xn, self.q)
-            if cache.needs_kv:
-                self.product(L["wk"], xn, self.k, again=L["same_x"][0])
-                self.product(L["wv"], xn, self.v, again=L["same_x"][1])
+            if cache.needs_kv and L["wqkv"] is not None:
+                self.product(L["wqkv"], xn, self.qkv)
+            else:
+                self.product(L["wq"], xn, self.q)
+                if cache.needs_kv:
+                    self.product(L["wk"], xn, self.k, again=L["same_x"][0])
+                    self.product(L["wv"], xn, self.v, again=L["same_x"][1])
             kc.rope[blocks(c.q_dim // 2), T](self.q_row, c.head_dim, self.cos, self.sin, pos)
             cache.attend_device(self, i, pos)
             self.product(L["wo"], self.attn, self.proj)
             kc.rmsnorm[1, T](self.x_row, self.proj_row, L["ffn_norm"], self.eps, self.xn)
-            self.product(L["w_gate"], xn, self.gate)
-            self.product(L["w_up"], xn, self.up, again=L["same_x"][2])
+            if L["w_gate_up"] is not None:
+                self.product(L["w_gate_up"], xn, self.gate_up)
+            else:
+                self.product(L["w_gate"], xn, self.gate)
+                self.product(L["w_up"], xn, self.up, again=L["same_x"][2])
             self.product(L["w_down"], self.gate, self.proj, up=self.up)  # silu(gate)·up on the way
             residual = self.proj_row
         kc.rmsnorm[1, T](self.x_row, residual, self.out_norm, self.eps, self.xn)

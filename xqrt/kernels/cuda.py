@@ -172,6 +172,12 @@ def upload_matrix(qtype: int, data: np.ndarray, n_cols: int) -> DeviceMatrix:
                         cuda.to_device(empty_f16), cuda.to_device(dense))
 
 
+def rows_of(w: DeviceMatrix, r0: int, r1: int) -> DeviceMatrix:
+    """Rows [r0, r1) of w, as views of its arrays (the one-row placeholders stay whole)."""
+    part = lambda a: a[r0:r1] if a.shape[0] == w.n_rows else a  # noqa: E731
+    return DeviceMatrix(w.qtype, r1 - r0, w.n_cols, part(w.qs), part(w.d), part(w.m), part(w.dense))
+
+
 def upload_dense(w: np.ndarray) -> DeviceMatrix:
     """A float matrix (rows × cols, out = W·x) as float32 on the device."""
     e32, e16 = np.zeros((1, 1), np.uint32), np.zeros((1, 1), np.float16)
