@@ -475,6 +475,30 @@ def test_prompt_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch, mode, options)
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_out_of_device_memory_is_one_error_line(tmp_path, monkeypatch):
+    """The driver's out-of-memory error (a cache too long for the GPU) becomes an XQError; another
+    driver error stays what it is."""
+    from conftest import tiny_llama, write_llama_gguf
+    from numba.cuda.cudadrv.driver import CudaAPIError
+
+    from xqrt import Engine
+    from xqrt.errors import XQError
+    path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=1, ff=128), "q4_0")
+
+    def failing(code):
+        def allocate(*args):
+            e = CudaAPIError(code, "from the driver")
+            e.code = code  # the simulator's class keeps no code of its own
+            raise e
+        return allocate
+    monkeypatch.setattr(kc.Workspace, "__init__", failing(2))  # CUDA_ERROR_OUT_OF_MEMORY
+    with pytest.raises(XQError, match=r"^--device cuda: the GPU has no room for a cache of 100000 tokens \(a smaller"):
+        Engine(path, ctx=100000, device="cuda")
+    monkeypatch.setattr(kc.Workspace, "__init__", failing(700))  # CUDA_ERROR_ILLEGAL_ADDRESS
+    with pytest.raises(CudaAPIError):
+        Engine(path, ctx=8, device="cuda")
+
+
 def test_device_choice(monkeypatch):
     from xqrt.errors import XQError
     from xqrt.cache import CacheOptions

@@ -20,7 +20,7 @@ from .cache import FP16KV, Cache, CacheOptions, file_recipe, make_cache, versus_
 from .errors import XQError
 from .factors import stderr_log
 from .gguf_model import Model, QMatrix, load_model
-from .gpu import DeviceCache, GpuStep, new_device_cache, pick_device, unsupported
+from .gpu import DeviceCache, GpuStep, device_memory, new_device_cache, pick_device, unsupported
 from .kernels import cpu
 from .sampler import Sampler, SamplingParams
 from .tokenizer import Tokenizer
@@ -101,7 +101,10 @@ class Engine:
         self._log = stderr_log if verbose else None
         self.device = pick_device(device, self.cache_mode, c, self.cache_options,
                                   stderr_log if verbose and device == "auto" else None)
-        self._gpu = GpuStep(self.model, self.n_ctx, act_bits) if self.device == "cuda" else None
+        self._gpu = None
+        if self.device == "cuda":
+            with device_memory("the model's weights"):
+                self._gpu = GpuStep(self.model, self.n_ctx, act_bits)
         self.batch = max(1, int(batch))
         if threads:
             numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
@@ -148,7 +151,8 @@ class Engine:
             why_not = unsupported(mode or self.cache_mode, self.config, opts)
             if why_not:
                 raise XQError(f"this engine runs on the GPU, where {why_not}")
-            return new_device_cache(mode or self.cache_mode, self.model, self.n_ctx, opts, self._log)
+            with device_memory(f"a cache of {self.n_ctx} tokens"):
+                return new_device_cache(mode or self.cache_mode, self.model, self.n_ctx, opts, self._log)
         return make_cache(mode or self.cache_mode, self.model, self.n_ctx, opts, self._log)
 
     def _dense(self, m: QMatrix) -> np.ndarray:
@@ -195,7 +199,8 @@ class Engine:
         c, m = self.config, self.model
         n = len(tokens)
         if self._gpu is not None:
-            logits = self._gpu.prefill(tokens, pos0, cache, all_logits)
+            with device_memory(f"a prompt of {n} tokens"):
+                logits = self._gpu.prefill(tokens, pos0, cache, all_logits)
             cache.advance(n)
             return logits
         x = np.empty((n, c.d_model), np.float32)

@@ -14,6 +14,7 @@ small model's step; bench/gpu.py shows what replaying the step as one CUDA graph
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -72,6 +73,19 @@ def pick_device(device: str, cache_mode: str, config: ModelConfig, options: Cach
     if log:
         log(f"xqrt: device {chosen} ({device_name() if chosen == 'cuda' else why_not or 'no CUDA GPU found'})")
     return chosen
+
+
+@contextmanager
+def device_memory(what: str):
+    """The driver's out-of-memory error while `what` is allocated on the GPU, as one XQError line."""
+    from numba.cuda.cudadrv.driver import CudaAPIError
+    try:
+        yield
+    except CudaAPIError as e:
+        code = getattr(e, "code", None)  # an int, or with NVIDIA's bindings a CUresult
+        if code != 2 and getattr(code, "name", "") != "CUDA_ERROR_OUT_OF_MEMORY":
+            raise
+        raise XQError(f"--device cuda: the GPU has no room for {what} (a smaller --ctx, or --device cpu)") from None
 
 
 class DeviceCache(Cache):
