@@ -412,3 +412,4 @@ def test_size_next_to_fp16_says_larger_when_larger():
     from xqrt.cache import versus_fp16
     assert versus_fp16(4.0) == "4.00x smaller than fp16 KV"
     assert versus_fp16(0.5) == "2.00x larger than fp16 KV"
+    assert versus_fp16(1.0) == versus_fp16(0.999) == "the size of fp16 KV"

@@ -109,7 +109,9 @@ class CacheOptions:
 
 def versus_fp16(ratio: float) -> str:
     """A cache's size next to fp16 KV's, from fp16's bytes per token over its own: a cache that is
-    larger (a tiny model's latents can be) says so, not "0.57x smaller"."""
+    larger (a tiny model's latents can be) says so, not "0.57x smaller"; fp16 KV itself is "the size"."""
+    if f"{ratio:.2f}" == "1.00":
+        return "the size of fp16 KV"
     if ratio >= 1:
         return f"{ratio:.2f}x smaller than fp16 KV"
     return f"{1 / ratio:.2f}x larger than fp16 KV" if ratio > 0 else "no positions to compare with fp16 KV"
