@@ -221,19 +221,15 @@ class DeviceLatentCache(DeviceCache):
                 D.x_less_acc_vec, D.dz_vec = D.x_less_acc.reshape(-1), D.dz.reshape(-1)
                 widest = max(widest, c.d_model)
             self.layers.append(D)
+        first, none = self.layers[0], cuda.to_device(np.zeros(0, np.int64))
+        # what _ring_stream makes a ring into: a per-token stream with nothing packed
+        self._exact_only = replace(first.delta if first.value is None else first.value, n_q=0, off=none, cbits=none)
         if isinstance(plan, XQuantCL):
             self.acc = cuda.to_device(np.zeros((n_ctx, c.d_model), np.float16))  # Â for every position
-            # Â read as a stream: nothing packed, every row from the "ring" of n_ctx rows
-            none = cuda.to_device(np.zeros(0, np.int64))
-            self.acc_stream = replace(self.layers[-1].delta, sink=self._empty(c.d_model, np.float32), tail=self.acc,
-                                      off=none, cbits=none)
         if self.window:  # K (post-RoPE) and V of the last W positions, fp16 rings of prompt_rows more rows
-            rows, none = self.window + self.prompt_rows, cuda.to_device(np.zeros(0, np.int64))
+            rows = self.window + self.prompt_rows
             self.win_k = [cuda.to_device(np.zeros((rows, c.kv_dim), np.float16)) for _ in range(c.n_layer)]
             self.win_v = [cuda.to_device(np.zeros((rows, c.kv_dim), np.float16)) for _ in range(c.n_layer)]
-            first = self.layers[0]  # a window ring read as a stream: nothing packed, every row exact
-            self._win_stream = replace(first.delta if first.value is None else first.value, n_q=0, off=none,
-                                       cbits=none, sink=self._empty(c.kv_dim, np.float32))
         self.ws = kc.Workspace(n_ctx, c.n_head, widest)
         self._prompt_scratch = {}
 
@@ -271,13 +267,12 @@ class DeviceLatentCache(DeviceCache):
             kc.store_kv[kc._blocks(c.kv_dim // 2), kc.THREADS](s.k_row, s.v_row, c.head_dim, s.cos, s.sin, pos,
                                                                 self.win_k[layer], self.win_v[layer])
             w0 = n - min(self.window, n)
-            window = tuple(replace(self._win_stream, tail=ring, lo=w0, n=n)
-                           for ring in (self.win_k[layer], self.win_v[layer]))
+            window = self._ring_stream(self.win_k[layer], w0, n), self._ring_stream(self.win_v[layer], w0, n)
         if D.key is None:
             x = s.xn_vec if D.seed else D.x_less_acc_vec
             self._write_delta(kc, D, pos, s.xn, D.x_less_acc, D.dz, lambda: kc.product(D.ukv, x, s.xp, D.dz_vec), 0)
             b = min(int(self.plan.bound(pos, False)), w0)
-            acc = replace(self.acc_stream, n_q=0, lo=0, n=b)
+            acc = self._ring_stream(self.acc, 0, b)
             exact_k, exact_v = self._exact(D, b, b, w0)
             kc.attend_latent(s.q, [(acc, D.wk), (exact_k, D.mk)], [(acc, D.wv), (exact_v, D.mv)], s.cos, s.sin,
                              c.n_kv_head, c.head_dim, self.ws, s.attn, window=window)
@@ -308,7 +303,7 @@ class DeviceLatentCache(DeviceCache):
                                   lambda: kc.product_rows(D.ukv, p.xn if D.seed else x_less_acc, dz),
                                   0 if pos0 == prompt.pos0 else pos0)
                 bk = bv = p.bounds(self.plan, False)
-                acc = replace(self.acc_stream, n_q=0, lo=0, n=bk.highest)
+                acc = self._ring_stream(self.acc, 0, bk.highest)
                 packed_k, packed_v = (acc, D.wk), (acc, D.wv)
                 exact_k, exact_v = self._exact(D, bk.lowest, bv.lowest, end)
             else:
@@ -355,11 +350,14 @@ class DeviceLatentCache(DeviceCache):
             grid = (-(-(stream.n - stream.lo) // kc.TILE_T), -(-out.shape[1] // kc.HEAD_DIM))
             kc.rebuild[grid, kc.THREADS](*stream.args, m, out, base, add)
 
+    def _ring_stream(self, ring, lo, n):
+        """Positions [lo, n) of a ring (position p in row p mod its rows; Â's has a row per position)
+        read as a stream: nothing packed, no sinks."""
+        return replace(self._exact_only, sink=self._empty(ring.shape[1], np.float32), tail=ring, lo=lo, n=n)
+
     def _exact(self, D, lo_k, lo_v, n):
         """XQuant-CL's delta layer: its own exact latents of positions [lo, n), in the ring."""
-        exact_k = replace(self.acc_stream, sink=self._empty(D.ring_k.shape[1], np.float32), tail=D.ring_k, lo=lo_k,
-                          n=n)
-        return exact_k, replace(exact_k, sink=self._empty(D.ring_v.shape[1], np.float32), tail=D.ring_v, lo=lo_v)
+        return self._ring_stream(D.ring_k, lo_k, n), self._ring_stream(D.ring_v, lo_v, n)
 
     def _write(self, kc, D, zk, zv, pos0):
         """The latents of the rows at positions pos0… into their rings, packed at once where a stream

@@ -734,11 +734,10 @@ def prompt_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound
     attention in one launch. Query t reads position j's key from k[j] while j < k_bound[t] (always
     when k_bound is empty: one history, the fp16 cache) and from k_exact[j − k_from] above — a
     latent cache's packed and exact versions of its history, rebuilt — and its value alike; the
-    last `window` positions before it from the fp16 ring k_win (position j in row j mod its rows,
-    a --kv-budget window). Each
-    warp keeps an online softmax over every WARPS-th position (its lanes over the head, the dot
-    products by warp sums), then the warps' states meet in shared memory. Every warp runs the same
-    trip count, so the simulator's barriers are uniform."""
+    last `window` positions up to it from the fp16 ring k_win (position j in row j mod its rows,
+    a --kv-budget window). Each warp keeps an online softmax over every WARPS-th position (its
+    lanes over the head, the dot products by warp sums), then the warps' states meet in shared
+    memory. Every warp runs the same trip count, so the simulator's barriers are uniform."""
     buf = cuda.shared.array(THREADS, float32)
     w_max = cuda.shared.array((WARPS, MAX_GROUP), float32)
     w_sum = cuda.shared.array((WARPS, MAX_GROUP), float32)
