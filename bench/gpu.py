@@ -11,8 +11,8 @@ One run on one GPU prints and writes `docs/performance-gpu.md`:
   same weights;
 - decode step time and tokens/s at each context for fp16 KV, KIVI*, XQuant and XQuant-CL at 2/3/4
   bits, with each mode's attention alone against its roofline max(bytes / copy bandwidth,
-  FLOPs / fp32 peak), plus the tensor-core variant of the XQuant rebuild (fp16 latents × fused
-  factors through cuBLAS, via torch on the same device buffers);
+  FLOPs / fp32 peak), plus XQuant and XQuant-CL with the engine's --rebuild cublas (kc.Cublas:
+  fp16 latents × fused factors through cuBLAS, via torch on the same device buffers);
 - cache bytes per token and the largest context that fits 16 GB of cache per mode.
 
 Weights and cache contents are random (speed does not depend on them). A step writes the new
@@ -217,7 +217,7 @@ class Model:
         # Fused rebuild factors are per layer in a real model; one set serves every layer here (read from L2
         # either way: the product, not their bytes, bounds the rebuild).
         mk = torch.randn(kv, kv, device=DEVICE) * 0.03
-        self.mk, self.mv, self.mk16 = dev(mk), dev(torch.randn(kv, kv, device=DEVICE) * 0.03), mk.half()
+        self.mk, self.mv = dev(mk), dev(torch.randn(kv, kv, device=DEVICE) * 0.03)
         self.ukv_t = dev(torch.randn(2 * kv, d, device=DEVICE) * 0.02)  # XQuant-CL: Δ latent → x space
         self.wk_t = dev(torch.randn(d, kv, device=DEVICE) * 0.02)  # accumulator → K / V
         self.wv_t = dev(torch.randn(d, kv, device=DEVICE) * 0.02)
@@ -356,8 +356,10 @@ def attention_cost(mode, bits, s, n):
 
 
 def run_mode(model, mode, bits, n, tensor_cores=False):
-    """(step seconds, attention seconds per layer) for one mode at context n."""
+    """(step seconds, attention seconds per layer) for one mode at context n; tensor_cores: the
+    engine's --rebuild cublas (kc.Cublas)."""
     s, kv = model.s, model.s["n_kv_head"] * model.s["head_dim"]
+    cublas = kc.Cublas(n + 1) if tensor_cores else None
     nh, hd, nkv = s["n_head"], s["head_dim"], s["n_kv_head"]
     empty = model.ws.empty
     if mode == "fp16":
@@ -376,11 +378,8 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
 
         def one_layer(i):
             key, value = streams[i]
-            if tensor_cores:
-                attend_tensor_cores(model, key, value, n)
-            else:
-                kc.attend_latent(model.q, [(key, mk)], [(value, mv)], model.cos, model.sin, nkv, hd, model.ws,
-                                 model.attn, STREAM[0])
+            kc.attend_latent(model.q, [(key, mk)], [(value, mv)], model.cos, model.sin, nkv, hd, model.ws,
+                             model.attn, STREAM[0], cublas=cublas)
 
         def attend(i, L, xn):
             if mode == "xquant":  # the factors are Q8_0, which reads x in another order than wq's Q4_0
@@ -392,16 +391,13 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
         one = lambda: one_layer(0)  # noqa: E731
     else:  # xquant-cl
         deltas = [random_streams(s, n, bits, False, 2 * kv, 1)[0][1] for _ in range(s["n_layer"])]
-        acc = cuda.device_array((n, s["d"]), np.float32)
-        none = cuda.to_device(np.zeros(0, np.int64))
-        acc_stream = kc.DeviceStream(deltas[0].codes, deltas[0].scale, deltas[0].zero, 8, GROUP.bit_length() - 1,
-                                     none, none, cuda.to_device(np.zeros((0, s["d"]), np.float32)), acc, 0, 0, n)
+        acc = cuda.device_array((n, s["d"]), np.float16)  # Â, fp16 as the engine keeps it
+        acc_stream = kc.exact_stream(acc, 0, n)
 
         def one_layer(i):
-            launch(kc.rebuild, (-(-n // kc.TILE_T), -(-s["d"] // kc.HEAD_DIM)), *deltas[i].args, model.ukv_t, acc,
-                   0, i != 0)
+            kc.rebuild_rows(deltas[i], model.ukv_t, acc, 0, i != 0, cublas, STREAM[0])
             kc.attend_latent(model.q, [(acc_stream, model.wk_t)], [(acc_stream, model.wv_t)], model.cos, model.sin,
-                             nkv, hd, model.ws, model.attn, STREAM[0])
+                             nkv, hd, model.ws, model.attn, STREAM[0], cublas=cublas)
 
         def attend(i, L, xn):
             matvec(L["ukv"], xn, model.z)
@@ -441,29 +437,6 @@ def graph_seconds(step):
         STREAM[0] = 0
         torch.cuda.synchronize()
         return f"{type(e).__name__}: {str(e)[:80]}"
-
-
-def attend_tensor_cores(model, key, value, n):
-    """XQuant attention with the rebuild product on tensor cores: latents dequantized to fp16 by the
-    Numba kernel, K = Z·Mk through cuBLAS (fp32 accumulation), RoPE, scores and the absorbed values
-    in torch on the same buffers. Unlike the fused kernel, this writes the layer's K to device memory."""
-    s = model.s
-    kv, hd, nh, nkv = s["n_kv_head"] * s["head_dim"], s["head_dim"], s["n_head"], s["n_kv_head"]
-    zk = torch.empty(n, kv, dtype=torch.float16, device="cuda")
-    zv = torch.empty(n, kv, dtype=torch.float16, device="cuda")
-    launch(kc.dequantize_stream, n, *key.args, dev(zk))
-    launch(kc.dequantize_stream, n, *value.args, dev(zv))
-    k = (zk @ model.mk16).float().view(n, nkv, hd // 2, 2)
-    cos = torch.as_tensor(model.cos, device="cuda")[:n, None, :]
-    sin = torch.as_tensor(model.sin, device="cuda")[:n, None, :]
-    a, b = k[..., 0], k[..., 1]
-    k = torch.stack((a * cos - b * sin, a * sin + b * cos), -1).view(n, nkv, hd)
-    q = torch.as_tensor(model.q, device="cuda").view(nkv, nh // nkv, hd)
-    p = torch.softmax(torch.einsum("gjd,ngd->gjn", q, k) / math.sqrt(hd), -1).reshape(nh, n)
-    u = (p.half() @ zv).float()  # (heads, latent): Σ aₜ·zₜ
-    mv = torch.as_tensor(model.mv, device="cuda").view(kv, nkv, hd)
-    out = torch.einsum("gjc,cgd->gjd", u.view(nkv, nh // nkv, kv), mv)
-    torch.as_tensor(model.attn, device="cuda").copy_(out.reshape(-1))
 
 
 def main():
@@ -547,7 +520,7 @@ def main():
         "| step ms (CUDA graph) | tokens/s | × fp16-KV step | attention ms/layer | its roofline ms | × roofline |")
     say("|---|---|---|---|---|---|---|---|---|---|---|---|")
     plan = [("fp16", 16, False)] + [(m, b, False) for m in ("kivi", "xquant", "xquant-cl") for b in args.bits] \
-        + [("xquant", b, True) for b in args.bits]
+        + [(m, b, True) for m in ("xquant", "xquant-cl") for b in args.bits]
     for mode, bits, tc in plan:
         for n in args.contexts:
             try:

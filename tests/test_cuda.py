@@ -252,10 +252,11 @@ def value_stream(z, bits, group, n_sink):
     return kc.upload_stream(codes, scale, zero, bits, group, np.zeros(0, np.int64), z[:n_sink].copy(), None, n), seen
 
 
-@pytest.mark.parametrize("rebuild", [True, False])
-def test_attend_latent(rebuild):
+@pytest.mark.parametrize("rebuild, tensor_cores", [(True, False), (False, False), (True, True)])
+def test_attend_latent(rebuild, tensor_cores):
     """XQuant's GQA path (latents · fused factors) and KIVI's (the latent is K / V), against
-    dequantize → rebuild → RoPE → attention in NumPy."""
+    dequantize → rebuild → RoPE → attention in NumPy; tensor_cores: the keys rebuilt by kc.Cublas
+    (fp16 latents and factors, within fp16's rounding) and read back."""
     n_head, n_kv, hd, group, n = 4, 2, 16, 32, 45
     kv_dim = n_kv * hd
     width = 32
@@ -275,31 +276,40 @@ def test_attend_latent(rebuild):
     ws = kc.Workspace(64, n_head, width)
     out = cuda.device_array(n_head * hd, np.float32)
     kc.attend_latent(cuda.to_device(q), [(key, cuda.to_device(mk))], [(value, cuda.to_device(mv))],
-                     cuda.to_device(cos), cuda.to_device(sin), n_kv, hd, ws, out)
-    np.testing.assert_allclose(out.copy_to_host(), ref, rtol=2e-4, atol=2e-4)
+                     cuda.to_device(cos), cuda.to_device(sin), n_kv, hd, ws, out,
+                     cublas=kc.Cublas(64) if tensor_cores else None)
+    tol = 2e-2 if tensor_cores else 2e-4
+    np.testing.assert_allclose(out.copy_to_host(), ref, rtol=tol, atol=tol)
     lat = cuda.device_array((n, width), np.float16)
     kc.dequantize_stream[n, kc.THREADS](*key.args, lat)
     np.testing.assert_allclose(lat.copy_to_host(), k_seen.astype(np.float16))
 
 
-def test_rebuild():
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_rebuild(tensor_cores):
     """z·m rows of a stream's positions [lo, n) at out[p − base]; m empty: z itself; add: XQuant-CL's
-    accumulator, acc = Δ̂ · ukvᵀ (the seed), then acc += Δ̂' · ukvᵀ, into fp16 rows."""
+    accumulator, acc = Δ̂ · ukvᵀ (the seed), then acc += Δ̂' · ukvᵀ, into fp16 rows; tensor_cores:
+    through kc.Cublas (fp16 latents and factors), whose fp16 Â is also read in place."""
     n, width, d = 70, 32, 136  # two position tiles, two column tiles
     ukv_t = rng.standard_normal((width, d)).astype(np.float32)
     acc = cuda.to_device(np.full((n, d), np.nan, np.float16))
     total = np.zeros((n, d), np.float32)
-    grid = (-(-n // kc.TILE_T), -(-d // kc.HEAD_DIM))
+    cublas = kc.Cublas(n) if tensor_cores else None
+    tol = 2e-2 if tensor_cores else 2e-3
     for add in (False, True):
         delta, seen = value_stream(rng.standard_normal((n, width)).astype(np.float32), 2, 16, 0)
-        kc.rebuild[grid, kc.THREADS](*delta.args, cuda.to_device(ukv_t), acc, 0, add)
+        kc.rebuild_rows(delta, cuda.to_device(ukv_t), acc, 0, add, cublas)
         total = (total + seen @ ukv_t).astype(np.float16).astype(np.float32)
-    np.testing.assert_allclose(acc.copy_to_host().astype(np.float32), total, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(acc.copy_to_host().astype(np.float32), total, rtol=tol, atol=tol)
     lo = 5
     out = cuda.device_array((n - lo, width), np.float32)
-    kc.rebuild[(-(-(n - lo) // kc.TILE_T), 1), kc.THREADS](*replace(delta, lo=lo).args,
-                                                           cuda.to_device(np.zeros((0, 0), np.float32)), out, lo, False)
+    kc.rebuild_rows(replace(delta, lo=lo), cuda.to_device(np.zeros((0, 0), np.float32)), out, lo, False, cublas)
     np.testing.assert_array_equal(out.copy_to_host(), seen[lo:])
+    wk = rng.standard_normal((d, 16)).astype(np.float32)  # K from Â (float32 rows at out[p − lo])
+    out = cuda.device_array((n - lo, 16), np.float32)
+    kc.rebuild_rows(kc.exact_stream(acc, lo, n), cuda.to_device(wk), out, lo, False, cublas)
+    np.testing.assert_allclose(out.copy_to_host(), acc.copy_to_host()[lo:].astype(np.float32) @ wk, rtol=tol,
+                               atol=tol * 10)
 
 
 @pytest.mark.parametrize("bits, group, n_sink, clip", [(2, 8, 0, False), (2, 8, 0, True), (3, 16, 2, True),
@@ -347,9 +357,9 @@ def test_cache_writes_are_xqrt_quant_bit_for_bit(bits, group, n_sink, clip):
     np.testing.assert_array_equal(c_sink.copy_to_host(), channel.sink)
 
 
-def device_step(model, n_ctx):
+def device_step(model, n_ctx, tensor_cores=False):
     """What DeviceCache.attend_device reads of a GpuStep: its vectors (and their 1-row views),
-    scratch and RoPE tables."""
+    scratch, RoPE tables and how it rebuilds."""
     from types import SimpleNamespace
     c = model.config
     cos, sin = cpu.rope_table(model.rope_freqs, n_ctx)
@@ -357,7 +367,8 @@ def device_step(model, n_ctx):
     return SimpleNamespace(kc=kc, xn=xn, xn_vec=xn.reshape(-1), k_row=k, k=k.reshape(-1), v_row=v, v=v.reshape(-1),
                            q=cuda.device_array(c.q_dim, np.float32),
                            xp=cuda.device_array(kc.permuted_size(c.d_model), np.float32), cos=cuda.to_device(cos),
-                           sin=cuda.to_device(sin), attn=cuda.device_array(c.q_dim, np.float32))
+                           sin=cuda.to_device(sin), attn=cuda.device_array(c.q_dim, np.float32),
+                           cublas=kc.Cublas(n_ctx) if tensor_cores else None)
 
 
 @pytest.fixture(scope="module")
@@ -378,23 +389,26 @@ def three_layer_models(tmp_path_factory):
     pytest.param("gqa", "xquant", dict(bits=3, window=5), 17, marks=pytest.mark.slow),
     pytest.param("mha", "xquant-cl", dict(bits=3, base_layers=2), 9, marks=pytest.mark.slow),
     pytest.param("mha", "kivi", dict(bits=4, sinks=0), 9, marks=pytest.mark.slow),
+    pytest.param("gqa", "xquant-cl", dict(bits=3, base_layers=2, tensor_cores=True), 9, marks=pytest.mark.slow),
 ])
 def test_device_cache_steps_match_the_cpu_cache(three_layer_models, kind, mode, options, n_ctx):
     """Decode steps of every layer through DeviceLatentCache against xqrt.cache's own, past the
     first per-channel group (positions read packed, from the rings and from the sinks): the same
     attention outputs and the same packed bytes — all of them for KIVI, whose latents are k and v
     themselves; nearly all where the latents are products the two sides sum in other orders.
-    window: a --kv-budget of that many positions' fp16 K/V."""
+    window: a --kv-budget of that many positions' fp16 K/V; tensor_cores: keys and Â rebuilt through
+    kc.Cublas, in fp16 (outputs within its rounding)."""
     from xqrt.cache import FP16KV, CacheOptions, make_cache
     from xqrt.gguf_model import load_model
     from xqrt.gpu import DeviceLatentCache
     model = load_model(three_layer_models[kind])
     c = model.config
     options = dict(options)
-    window = options.pop("window", 0)
+    window, tensor_cores = options.pop("window", 0), options.pop("tensor_cores", False)
     opts = CacheOptions(**{"group": 8, "sinks": 2, "kv_budget": window * FP16KV.bytes_per_position(c), **options})
     host, device = make_cache(mode, model, n_ctx, opts), DeviceLatentCache(model, n_ctx, mode, opts)
-    step = device_step(model, n_ctx)
+    step = device_step(model, n_ctx, tensor_cores)
+    tol = 3e-2 if tensor_cores else 1e-3
     for pos in range(n_ctx):
         for layer in range(c.n_layer):
             xn, q = rng.standard_normal(c.d_model).astype(np.float32), rng.standard_normal(c.q_dim).astype(np.float32)
@@ -403,7 +417,7 @@ def test_device_cache_steps_match_the_cpu_cache(three_layer_models, kind, mode, 
             for name, a in (("xn_vec", xn), ("q", q), ("k", k), ("v", v)):
                 getattr(step, name).copy_to_device(a)
             device.attend_device(step, layer, pos)
-            np.testing.assert_allclose(step.attn.copy_to_host(), ref, rtol=1e-3, atol=1e-3,
+            np.testing.assert_allclose(step.attn.copy_to_host(), ref, rtol=tol, atol=tol,
                                        err_msg=f"position {pos}, layer {layer}")
         host.advance(1)
         device.advance(1)
@@ -425,7 +439,8 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
     """Decode steps of a tiny one-layer GQA model through the GPU step (fp16 K/V, and XQuant's
     latents, in device memory) against the CPU engine with the same activation codes: 16 bits
     (the GPU's float x), 8 bits (both int8 codes and integer block sums); q/k/v and gate/up as one
-    stacked product each, and one by one."""
+    stacked product each, and one by one; and XQuant's keys rebuilt on tensor cores (--rebuild cublas,
+    within fp16's rounding)."""
     from conftest import tiny_llama, write_llama_gguf
 
     from xqrt import Engine
@@ -433,14 +448,21 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
     # Q4_0 layers (embedding and output Q8_0): products of one x share its permutation
     path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=1, ff=128), "q4_0")
     ids = [5, 17]
-    for mode, act_bits, stacked in (("fp16", 16, True), ("fp16", 8, False), ("xquant", 8, True)):
-        gpu = Engine(path, ctx=8, cache=mode, device="cuda", act_bits=act_bits)  # float x; int8 codes (dp4a)
+    for mode, act_bits, stacked, rebuild in (("fp16", 16, True, "fused"), ("fp16", 8, False, "fused"),
+                                             ("xquant", 8, True, "fused"), ("xquant", 8, True, "cublas")):
+        gpu = Engine(path, ctx=8, cache=mode, device="cuda", act_bits=act_bits, rebuild=rebuild)
         for L in gpu._gpu.layers:
             assert L["wqkv"] is not None and L["w_gate_up"] is not None  # one format: stacked at upload
             if not stacked:  # q/k/v and gate/up one product each, as where their formats differ
                 L["wqkv"] = L["w_gate_up"] = None
+        tol = 1e-4 if rebuild == "fused" else 2e-2
         np.testing.assert_allclose(gpu.logits(ids), Engine(path, ctx=8, cache=mode, act_bits=act_bits).logits(ids),
-                                   rtol=1e-4, atol=1e-4, err_msg=mode)
+                                   rtol=tol, atol=tol, err_msg=f"{mode} {rebuild}")
+    assert gpu._gpu.cublas is not None
+    with pytest.raises(XQError, match=r"^--rebuild cublas is a GPU setting \(--device cuda\)$"):
+        Engine(path, ctx=8, cache="xquant", rebuild="cublas")
+    with pytest.raises(XQError, match="unknown rebuild 'tensor'"):
+        Engine(path, ctx=8, cache="xquant", device="cuda", rebuild="tensor")
     with pytest.raises(XQError, match="on the GPU, where --fp16-channels"):
         gpu.new_cache(fp16_channels=2)
     with pytest.raises(XQError, match="runs on the GPU and this cache does not"):
@@ -452,6 +474,7 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
     ("xquant-cl", dict(group=8, base_layers=1)),  # two layers: the seed, and a delta layer after it
     pytest.param("kivi", dict(group=8, kv_budget=5 * 128), marks=pytest.mark.slow),  # a window of 5 positions
     pytest.param("xquant", dict(group=8, residual=16, bits=3), marks=pytest.mark.slow),
+    pytest.param("xquant-cl", dict(group=8, base_layers=1, rebuild="cublas"), marks=pytest.mark.slow),
 ])
 def test_prompt_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch, mode, options):
     """A prompt longer than the decode step takes (9 tokens) through the GPU's prefill — matrix-
@@ -459,7 +482,8 @@ def test_prompt_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch, mode, options)
     prefill: every position's logits (both float x), then a second prompt on the same cache, whose
     queries read the first's history, its last logits alone (both int8 codes in the lm head).
     Groups of 8 positions, so per-channel key groups fill during the prompts; a latent cache takes
-    4 rows at a time, so a prompt comes in parts and the rings wrap within it."""
+    4 rows at a time, so a prompt comes in parts and the rings wrap within it. rebuild cublas: K, V
+    and Â rebuilt on tensor cores (within fp16's rounding)."""
     from conftest import tiny_llama, write_llama_gguf
 
     from xqrt import Engine
@@ -468,11 +492,15 @@ def test_prompt_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch, mode, options)
     layers = 2 if mode == "xquant-cl" else 1
     path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=layers, ff=128), "q4_0")
     ids = list(range(5, 5 + 9 * 7, 7))
-    gpu, host = (Engine(path, ctx=24, cache=mode, device=d, **options) for d in ("cuda", "cpu"))
+    options = dict(options)
+    rebuild = options.pop("rebuild", "fused")
+    gpu, host = Engine(path, ctx=24, cache=mode, device="cuda", rebuild=rebuild, **options), \
+        Engine(path, ctx=24, cache=mode, **options)
     on_gpu, on_host = gpu.new_cache(), host.new_cache()
+    tol = 1e-5 if rebuild == "fused" else 2e-2
     for prompt, all_logits in ((ids, True), (ids[::-1], False)):
         np.testing.assert_allclose(gpu.forward(prompt, on_gpu, all_logits), host.forward(prompt, on_host, all_logits),
-                                   rtol=1e-5, atol=1e-5)
+                                   rtol=tol, atol=tol)
 
 
 def test_out_of_device_memory_is_one_error_line(tmp_path, monkeypatch):
@@ -524,9 +552,9 @@ def test_device_choice(monkeypatch):
 
 @pytest.mark.slow
 def test_bench_gpu_runs(monkeypatch):
-    """bench/gpu.py's fp16 prefill and its decode step of every mode, on a tiny shape with random
-    contents made by CPU torch: what a lent GPU's few minutes would otherwise find broken (a kernel
-    signature the bench did not follow). Each timing runs its step once."""
+    """bench/gpu.py's fp16 prefill and its decode step of every mode (and of --rebuild cublas), on a
+    tiny shape with random contents made by CPU torch: what a lent GPU's few minutes would otherwise
+    find broken (a kernel signature the bench did not follow). Each timing runs its step once."""
     import importlib.util
     import os
     spec = importlib.util.spec_from_file_location(
@@ -540,7 +568,8 @@ def test_bench_gpu_runs(monkeypatch):
     n = 40  # two per-channel key groups packed, eight positions exact
     model = bench.Model(shape, n)
     assert bench.prompt_seconds(model) == 1.0
-    for mode, bits in (("fp16", 16), ("kivi", 2), ("xquant", 3), ("xquant-cl", 4)):
-        t_step, t_graph, t_attn = bench.run_mode(model, mode, bits, n)
+    for mode, bits, tensor_cores in (("fp16", 16, False), ("kivi", 2, False), ("xquant", 3, False),
+                                     ("xquant-cl", 4, False), ("xquant", 3, True), ("xquant-cl", 2, True)):
+        t_step, t_graph, t_attn = bench.run_mode(model, mode, bits, n, tensor_cores)
         assert (t_step, t_attn) == (1.0, 1.0) and t_graph == "no CUDA graphs without a GPU"
         assert np.isfinite(model.attn.copy_to_host()).all(), mode

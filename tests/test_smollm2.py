@@ -116,3 +116,24 @@ def test_gpu_greedy_64_tokens_match_the_cpu(mode, act_bits, length, smollm2_path
     gpu = Engine(smollm2_path, ctx=256, cache=mode, device="cuda", act_bits=act_bits)
     cpu = Engine(smollm2_path, ctx=256, cache=mode, act_bits=act_bits)
     assert greedy_alone(gpu, prompt) == greedy_alone(cpu, prompt)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/nvidia0"), reason="needs a GPU (the simulator is too slow for SmolLM2)")
+@pytest.mark.parametrize("mode", ["xquant", "xquant-cl"])
+def test_gpu_tensor_core_rebuild_follows_the_cpu(mode, smollm2_path):
+    """--rebuild cublas (fp16 latents and factors) decoding along the CPU's greedy tokens, one step
+    each: the CPU's top token wherever its top two are more than 0.25 apart, every logit within 1
+    (a misplaced run or an unrounded accumulator moves them by several)."""
+    cpu = Engine(smollm2_path, ctx=256, cache=mode)
+    gpu = Engine(smollm2_path, ctx=256, cache=mode, device="cuda", rebuild="cublas")
+    on_cpu, on_gpu = cpu.new_cache(), gpu.new_cache()
+    ids = cpu.tokenizer.encode(PROMPTS[0])
+    expected, got = cpu.forward(ids, on_cpu), gpu.forward(ids, on_gpu)
+    worst = 0.0
+    for step, token in enumerate(greedy_alone(cpu, PROMPTS[0])):
+        top_two = np.sort(expected)[-2:]
+        if top_two[1] - top_two[0] > 0.25:
+            assert np.argmax(got) == np.argmax(expected), f"step {step}"
+        worst = max(worst, float(np.abs(got - expected).max()))
+        expected, got = cpu.forward([token], on_cpu), gpu.forward([token], on_gpu)
+    assert worst < 1.0, worst

@@ -20,7 +20,7 @@ from .cache import FP16KV, Cache, CacheOptions, file_recipe, make_cache, versus_
 from .errors import XQError
 from .factors import stderr_log
 from .gguf_model import Model, QMatrix, load_model
-from .gpu import DeviceCache, GpuStep, device_memory, new_device_cache, pick_device, unsupported
+from .gpu import REBUILDS, DeviceCache, GpuStep, device_memory, new_device_cache, pick_device, unsupported
 from .kernels import cpu
 from .sampler import Sampler, SamplingParams
 from .tokenizer import Tokenizer
@@ -64,7 +64,7 @@ class Engine:
                  layer_bits: tuple[int, ...] | None = None, sinks: int | None = None, rotate: bool | None = None,
                  clip: bool | None = None, balance: float | None = None, channel_bits: bool | None = None,
                  fp16_channels: int | None = None,
-                 kv_budget: int = 0, device: str = "cpu",
+                 kv_budget: int = 0, device: str = "cpu", rebuild: str = "fused",
                  threads: int | None = None, batch: int = 512, act_bits: int = 8, verbose: bool = False):
         """Cache settings left as None come from the GGUF's recipe when it has one (converted files
         do), else: fp16 KV; bits 4, and the rest as `CacheOptions` chooses (its fields say what
@@ -74,7 +74,9 @@ class Engine:
         without rematerializing (0: none; fp16 KV's own bytes per token × n: the last n tokens).
 
         device: "cpu", "cuda" (xqrt.gpu; every cache mode, some options CPU-only) or "auto" (CUDA
-        when numba-cuda finds a GPU and the cache runs there).
+        when numba-cuda finds a GPU and the cache runs there). rebuild: on the GPU, how a latent cache
+        rebuilds K and V — "fused" (Numba kernels, in shared memory) or "cublas" (the product on
+        tensor cores through torch; needs a CUDA build of torch).
 
         act_bits: the decode step multiplies quantized weights by activations rounded to integer
         codes per block of 32: 8 as llama.cpp does (fastest; products within ~1e-3 of float), or
@@ -101,10 +103,14 @@ class Engine:
         self._log = stderr_log if verbose else None
         self.device = pick_device(device, self.cache_mode, c, self.cache_options,
                                   stderr_log if verbose and device == "auto" else None)
+        if rebuild not in REBUILDS:
+            raise XQError(f"unknown rebuild {rebuild!r} (one of {', '.join(REBUILDS)})")
+        if rebuild != "fused" and device == "cpu":
+            raise XQError(f"--rebuild {rebuild} is a GPU setting (--device cuda)")
         self._gpu = None
         if self.device == "cuda":
             with device_memory("the model's weights"):
-                self._gpu = GpuStep(self.model, self.n_ctx, act_bits)
+                self._gpu = GpuStep(self.model, self.n_ctx, act_bits, rebuild)
         self.batch = max(1, int(batch))
         if threads:
             numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))

@@ -7,7 +7,8 @@ latent cache rebuilds the layer's K/V of the history once for them, as the CPU's
 
 Every cache mode runs here. fp16 keeps post-RoPE K/V rows; KIVI*, XQuant and XQuant-CL keep
 xqrt.cache's format itself — the same packed bytes, exact rings, sinks and XQuant-CL accumulator —
-written token by token by device kernels and read by the fused rematerializing attention. What
+written token by token by device kernels and read by the fused rematerializing attention (or, with
+`rebuild="cublas"`, keys rebuilt on tensor cores through torch, then scored). What
 runs on the CPU only: fp16 key channels, unquantized (16/32-bit)
 latents, simulated caches. Every kernel is launched from Python (about 40 µs each), which bounds a
 small model's step; bench/gpu.py shows what replaying the step as one CUDA graph saves.
@@ -24,6 +25,7 @@ from .errors import XQError
 from .gguf_model import Model, ModelConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+REBUILDS = ("fused", "cublas")
 
 
 def unsupported(cache_mode: str, config: ModelConfig, options: CacheOptions) -> str | None:
@@ -221,9 +223,6 @@ class DeviceLatentCache(DeviceCache):
                 D.x_less_acc_vec, D.dz_vec = D.x_less_acc.reshape(-1), D.dz.reshape(-1)
                 widest = max(widest, c.d_model)
             self.layers.append(D)
-        first, none = self.layers[0], cuda.to_device(np.zeros(0, np.int64))
-        # what _ring_stream makes a ring into: a per-token stream with nothing packed
-        self._exact_only = replace(first.delta if first.value is None else first.value, n_q=0, off=none, cbits=none)
         if isinstance(plan, XQuantCL):
             self.acc = cuda.to_device(np.zeros((n_ctx, c.d_model), np.float16))  # Â for every position
         if self.window:  # K (post-RoPE) and V of the last W positions, fp16 rings of prompt_rows more rows
@@ -267,19 +266,19 @@ class DeviceLatentCache(DeviceCache):
             kc.store_kv[kc._blocks(c.kv_dim // 2), kc.THREADS](s.k_row, s.v_row, c.head_dim, s.cos, s.sin, pos,
                                                                 self.win_k[layer], self.win_v[layer])
             w0 = n - min(self.window, n)
-            window = self._ring_stream(self.win_k[layer], w0, n), self._ring_stream(self.win_v[layer], w0, n)
+            window = kc.exact_stream(self.win_k[layer], w0, n), kc.exact_stream(self.win_v[layer], w0, n)
         if D.key is None:
             x = s.xn_vec if D.seed else D.x_less_acc_vec
-            self._write_delta(kc, D, pos, s.xn, D.x_less_acc, D.dz, lambda: kc.product(D.ukv, x, s.xp, D.dz_vec), 0)
+            self._write_delta(s, D, pos, s.xn, D.x_less_acc, D.dz, lambda: kc.product(D.ukv, x, s.xp, D.dz_vec), 0)
             b = min(int(self.plan.bound(pos, False)), w0)
-            acc = self._ring_stream(self.acc, 0, b)
-            exact_k, exact_v = self._exact(D, b, b, w0)
+            acc = kc.exact_stream(self.acc, 0, b)
+            exact_k, exact_v = self._exact(kc, D, b, b, w0)
             kc.attend_latent(s.q, [(acc, D.wk), (exact_k, D.mk)], [(acc, D.wv), (exact_v, D.mv)], s.cos, s.sin,
-                             c.n_kv_head, c.head_dim, self.ws, s.attn, window=window)
+                             c.n_kv_head, c.head_dim, self.ws, s.attn, window=window, cublas=s.cublas)
             return
         bk, bv = (min(int(self.plan.bound(pos, per_channel)), w0) for per_channel in (D.per_channel, False))
         kc.attend_latent(s.q, [(replace(D.key, n_q=bk, n=w0), D.mk)], [(replace(D.value, n_q=bv, n=w0), D.mv)],
-                         s.cos, s.sin, c.n_kv_head, c.head_dim, self.ws, s.attn, window=window)
+                         s.cos, s.sin, c.n_kv_head, c.head_dim, self.ws, s.attn, window=window, cublas=s.cublas)
 
     def attend_prompt(self, prompt, layer):
         """A prompt's rows, prompt_rows at a time: their latents stored as decode stores them, then
@@ -299,21 +298,21 @@ class DeviceLatentCache(DeviceCache):
                 window = self.win_k[layer], self.win_v[layer], self.window
             if D.key is None:
                 x_less_acc, dz = self._scratch("x_less_acc", n, c.d_model), self._scratch("dz", n, D.dz.shape[1])
-                self._write_delta(kc, D, pos0, p.xn, x_less_acc, dz,
+                self._write_delta(p.step, D, pos0, p.xn, x_less_acc, dz,
                                   lambda: kc.product_rows(D.ukv, p.xn if D.seed else x_less_acc, dz),
                                   0 if pos0 == prompt.pos0 else pos0)
                 bk = bv = p.bounds(self.plan, False)
-                acc = self._ring_stream(self.acc, 0, bk.highest)
+                acc = kc.exact_stream(self.acc, 0, bk.highest)
                 packed_k, packed_v = (acc, D.wk), (acc, D.wv)
-                exact_k, exact_v = self._exact(D, bk.lowest, bv.lowest, end)
+                exact_k, exact_v = self._exact(kc, D, bk.lowest, bv.lowest, end)
             else:
                 bk, bv = p.bounds(self.plan, D.per_channel), p.bounds(self.plan, False)
                 packed_k = replace(D.key, n_q=bk.highest, n=bk.highest), D.mk
                 packed_v = replace(D.value, n_q=bv.highest, n=bv.highest), D.mv
                 exact_k, exact_v = replace(D.key, n_q=0, lo=bk.lowest, n=end), replace(D.value, n_q=0, lo=bv.lowest,
                                                                                       n=end)
-            k, k_exact = self._rebuild_both(kc, "k", *packed_k, exact_k, D.mk)
-            v, v_exact = self._rebuild_both(kc, "v", *packed_v, exact_v, D.mv)
+            k, k_exact = self._rebuild_both(p.step, "k", *packed_k, exact_k, D.mk)
+            v, v_exact = self._rebuild_both(p.step, "v", *packed_v, exact_v, D.mv)
             for rows, first in ((k, 0), (k_exact, bk.lowest)):
                 if rows.shape[0]:
                     kc.rope[kc._blocks(rows.size // 2), kc.THREADS](rows, c.head_dim, p.step.cos, p.step.sin, first)
@@ -325,13 +324,13 @@ class DeviceLatentCache(DeviceCache):
         kc.product_rows(w, x, out)
         return out
 
-    def _rebuild_both(self, kc, name, packed, m, exact, m_exact):
+    def _rebuild_both(self, step, name, packed, m, exact, m_exact):
         """K (or V) rows of positions [0, packed.n) from the packed latents and of [exact.lo,
         exact.n) from the exact ones, into scratch."""
         out = []
         for part, src, mat in (("", packed, m), ("_exact", exact, m_exact)):
             rows = self._scratch(name + part, src.n - src.lo, self.config.kv_dim)
-            self._rebuild(kc, src, mat, rows, src.lo, add=False)
+            step.kc.rebuild_rows(src, mat, rows, src.lo, False, step.cublas)
             out.append(rows)
         return out
 
@@ -345,19 +344,9 @@ class DeviceLatentCache(DeviceCache):
             have = self._prompt_scratch[name, width] = cuda.device_array((size, width), np.float32)
         return have[:rows]
 
-    def _rebuild(self, kc, stream, m, out, base, add):
-        if stream.n > stream.lo:
-            grid = (-(-(stream.n - stream.lo) // kc.TILE_T), -(-out.shape[1] // kc.HEAD_DIM))
-            kc.rebuild[grid, kc.THREADS](*stream.args, m, out, base, add)
-
-    def _ring_stream(self, ring, lo, n):
-        """Positions [lo, n) of a ring (position p in row p mod its rows; Â's has a row per position)
-        read as a stream: nothing packed, no sinks."""
-        return replace(self._exact_only, sink=self._empty(ring.shape[1], np.float32), tail=ring, lo=lo, n=n)
-
-    def _exact(self, D, lo_k, lo_v, n):
+    def _exact(self, kc, D, lo_k, lo_v, n):
         """XQuant-CL's delta layer: its own exact latents of positions [lo, n), in the ring."""
-        return self._ring_stream(D.ring_k, lo_k, n), self._ring_stream(D.ring_v, lo_v, n)
+        return kc.exact_stream(D.ring_k, lo_k, n), kc.exact_stream(D.ring_v, lo_v, n)
 
     def _write(self, kc, D, zk, zv, pos0):
         """The latents of the rows at positions pos0… into their rings, packed at once where a stream
@@ -388,19 +377,21 @@ class DeviceLatentCache(DeviceCache):
             z, ring, stream.codes, stream.scale, stream.zero, stream.bits, group, sink, pos0, quantize,
             self.options.clip)
 
-    def _write_delta(self, kc, D, pos0, x, x_less_acc, dz, project, acc_from):
+    def _write_delta(self, step, D, pos0, x, x_less_acc, dz, project, acc_from):
         """XQuant-CL from its seed layer on: Δ = (x − Â)·ukv of the rows at positions pos0… (project
         computes it into dz from x, or from x_less_acc past the seed), packed per token; then Â ← Â
         + Δ̂·ukvᵀ for the positions from acc_from up to theirs (the rows below it hold this layer's
         Â already: an earlier part of the prompt added them), which the layer's K/V are rebuilt
         from — and from its own exact latents for the recent positions the residual rule reads
         exactly."""
+        kc = step.kc
         if not D.seed:
             kc.subtract_rows[kc._blocks(x.size), kc.THREADS](x, self.acc, pos0, x_less_acc)
         project()
         delta, end = D.delta, pos0 + x.shape[0]
         self._store(kc, dz, delta.tail, delta, 1 << delta.shift, delta.sink, pos0, True)
-        self._rebuild(kc, replace(delta, n_q=end, lo=acc_from, n=end), D.ukv.dense, self.acc, 0, add=not D.seed)
+        kc.rebuild_rows(replace(delta, n_q=end, lo=acc_from, n=end), D.ukv.dense, self.acc, 0, not D.seed,
+                        step.cublas)
 
     # ---- bookkeeping: the plan's rules, at this cache's length ------------------------------------
     def truncate(self, n_tokens):
@@ -467,15 +458,32 @@ class Prompt:
         return self.memo["bounds", per_channel]
 
 
-class GpuStep:
-    """The model's weights on the device and the scratch of one decode step."""
+def tensor_cores(n_ctx: int):
+    """kc.Cublas for --rebuild cublas, or one error line saying what it lacks."""
+    from numba import config
 
-    def __init__(self, model: Model, n_ctx: int, act_bits: int = 8):
+    from .kernels import cuda as kc
+    try:
+        import torch
+    except ImportError:
+        raise XQError("--rebuild cublas: torch is not installed (a CUDA build of torch is needed)") from None
+    if not config.ENABLE_CUDASIM and not torch.cuda.is_available():
+        raise XQError("--rebuild cublas: torch finds no CUDA GPU (a CUDA build of torch is needed)")
+    return kc.Cublas(n_ctx)
+
+
+class GpuStep:
+    """The model's weights on the device and the scratch of one decode step. rebuild: how a latent
+    cache's keys and values are rebuilt — "fused", the Numba kernels that rebuild and score in
+    shared memory, or "cublas", the rebuild product on tensor cores through torch (kc.Cublas)."""
+
+    def __init__(self, model: Model, n_ctx: int, act_bits: int = 8, rebuild: str = "fused"):
         from numba import cuda
 
         from .kernels import cpu, cuda as kc
         self.kc, c = kc, model.config
         self.config = c
+        self.cublas = tensor_cores(n_ctx) if rebuild == "cublas" else None
         up = lambda m: kc.upload_matrix(m.qtype, m.data, m.n_cols)  # noqa: E731
         vec = lambda a: cuda.to_device(np.ascontiguousarray(a, np.float32))  # noqa: E731
         self.tok_embd, self.output = up(model.tok_embd), up(model.output)

@@ -95,9 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-c", "--ctx", type=int, default=None, help="context size in tokens (default: min(train, 4096))")
     add_compute_args(ap)
     ap.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
-                    help="where the model runs: cuda (every cache mode; --kv-budget, --clip and --fp16-channels "
-                         "are CPU-only), or auto: CUDA when numba-cuda finds a GPU and the cache runs there, else "
-                         "the CPU, saying which [cpu]")
+                    help="where the model runs: cuda (every cache mode; --fp16-channels and 16/32-bit latents are "
+                         "CPU-only), or auto: CUDA when numba-cuda finds a GPU and the cache runs there, else the "
+                         "CPU, saying which [cpu]")
+    ap.add_argument("--rebuild", default="fused", choices=("fused", "cublas"),
+                    help="on the GPU, how a latent cache rebuilds K and V: fused (Numba kernels, in shared memory) "
+                         "or cublas (the product on tensor cores through torch, a CUDA build of it) [fused]")
     add_cache_args(ap)
     ap.add_argument("--chat", action="store_true", help="interactive chat with the model's template")
     ap.add_argument("--system", default=None, help="system message for --chat")
@@ -125,7 +128,8 @@ def engine_from_args(args, ctx):
                   value_group=args.value_group, layer_bits=args.layer_bits, sinks=args.sinks,
                   rotate=args.rotate, clip=args.clip, balance=args.balance, channel_bits=args.channel_bits,
                   fp16_channels=args.fp16_channels,
-                  kv_budget=args.kv_budget, device=getattr(args, "device", "cpu"), threads=args.threads,
+                  kv_budget=args.kv_budget, device=getattr(args, "device", "cpu"),
+                  rebuild=getattr(args, "rebuild", "fused"), threads=args.threads,
                   act_bits=args.act_bits, verbose=True)
 
 

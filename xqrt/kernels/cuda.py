@@ -1233,6 +1233,98 @@ def upload_stream(codes, scale, zero, bits, group, off, sink, tail, n_q) -> Devi
                         int(n_q) + len(tail))
 
 
+@functools.cache
+def _no_packing():
+    """The arrays of a stream that has nothing packed and no sinks, typed as real streams' are (one
+    compiled kernel for both)."""
+    return (cuda.to_device(np.zeros((0, 1, 0), np.uint8)), cuda.to_device(np.zeros((0, 1, 0), np.float16)),
+            cuda.to_device(np.zeros(0, np.int64)), cuda.to_device(np.zeros((0, 0), np.float32)))
+
+
+def exact_stream(rows, lo: int, n: int) -> DeviceStream:
+    """Positions [lo, n) of rows (position p in row p mod their number: a ring, or rows of every
+    position) read as a stream: nothing packed, no sinks."""
+    codes, scale, none, sink = _no_packing()
+    return DeviceStream(codes, scale, scale, 8, 0, none, none, sink, rows, 0, lo, n)
+
+
+def rebuild_rows(stream: DeviceStream, m, out, base: int, add: bool, cublas: Cublas | None = None, cu_stream=0):
+    """out[p − base] (+)= z_p · m for the positions p ∈ [lo, n) of a latent stream (m empty: z_p
+    itself): the `rebuild` kernel, or with cublas the product on tensor cores."""
+    if stream.n <= stream.lo:
+        return
+    if cublas is None or not m.shape[0]:
+        grid = (-(-(stream.n - stream.lo) // TILE_T), -(-out.shape[1] // HEAD_DIM))
+        rebuild[grid, THREADS, cu_stream](*stream.args, m, out, base, add)
+    else:
+        cublas.rebuild(stream, m, out, base, add, cu_stream)
+
+
+class Cublas:
+    """The rebuild product z·M through cuBLAS, by way of torch on the same device buffers (no
+    copies): latents dequantized to fp16 rows by `dequantize_stream` (an fp16 ring of every position,
+    XQuant-CL's Â, is read in place), M as an fp16 copy made once, fp32 sums on tensor cores, one
+    rounding to the output's type. Unlike the fused kernel it writes what it rebuilds to device
+    memory: a decode step's keys go to one scratch of fp16 rows, which scores_latent then reads as
+    it reads a window (`keys`). Under the simulator torch works on the host arrays behind the
+    simulated ones."""
+
+    def __init__(self, n_ctx: int):
+        import torch
+        self.torch, self.n_ctx = torch, n_ctx
+        self._half = {}  # id of a factor matrix → (it, its fp16 copy)
+        self._rows = {}  # (name, width) → fp16 scratch (device array, its tensor)
+
+    def tensor(self, a):
+        if config.ENABLE_CUDASIM:
+            return self.torch.from_numpy(a._ary)
+        return self.torch.as_tensor(a, device="cuda")
+
+    def half(self, m):
+        have = self._half.get(id(m))
+        if have is None or have[0] is not m:
+            have = self._half[id(m)] = (m, self.tensor(m).half())
+        return have[1]
+
+    def rows(self, name: str, n: int, width: int):
+        """At least n fp16 scratch rows of a width, kept and grown as needed."""
+        have = self._rows.get((name, width))
+        if have is None or have[0].shape[0] < n:
+            size = min(max(n, 64, 2 * (0 if have is None else have[0].shape[0])), max(n, self.n_ctx))
+            rows = cuda.device_array((size, width), np.float16)
+            have = self._rows[name, width] = (rows, self.tensor(rows))
+        return have
+
+    def latents(self, stream: DeviceStream, cu_stream=0):
+        """Positions [lo, n) of a stream as an (n − lo) × width fp16 tensor."""
+        lo, n = stream.lo, stream.n
+        tail = stream.tail
+        if not stream.n_q and not stream.sink.shape[0] and tail.shape[0] >= n and tail.dtype == np.float16:
+            return self.tensor(tail)[lo:n]
+        rows, t = self.rows("z", n - lo, stream.width)
+        dequantize_stream[n - lo, THREADS, cu_stream](*stream.args, rows)
+        return t[:n - lo]
+
+    def rebuild(self, stream: DeviceStream, m, out, base: int, add: bool, cu_stream=0):
+        """rebuild_rows' product; into fp16 rows the sum with what they hold is rounded once (cuBLAS's
+        β = 1), as the CPU rounds XQuant-CL's accumulator."""
+        z, w = self.latents(stream, cu_stream), self.half(m)
+        target = self.tensor(out)[stream.lo - base:stream.n - base]
+        if target.dtype == self.torch.float16:
+            target.addmm_(z, w, beta=1 if add else 0)
+        elif add:
+            target.add_(z @ w)
+        else:
+            target.copy_(z @ w)
+
+    def keys(self, key: DeviceStream, mk, cu_stream=0) -> DeviceStream:
+        """A run of keys rebuilt (before RoPE) into the key scratch, position p in row p, as a stream
+        with nothing to rebuild."""
+        rows, _ = self.rows("k", key.n, mk.shape[1])
+        self.rebuild(key, mk, rows, 0, False, cu_stream)
+        return exact_stream(rows, key.lo, key.n)
+
+
 def _blocks(n: int) -> int:
     return max(1, min(-(-n // THREADS), 1024))
 
@@ -1285,14 +1377,19 @@ def _no_bounds():
     return cuda.to_device(np.zeros(0, np.int64))
 
 
-def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace, out, stream=0, window=None):
+def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace, out, stream=0, window=None,
+                  cublas: Cublas | None = None):
     """Single-query attention rematerialized from latent streams. keys / values: (DeviceStream,
     rebuild matrix) runs covering [0, n) in order — one stream, or XQuant-CL's accumulator and then
     the exact tail, whose latents live in different spaces. Keys are rebuilt tile by tile (z·mk,
     RoPE, score) in shared memory; values are summed in latent space and projected through mv once
     per run. A matrix is ws.empty where the latent is K / V itself (KIVI). window: (key, value)
     streams of the last run, K (post-RoPE) and V rows of a --kv-budget window, read as they are
-    (RoPE tables of no columns rotate nothing)."""
+    (RoPE tables of no columns rotate nothing). cublas: the keys are rebuilt on tensor cores into
+    device memory first, and scored from there (Cublas.keys)."""
+    if cublas is not None:
+        keys = [(cublas.keys(key, mk, stream), ws.empty) if mk.shape[0] and key.n > key.lo else (key, mk)
+                for key, mk in keys]
     key_runs = [(key, mk, cos, sin) for key, mk in keys]
     value_runs = list(values)
     if window is not None:
