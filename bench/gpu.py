@@ -542,7 +542,7 @@ def main():
             say(f"| {label} | {bits} | {n} | {bpt} | {BUDGET // bpt} | {t_step * 1e3:.2f} | {t_graph * 1e3:.2f} | "
                 f"{1 / best:.1f} | {ratio:.2f} | {t_attn * 1e3:.3f} | {roof * 1e3:.3f} | {t_attn / roof:.1f} |")
     say()
-    say(f"A step launches 16 (fp16 KV) to about 20 (latent caches) kernels per layer from Python "
+    say(f"A step launches 14 (fp16 KV) to about 20 (latent caches) kernels per layer from Python "
         f"({launch_s * 1e6:.0f} µs each when the GPU keeps up): that overhead is part of every step time above.")
     report.close()
 

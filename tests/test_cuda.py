@@ -170,14 +170,17 @@ def attention_ref(q, keys, values, n_head, head_dim):
     return out
 
 
-def test_attend_f16():
+@pytest.mark.parametrize("chunk", [256, 16])
+def test_attend_f16(chunk):
+    """Flash attention over an fp16 cache: one part, or split into three (13 positions each, 8 in
+    the last) and merged."""
     n_head, n_kv, hd, n = 4, 2, 16, 37
     q = rng.standard_normal(n_head * hd).astype(np.float32)
     k = rng.standard_normal((48, n_kv * hd)).astype(np.float16)
     v = rng.standard_normal((48, n_kv * hd)).astype(np.float16)
-    ws = kc.Workspace(48, n_head, n_kv * hd)
+    ws = kc.Workspace(1024, n_head, n_kv * hd)  # room for 4 parts
     out = cuda.device_array(n_head * hd, np.float32)
-    kc.attend_f16(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), n, n_head, hd, ws, out)
+    kc.attend_f16(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), n, n_head, hd, ws, out, chunk=chunk)
     ref = attention_ref(q, k[:n].astype(np.float32), v[:n].astype(np.float32), n_head, hd)
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-4, atol=1e-5)
 

@@ -646,36 +646,12 @@ def store_kv(k, v, head_dim, cos, sin, pos0, k_cache, v_cache):
 
 
 # ---- attention -------------------------------------------------------------------------------
-# A decode step's attention is three kernels: scores (one block per run of positions and kv head),
-# softmax (one block per head), values (split over positions, flash-decoding style: every block
-# writes a partial sum, and a last kernel adds the parts). Keys are either read from the fp16 cache
-# or rematerialized from latents; values of a latent cache are summed in latent space (Σⱼ aⱼ·zⱼ) and
-# projected once, since Σⱼ aⱼ·(zⱼ·M) = (Σⱼ aⱼ·zⱼ)·M.
-@cuda.jit(**_FAST)
-def scores_f16(q, k_cache, n, n_head, head_dim, scale, scores):
-    """scores[h, t] = q_h · K[t] · scale for t < n: one warp per position, its lanes over the head,
-    the row of K read once for all the query heads of its kv head."""
-    buf = cuda.shared.array(THREADS, float32)
-    k_row = cuda.local.array(HEAD_LANE_VALUES, float32)
-    g = cuda.blockIdx.y
-    n_kv_head = k_cache.shape[1] // head_dim
-    per_kv = n_head // n_kv_head
-    t = cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32
-    lane = cuda.threadIdx.x % 32
-    if t < n:
-        for i in range(lane, head_dim, 32):
-            k_row[i // 32] = float32(k_cache[t, g * head_dim + i])
-    for j in range(per_kv):
-        h = g * per_kv + j
-        acc = float32(0.0)
-        if t < n:
-            for i in range(lane, head_dim, 32):
-                acc += q[h * head_dim + i] * k_row[i // 32]
-        acc = _warp_sum(acc, buf)
-        if lane == 0 and t < n:
-            scores[h, t] = acc * scale
-
-
+# fp16 K/V rows (the fp16 cache, a prompt's rebuilt history) are read by one flash-attention kernel:
+# an online softmax per warp, split over the sequence for a decode step's single query (every block
+# writes its softmax state and partial sum, and `merge_parts` combines them). A latent cache's
+# decode attention is three kernels: scores (keys rematerialized tile by tile, one block per run of
+# positions and kv head), softmax (one block per head), values (split over positions); values are
+# summed in latent space (Σⱼ aⱼ·zⱼ) and projected once, since Σⱼ aⱼ·(zⱼ·M) = (Σⱼ aⱼ·zⱼ)·M.
 @cuda.jit(**_FAST)
 def softmax(scores, n):
     """Each row of scores[:, :n] → its softmax, in place (one block per row)."""
@@ -697,47 +673,20 @@ def softmax(scores, n):
 
 
 @cuda.jit(**_FAST)
-def values_f16(probs, v_cache, n, chunk, head_dim, parts):
-    """parts[s, h, d] = Σ probs[h, t]·V[t, d] over positions [s·chunk, (s+1)·chunk) ∩ [0, n) for
-    the query heads h of one kv head (grid: splits × kv heads). V is read once per kv head, not
-    once per query head: a thread holds one dim for all the group's heads over every n_sub-th
-    position, and the n_sub partial sums meet in shared memory."""
-    red = cuda.shared.array((MAX_GROUP, THREADS), float32)
-    acc = cuda.local.array(MAX_GROUP, float32)
-    s, g, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
-    per_kv = probs.shape[0] // (v_cache.shape[1] // head_dim)
-    n_sub = THREADS // head_dim
-    d, sub = tid % head_dim, tid // head_dim
-    for j in range(per_kv):
-        acc[j] = float32(0.0)
-    if sub < n_sub:
-        for t in range(s * chunk + sub, min(n, (s + 1) * chunk), n_sub):
-            v = float32(v_cache[t, g * head_dim + d])
-            for j in range(per_kv):
-                acc[j] += probs[g * per_kv + j, t] * v
-    for j in range(per_kv):
-        red[j, tid] = acc[j]
-    cuda.syncthreads()
-    if tid < head_dim:
-        for j in range(per_kv):
-            total = float32(0.0)
-            for u in range(n_sub):
-                total += red[j, u * head_dim + d]
-            parts[s, g * per_kv + j, d] = total
-
-
-@cuda.jit(**_FAST)
-def prompt_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound, k_win, v_win, window, pos0,
-                     head_dim, scale, out):
+def flash_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound, k_win, v_win, window, pos0,
+                    head_dim, scale, chunk, out, part_state, part_acc):
     """out[t] = causal attention of the query row q[t], at position pos0 + t, over positions [0,
     pos0 + t]: one block per (query, kv head) for all the query heads of that kv head — a prompt's
-    attention in one launch. Query t reads position j's key from k[j] while j < k_bound[t] (always
-    when k_bound is empty: one history, the fp16 cache) and from k_exact[j − k_from] above — a
-    latent cache's packed and exact versions of its history, rebuilt — and its value alike; the
-    last `window` positions up to it from the fp16 ring k_win (position j in row j mod its rows,
-    a --kv-budget window). Each warp keeps an online softmax over every WARPS-th position (its
-    lanes over the head, the dot products by warp sums), then the warps' states meet in shared
-    memory. Every warp runs the same trip count, so the simulator's barriers are uniform."""
+    attention in one launch. With chunk > 0 (a decode step: one query) block x covers positions
+    [x·chunk, (x+1)·chunk) only and leaves its softmax state (max, sum) in part_state[x, h] and
+    its unnormalized sum of values in part_acc[x, h], for merge_parts. Query t reads position j's
+    key from k[j] while j < k_bound[t] (always when k_bound is empty: one history, the fp16 cache)
+    and from k_exact[j − k_from] above — a latent cache's packed and exact versions of its
+    history, rebuilt — and its value alike; the last `window` positions up to it from the fp16
+    ring k_win (position j in row j mod its rows, a --kv-budget window). Each warp keeps an online
+    softmax over every WARPS-th position (its lanes over the head, the dot products by warp sums),
+    then the warps' states meet in shared memory. Every warp runs the same trip count, so the
+    simulator's barriers are uniform."""
     buf = cuda.shared.array(THREADS, float32)
     w_max = cuda.shared.array((WARPS, MAX_GROUP), float32)
     w_sum = cuda.shared.array((WARPS, MAX_GROUP), float32)
@@ -747,11 +696,14 @@ def prompt_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound
     mx = cuda.local.array(MAX_GROUP, float32)
     total = cuda.local.array(MAX_GROUP, float32)
     kv_row = cuda.local.array(HEAD_LANE_VALUES, float32)
-    t, g, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    g, tid = cuda.blockIdx.y, cuda.threadIdx.x
+    t, part = (0, cuda.blockIdx.x) if chunk else (cuda.blockIdx.x, 0)
     warp, lane = tid // 32, tid % 32
     n_kv_head = k.shape[1] // head_dim
     per_kv = q.shape[1] // head_dim // n_kv_head
     n = pos0 + t + 1
+    lo = part * chunk
+    hi = min(n, lo + chunk) if chunk else n
     kb = k_bound[t] if k_bound.shape[0] else n
     vb = v_bound[t] if v_bound.shape[0] else n
     win_lo = n - window
@@ -762,13 +714,13 @@ def prompt_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound
             i = lane + 32 * u
             qv[j, u] = q[t, h * head_dim + i] * scale if i < head_dim else float32(0.0)
             acc[j, u] = float32(0.0)
-    for step in range(-(-n // WARPS)):
-        p = step * WARPS + warp
+    for step in range(-(-(hi - lo) // WARPS)):
+        p = lo + step * WARPS + warp
         for u in range(HEAD_LANE_VALUES):
             i = lane + 32 * u
             col = g * head_dim + i
             kv_row[u] = float32(0.0)
-            if p < n and i < head_dim:
+            if p < hi and i < head_dim:
                 if p >= win_lo:
                     kv_row[u] = float32(k_win[p % k_win.shape[0], col])
                 elif p < kb:
@@ -780,7 +732,7 @@ def prompt_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound
             for u in range(HEAD_LANE_VALUES):
                 dot += qv[j, u] * kv_row[u]
             dot = _warp_sum(dot, buf)
-            if p < n:
+            if p < hi:
                 new_max = max(mx[j], dot)
                 shrink, e = math.exp(mx[j] - new_max), math.exp(dot - new_max)
                 mx[j], total[j] = new_max, total[j] * shrink + e
@@ -805,7 +757,8 @@ def prompt_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound
     cuda.syncthreads()
     for e in range(tid, per_kv * head_dim, THREADS):
         j, i = e // head_dim, e % head_dim
-        top = w_max[0, j]  # warp 0 always holds position 0
+        h = g * per_kv + j
+        top = w_max[0, j]  # warp 0 always holds the block's first position
         for w in range(1, WARPS):
             top = max(top, w_max[w, j])
         norm, o = float32(0.0), float32(0.0)
@@ -813,18 +766,29 @@ def prompt_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound
             f = math.exp(w_max[w, j] - top)  # 0 for a warp that saw no position
             norm += w_sum[w, j] * f
             o += w_acc[w, j, i] * f
-        out[t, (g * per_kv + j) * head_dim + i] = o / norm
+        if chunk:
+            part_acc[part, h, i] = o
+            if i == 0:
+                part_state[part, h, 0], part_state[part, h, 1] = top, norm
+        else:
+            out[t, h * head_dim + i] = o / norm
 
 
 @cuda.jit(**_FAST)
-def sum_parts(parts, n_parts, head_dim, out):
-    """out[h·head_dim + i] = Σₛ parts[s, h, i] (the fp16 cache's values)."""
+def merge_parts(part_state, part_acc, n_parts, head_dim, out):
+    """out[h] = the softmax-weighted values of flash_attention's parts: each part's sum rescaled from
+    its own maximum to the overall one. One block per head."""
     h = cuda.blockIdx.x
+    top = part_state[0, h, 0]
+    for s in range(1, n_parts):
+        top = max(top, part_state[s, h, 0])
     for i in range(cuda.threadIdx.x, head_dim, THREADS):
-        acc = float32(0.0)
+        norm, o = float32(0.0), float32(0.0)
         for s in range(n_parts):
-            acc += parts[s, h, i]
-        out[h * head_dim + i] = acc
+            f = math.exp(part_state[s, h, 0] - top)
+            norm += part_state[s, h, 1] * f
+            o += part_acc[s, h, i] * f
+        out[h * head_dim + i] = o / norm
 
 
 @cuda.jit(device=True, inline=True)
@@ -1342,18 +1306,21 @@ class Workspace:
     def __init__(self, n_ctx: int, n_head: int, value_width: int):
         self.scores = cuda.device_array((n_head, n_ctx), np.float32)
         self.parts = cuda.device_array((splits(n_ctx)[0], n_head, value_width), np.float32)
+        self.part_state = cuda.device_array((splits(n_ctx)[0], n_head, 2), np.float32)
         self.empty = cuda.to_device(np.zeros((0, 0), np.float32))
 
 
-def attend_f16(q, k_cache, v_cache, n, n_head, head_dim, ws: Workspace, out, stream=0):
-    """Single-query attention over the first n rows of an fp16 K (post-RoPE) / V cache."""
+def attend_f16(q, k_cache, v_cache, n, n_head, head_dim, ws: Workspace, out, stream=0, chunk=256):
+    """Single-query attention over the first n rows of an fp16 K (post-RoPE) / V cache: flash
+    attention split over the sequence (parts of about `chunk` positions), then the parts merged."""
     n_kv_head = k_cache.shape[1] // head_dim
-    scores_f16[(-(-n // WARPS), n_kv_head), THREADS, stream](q, k_cache, n, n_head, head_dim,
-                                                              np.float32(1.0 / math.sqrt(head_dim)), ws.scores)
-    softmax[n_head, THREADS, stream](ws.scores, n)
-    n_parts, chunk = splits(n)
-    values_f16[(n_parts, n_kv_head), THREADS, stream](ws.scores, v_cache, n, chunk, head_dim, ws.parts)
-    sum_parts[n_head, THREADS, stream](ws.parts, n_parts, head_dim, out)
+    n_parts, part = splits(n, chunk, ws.parts.shape[0])
+    none = _no_bounds()
+    # q and out as rows, as a prompt's: one compiled kernel for both (split blocks do not write out)
+    flash_attention[(n_parts, n_kv_head), THREADS, stream](
+        q.reshape(1, -1), k_cache, v_cache, k_cache, v_cache, 0, 0, none, none, k_cache, v_cache, 0, n - 1, head_dim,
+        np.float32(1.0 / math.sqrt(head_dim)), part, out.reshape(1, -1), ws.part_state, ws.parts)
+    merge_parts[n_head, THREADS, stream](ws.part_state, ws.parts, n_parts, head_dim, out)
 
 
 def attend_prompt(q, k, v, pos0, head_dim, out, exact=None, window=None, stream=0):
@@ -1368,13 +1335,19 @@ def attend_prompt(q, k, v, pos0, head_dim, out, exact=None, window=None, stream=
         exact = (k, v, 0, 0, none, none)
     if window is None:
         window = (k, v, 0)
-    prompt_attention[(q.shape[0], n_kv_head), THREADS, stream](q, k, v, *exact, *window, pos0, head_dim,
-                                                              np.float32(1.0 / math.sqrt(head_dim)), out)
+    flash_attention[(q.shape[0], n_kv_head), THREADS, stream](q, k, v, *exact, *window, pos0, head_dim,
+                                                             np.float32(1.0 / math.sqrt(head_dim)), 0, out,
+                                                             _no_parts(), _no_parts())
 
 
 @functools.cache
 def _no_bounds():
     return cuda.to_device(np.zeros(0, np.int64))
+
+
+@functools.cache
+def _no_parts():
+    return cuda.to_device(np.zeros((0, 0, 0), np.float32))
 
 
 def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace, out, stream=0, window=None,
