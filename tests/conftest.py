@@ -111,3 +111,32 @@ def smollm2_hf(smollm2_path, tmp_path_factory):
         return path
     import smollm2_hf
     return smollm2_hf.make(str(tmp_path_factory.mktemp("smollm2_hf")))
+
+
+def pytest_configure(config):
+    """XQRT_KERNEL_SIGNATURES=FILE: note the argument types of every CUDA kernel the simulator runs,
+    for bench/ptx_check.py to compile them for a real GPU (the simulator runs them as Python and
+    types nothing)."""
+    path = os.environ.get("XQRT_KERNEL_SIGNATURES")
+    if not path or os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        return
+    import atexit
+
+    import numba
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    from numba.cuda.simulator.kernel import FakeCUDAKernel
+    seen = set()
+    launch = FakeCUDAKernel.__call__
+
+    def type_name(a):
+        t = numba.typeof(a._ary if isinstance(a, FakeCUDAArray) else a)
+        return str(t).replace("readonly ", "")
+
+    def recording(self, *args):
+        if not self._device:
+            closure = tuple(c.cell_contents for c in self.fn.__closure__ or () if type(c.cell_contents) is int)
+            seen.add((self.fn.__module__, self.fn.__qualname__, closure, tuple(type_name(a) for a in args)))
+        return launch(self, *args)
+
+    FakeCUDAKernel.__call__ = recording
+    atexit.register(lambda: open(path, "w").write(json.dumps(sorted(seen), indent=0)))

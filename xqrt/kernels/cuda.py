@@ -38,6 +38,9 @@ MAX_QUANT_GROUP = 128  # the longest quantization group the cache writes hold in
 TILE_T = 64  # positions per block of the rebuild product …
 TILE_R = 32  # … and latent channels staged per step
 LAT_ROW = TILE_R + 1  # a staged latent row, padded: the product reads down a column
+M_AT = TILE_T * LAT_ROW  # where the staged rows of the rebuild matrix start in a kernel's shared floats, …
+STAGE = M_AT + TILE_R * HEAD_DIM  # … their end, …
+SCORES_STAGE = max(STAGE, TILE_T * KEY_ROW)  # … and scores_latent's, whose rebuilt keys then take their place
 DENSE = -1  # qtype of a matrix uploaded as float32
 _FAST = dict(fastmath=True)  # lets a·b + c contract to one FMA (without it, a multiply and an add)
 
@@ -519,6 +522,8 @@ def embed(qs, d, m, dense, qtype, token, out):
 MM_ROWS = 64  # weight rows per block of `matmat` …
 MM_TOKENS = 32  # … rows of x (prompt positions) …
 MM_K = 32  # … and columns per step: one quantization block, dequantized once into shared memory
+MM_W_ROW, MM_X_ROW = MM_ROWS + 1, MM_TOKENS + 1  # rows of the staged tiles, padded: a warp's stores go down a
+# column (constants of their own: a shared array's shape must be literal to Numba's CUDA target)
 
 
 @cuda.jit(**_FAST)
@@ -527,8 +532,8 @@ def matmat(qs, d, m, dense, qtype, x, up, out):
     (n × cols → n × rows). A block dequantizes a 64-row slice of W once per 32 columns into shared
     memory, where 32 rows of x meet it, 8 outputs per thread (4 rows × 2 positions): a prompt
     reads each weight once per 32 positions, where the decode step reads it once per position."""
-    w_s = cuda.shared.array((MM_K, MM_ROWS + 1), float32)  # padded: a warp's stores go down a column
-    x_s = cuda.shared.array((MM_K, MM_TOKENS + 1), float32)
+    w_s = cuda.shared.array((MM_K, MM_W_ROW), float32)
+    x_s = cuda.shared.array((MM_K, MM_X_ROW), float32)
     acc = cuda.local.array(8, float32)
     tid = cuda.threadIdx.x
     tr, tt = tid % 16, tid // 16  # rows tr + 16i, positions tt + 16j
@@ -697,7 +702,8 @@ def flash_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound,
     total = cuda.local.array(MAX_GROUP, float32)
     kv_row = cuda.local.array(HEAD_LANE_VALUES, float32)
     g, tid = cuda.blockIdx.y, cuda.threadIdx.x
-    t, part = (0, cuda.blockIdx.x) if chunk else (cuda.blockIdx.x, 0)
+    t = 0 if chunk else cuda.blockIdx.x
+    part = cuda.blockIdx.x if chunk else 0
     warp, lane = tid // 32, tid % 32
     n_kv_head = k.shape[1] // head_dim
     per_kv = q.shape[1] // head_dim // n_kv_head
@@ -826,12 +832,12 @@ def _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, c):
 
 
 @cuda.jit(device=True, inline=True)
-def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, m, col0, n_cols, lat_s, m_s,
-                  acc):
+def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, m, col0, n_cols, stage, acc):
     """acc (4 × 8 per thread) = latents of positions [p0, p0 + TILE_T) ∩ [0, n) · m[:, col0 : col0 +
     n_cols] (n_cols ≤ HEAD_DIM). The latents are dequantized TILE_R channels at a time into shared
-    memory beside the matching rows of m; thread (ty, tx) then owns positions 4ty … 4ty+3 and
-    columns tx + 16j: twelve shared loads feed 32 FMAs."""
+    memory (stage: TILE_T rows of LAT_ROW floats) beside the matching rows of m (from M_AT: TILE_R
+    rows of HEAD_DIM); thread (ty, tx) then owns positions 4ty … 4ty+3 and columns tx + 16j: twelve
+    shared loads feed 32 FMAs. Flat offsets, not 2-d views: Numba's CUDA target cannot reshape."""
     tid = cuda.threadIdx.x
     ty, tx = tid // 16, tid % 16
     for i in range(32):
@@ -843,17 +849,17 @@ def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, 
         for i in range(tid, TILE_T * TILE_R, THREADS):
             t, r = i % TILE_T, i // TILE_T  # consecutive threads: consecutive positions of one channel
             p = p0 + t
-            lat_s[t, r] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, r0 + r) \
-                if p < n and r0 + r < width else float32(0.0)
+            stage[t * LAT_ROW + r] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p,
+                                             r0 + r) if p < n and r0 + r < width else float32(0.0)
         for i in range(tid, TILE_R * HEAD_DIM, THREADS):
             r, c = i // HEAD_DIM, i % HEAD_DIM
-            m_s[r, c] = m[r0 + r, col0 + c] if c < n_cols and r0 + r < width else float32(0.0)
+            stage[M_AT + i] = m[r0 + r, col0 + c] if c < n_cols and r0 + r < width else float32(0.0)
         cuda.syncthreads()
         for r in range(TILE_R):
             for i in range(4):
-                a[i] = lat_s[4 * ty + i, r]
+                a[i] = stage[(4 * ty + i) * LAT_ROW + r]
             for j in range(8):
-                w[j] = m_s[r, tx + 16 * j]
+                w[j] = stage[M_AT + r * HEAD_DIM + tx + 16 * j]
             for i in range(4):
                 for j in range(8):
                     acc[8 * i + j] = cuda.fma(a[i], w[j], acc[8 * i + j])
@@ -865,10 +871,9 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
                   scale_qk, scores):
     """Rematerialize-and-score: scores[h, t] = q_h · RoPE_t(z_t · mk)[kv head of h] · scale_qk for
     positions [lo, n) of a latent key stream (mk empty: the latent is the key itself). Block (x, g):
-    positions lo + TILE_T·x … and kv head g; the rebuilt keys live in shared memory only."""
-    lat_s = cuda.shared.array((TILE_T, LAT_ROW), float32)
-    m_s = cuda.shared.array((TILE_R, HEAD_DIM), float32)
-    key_s = cuda.shared.array((TILE_T, KEY_ROW), float32)
+    positions lo + TILE_T·x … and kv head g; the rebuilt keys live in shared memory only, where the
+    staged latents and factor rows were (all of it separately would pass the 48 KB a block has)."""
+    stage = cuda.shared.array(SCORES_STAGE, float32)  # the rebuild's staging, then keys of KEY_ROW floats
     q_s = cuda.shared.array((MAX_GROUP, HEAD_DIM), float32)
     acc = cuda.local.array(32, float32)
     tid = cuda.threadIdx.x
@@ -880,27 +885,28 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
         if c < head_dim:
             q_s[j, c] = q[(g * per_kv + j) * head_dim + c]
     if mk.shape[0]:
-        _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, mk, col0, head_dim, lat_s,
-                      m_s, acc)
+        _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, mk, col0, head_dim, stage,
+                      acc)
         ty, tx = tid // 16, tid % 16
         for i in range(4):
             for j in range(8):
-                key_s[4 * ty + i, tx + 16 * j] = acc[8 * i + j]
+                stage[(4 * ty + i) * KEY_ROW + tx + 16 * j] = acc[8 * i + j]
     else:
         for t in range(tid // HEAD_DIM, TILE_T, THREADS // HEAD_DIM):
             p = p0 + t
             if c < head_dim:
-                key_s[t, c] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, col0 + c) \
-                    if p < n else float32(0.0)
+                stage[t * KEY_ROW + c] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p,
+                                                 col0 + c) if p < n else float32(0.0)
     cuda.syncthreads()
     pr = tid % (HEAD_DIM // 2)
     for t in range(tid // (HEAD_DIM // 2), TILE_T, THREADS // (HEAD_DIM // 2)):
         p = p0 + t
         if pr < cos.shape[1] and p < n:
-            a, b = key_s[t, 2 * pr], key_s[t, 2 * pr + 1]
+            o = t * KEY_ROW + 2 * pr
+            a, b = stage[o], stage[o + 1]
             co, si = cos[p, pr], sin[p, pr]
-            key_s[t, 2 * pr] = a * co - b * si
-            key_s[t, 2 * pr + 1] = a * si + b * co
+            stage[o] = a * co - b * si
+            stage[o + 1] = a * si + b * co
     cuda.syncthreads()
     for i in range(tid, TILE_T * per_kv, THREADS):
         t, j = i % TILE_T, i // TILE_T
@@ -908,7 +914,7 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
         if p < n:
             dot = float32(0.0)
             for k in range(head_dim):
-                dot += q_s[j, k] * key_s[t, k]
+                dot += q_s[j, k] * stage[t * KEY_ROW + k]
             scores[g * per_kv + j, p] = dot * scale_qk
 
 
@@ -971,15 +977,13 @@ def rebuild(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n,
     itself) — a prompt's keys and values, rebuilt once for all its queries, and XQuant-CL's
     accumulator Â (add: onto what out holds; an fp16 out rounds each row as the CPU's does).
     Grid: position tiles × column tiles of HEAD_DIM."""
-    lat_s = cuda.shared.array((TILE_T, LAT_ROW), float32)
-    m_s = cuda.shared.array((TILE_R, HEAD_DIM), float32)
+    stage = cuda.shared.array(STAGE, float32)
     acc = cuda.local.array(32, float32)
     p0, col0 = lo + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y * HEAD_DIM
     n_cols = min(HEAD_DIM, out.shape[1] - col0)
     ty, tx = cuda.threadIdx.x // 16, cuda.threadIdx.x % 16
     if m.shape[0]:
-        _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, m, col0, n_cols, lat_s,
-                      m_s, acc)
+        _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, m, col0, n_cols, stage, acc)
     else:
         for i in range(4):
             for j in range(8):
