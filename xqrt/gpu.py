@@ -193,8 +193,7 @@ class DeviceLatentCache(DeviceCache):
         c = self.config
         self.group, self.ring_size = plan.group, plan.ring_size
         f32 = lambda m: cuda.to_device(np.ascontiguousarray(m, np.float32))  # noqa: E731
-        empty = cuda.to_device(np.zeros((0, 0), np.float32))
-        self._empty_rows = {}  # width → a (0, width) array: "no sinks" / "no ring"
+        empty = kc.empty((0, 0), np.float32)
         self.layers = []
         widest = c.kv_dim
         ring_rows = self.ring_size + self.prompt_rows
@@ -216,7 +215,7 @@ class DeviceLatentCache(DeviceCache):
             widest = max(widest, wv)
             if L.delta is not None:
                 ukv_t = plan.ukv_t[i] if plan.ukv_t[i].size else np.eye(c.d_model, dtype=np.float32)
-                D.delta = self._upload(L.delta, self._empty(L.delta.width, np.float16))
+                D.delta = self._upload(L.delta, kc.empty((0, L.delta.width), np.float16))
                 D.ukv, D.seed, D.wk, D.wv = kc.upload_dense(ukv_t), L.seed, f32(L.wk), f32(L.wv)
                 D.x_less_acc = cuda.device_array((1, c.d_model), np.float32)
                 D.dz = cuda.device_array((1, ukv_t.shape[0]), np.float32)
@@ -231,13 +230,6 @@ class DeviceLatentCache(DeviceCache):
             self.win_v = [cuda.to_device(np.zeros((rows, c.kv_dim), np.float16)) for _ in range(c.n_layer)]
         self.ws = kc.Workspace(n_ctx, c.n_head, widest)
         self._prompt_scratch = {}
-
-    def _empty(self, width, dtype):
-        from numba import cuda
-        key = (width, np.dtype(dtype).str)
-        if key not in self._empty_rows:
-            self._empty_rows[key] = cuda.to_device(np.zeros((0, width), dtype))
-        return self._empty_rows[key]
 
     def _upload(self, stream, ring):
         """An (empty) xqrt.cache.Stream's arrays on the device, its exact ring as the tail."""
@@ -371,7 +363,7 @@ class DeviceLatentCache(DeviceCache):
     def _store(self, kc, z, ring, stream, group, sink, pos0, quantize):
         """store_token: one thread per group of each row of z (sink None: no sinks)."""
         if sink is None:
-            sink = self._empty(z.shape[1], np.float32)
+            sink = kc.empty((0, z.shape[1]), np.float32)
         threads = 32
         kc.store_token[(-(-z.shape[1] // (group * threads)), z.shape[0]), threads](
             z, ring, stream.codes, stream.scale, stream.zero, stream.bits, group, sink, pos0, quantize,

@@ -308,7 +308,7 @@ def product_int8(w: DeviceMatrix, x, act: Int8X, out, stream=0, rows=ROWS, quant
     sums): x quantized into `act` first unless `quantized` (act holds this x already); up as in
     `product`."""
     if not quantized:
-        quantize_x[_blocks(x.shape[0] // 32), THREADS, stream](x, _no_vector() if up is None else up, act.codes,
+        quantize_x[_blocks(x.shape[0] // 32), THREADS, stream](x, empty((0,), np.float32) if up is None else up, act.codes,
                                                               act.scale, act.sum, act.err)
     matvec_kernel(rows)[1][-(-w.n_rows // rows), THREADS, stream](w.qs, w.d, w.m, w.qtype, act.codes, act.scale,
                                                                  act.sum, act.err, out)
@@ -473,12 +473,6 @@ def reuses_x(before: int, after: int, int8: bool) -> bool:
     return layout(before) == layout(after)
 
 
-@functools.cache
-def _no_vector():
-    """An empty device vector: permute_x's "no up" (made on first use, once a context exists)."""
-    return cuda.to_device(np.zeros(0, np.float32))
-
-
 def product(w: DeviceMatrix, x, xp, out, stream=0, rows=ROWS, permuted=False, up=None):
     """out = W·x on the device; xp: scratch of permuted_size(len(x)) floats (unused for float
     weights). permuted: xp already holds this x in w's layout (a product of the same x before).
@@ -492,7 +486,7 @@ def product(w: DeviceMatrix, x, xp, out, stream=0, rows=ROWS, permuted=False, up
         return
     if not permuted:
         n = permuted_size(w.n_cols)  # xp not sliced: a device-array view costs more host time than a launch
-        permute_x[_blocks(n), THREADS, stream](x, _no_vector() if up is None else up, w.qtype, n, xp)
+        permute_x[_blocks(n), THREADS, stream](x, empty((0,), np.float32) if up is None else up, w.qtype, n, xp)
     matvec[-(-w.n_rows // rows), THREADS, stream](*w.args, xp, out)
 
 
@@ -574,16 +568,10 @@ def matmat(qs, d, m, dense, qtype, x, up, out):
                 out[t, r] = acc[2 * i + j]
 
 
-@functools.cache
-def _no_rows():
-    """An empty (0 × 0) device array: matmat's "no up"."""
-    return cuda.to_device(np.zeros((0, 0), np.float32))
-
-
 def product_rows(w: DeviceMatrix, x, out, stream=0, up=None):
     """out = x · Wᵀ for the rows of x (n × cols; out n × rows), or of silu(x)·up (matmat)."""
     grid = (-(-w.n_rows // MM_ROWS), -(-x.shape[0] // MM_TOKENS))
-    matmat[grid, THREADS, stream](*w.args, x, _no_rows() if up is None else up, out)
+    matmat[grid, THREADS, stream](*w.args, x, empty((0, 0), np.float32) if up is None else up, out)
 
 
 # ---- elementwise -----------------------------------------------------------------------------
@@ -1201,19 +1189,12 @@ def upload_stream(codes, scale, zero, bits, group, off, sink, tail, n_q) -> Devi
                         int(n_q) + len(tail))
 
 
-@functools.cache
-def _no_packing():
-    """The arrays of a stream that has nothing packed and no sinks, typed as real streams' are (one
-    compiled kernel for both)."""
-    return (cuda.to_device(np.zeros((0, 1, 0), np.uint8)), cuda.to_device(np.zeros((0, 1, 0), np.float16)),
-            cuda.to_device(np.zeros(0, np.int64)), cuda.to_device(np.zeros((0, 0), np.float32)))
-
-
 def exact_stream(rows, lo: int, n: int) -> DeviceStream:
     """Positions [lo, n) of rows (position p in row p mod their number: a ring, or rows of every
     position) read as a stream: nothing packed, no sinks."""
-    codes, scale, none, sink = _no_packing()
-    return DeviceStream(codes, scale, scale, 8, 0, none, none, sink, rows, 0, lo, n)
+    scale, none = empty((0, 1, 0), np.float16), empty((0,), np.int64)  # typed as real streams' arrays: one kernel
+    return DeviceStream(empty((0, 1, 0), np.uint8), scale, scale, 8, 0, none, none, empty((0, 0), np.float32), rows,
+                        0, lo, n)
 
 
 def rebuild_rows(stream: DeviceStream, m, out, base: int, add: bool, cublas: Cublas | None = None, cu_stream=0):
@@ -1293,6 +1274,13 @@ class Cublas:
         return exact_stream(rows, key.lo, key.n)
 
 
+@functools.cache
+def empty(shape: tuple, dtype) -> object:
+    """An empty device array of a shape and type, made once (on first use: a context exists by then):
+    a kernel argument's "none" — no up, no bounds, no sinks, no parts."""
+    return cuda.to_device(np.zeros(shape, dtype))
+
+
 def _blocks(n: int) -> int:
     return max(1, min(-(-n // THREADS), 1024))
 
@@ -1311,7 +1299,7 @@ class Workspace:
         self.scores = cuda.device_array((n_head, n_ctx), np.float32)
         self.parts = cuda.device_array((splits(n_ctx)[0], n_head, value_width), np.float32)
         self.part_state = cuda.device_array((splits(n_ctx)[0], n_head, 2), np.float32)
-        self.empty = cuda.to_device(np.zeros((0, 0), np.float32))
+        self.empty = empty((0, 0), np.float32)
 
 
 def attend_f16(q, k_cache, v_cache, n, n_head, head_dim, ws: Workspace, out, stream=0, chunk=256):
@@ -1319,7 +1307,7 @@ def attend_f16(q, k_cache, v_cache, n, n_head, head_dim, ws: Workspace, out, str
     attention split over the sequence (parts of about `chunk` positions), then the parts merged."""
     n_kv_head = k_cache.shape[1] // head_dim
     n_parts, part = splits(n, chunk, ws.parts.shape[0])
-    none = _no_bounds()
+    none = empty((0,), np.int64)
     # q and out as rows, as a prompt's: one compiled kernel for both (split blocks do not write out)
     flash_attention[(n_parts, n_kv_head), THREADS, stream](
         q.reshape(1, -1), k_cache, v_cache, k_cache, v_cache, 0, 0, none, none, k_cache, v_cache, 0, n - 1, head_dim,
@@ -1335,23 +1323,13 @@ def attend_prompt(q, k, v, pos0, head_dim, out, exact=None, window=None, stream=
     up to each query from the fp16 rings (xqrt.cache.mixed_attention's rules)."""
     n_kv_head = k.shape[1] // head_dim
     if exact is None:
-        none = _no_bounds()
+        none = empty((0,), np.int64)
         exact = (k, v, 0, 0, none, none)
     if window is None:
         window = (k, v, 0)
     flash_attention[(q.shape[0], n_kv_head), THREADS, stream](q, k, v, *exact, *window, pos0, head_dim,
                                                              np.float32(1.0 / math.sqrt(head_dim)), 0, out,
-                                                             _no_parts(), _no_parts())
-
-
-@functools.cache
-def _no_bounds():
-    return cuda.to_device(np.zeros(0, np.int64))
-
-
-@functools.cache
-def _no_parts():
-    return cuda.to_device(np.zeros((0, 0, 0), np.float32))
+                                                             empty((0, 0, 0), np.float32), empty((0, 0, 0), np.float32))
 
 
 def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace, out, stream=0, window=None,
