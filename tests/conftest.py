@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 # No GPU here: the CUDA kernels run in Numba's simulator (set before Numba is first imported).
@@ -111,6 +112,51 @@ def smollm2_hf(smollm2_path, tmp_path_factory):
         return path
     import smollm2_hf
     return smollm2_hf.make(str(tmp_path_factory.mktemp("smollm2_hf")))
+
+
+@pytest.fixture
+def code_path(request, monkeypatch):
+    """Which of xqrt.kernels.cuda's two code paths the kernels take (parametrize indirectly; the
+    default is the simulator's). "gpu" runs a GPU's — warp-shuffle reductions, libdevice's
+    round-to-nearest product — in the simulator, which has neither: NumPy's float32 product, and
+    lanes that swap values through a barrier of their warp's own, so that a shuffle a lane of the
+    warp does not reach (undefined on a GPU) fails the test, not a GPU run."""
+    path = getattr(request, "param", "simulator")
+    if path == "simulator":
+        return path
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        pytest.skip("on a GPU every test takes the GPU's path")
+    import threading
+
+    from numba.cuda import libdevice
+    from numba.cuda.simulator.kernelapi import FakeCUDAModule
+
+    from xqrt.kernels import cuda as kc
+    lock = threading.Lock()
+
+    def shfl_xor_sync(self, mask, value, lane_mask):
+        assert mask == 0xFFFFFFFF, "the kernels shuffle whole warps"
+        thread = threading.current_thread()
+        block = thread._manager  # one per block: the simulator runs a grid's blocks one at a time
+        warp, lane = divmod(thread.thread_id, 32)
+        with lock:
+            warps = block.__dict__.setdefault("warps", {})
+            if warp not in warps:
+                lanes = min(32, int(np.prod(block._block_dim)) - 32 * warp)
+                warps[warp] = threading.Barrier(lanes, timeout=60), [[None] * 32, [None] * 32], [0] * 32
+        barrier, values, calls = warps[warp]
+        # two buffers, alternate shuffles: a lane can write one again only after every lane has
+        # passed the next barrier, so after every lane has read it
+        buf = values[calls[lane] % 2]
+        calls[lane] += 1
+        buf[lane] = value
+        barrier.wait()  # BrokenBarrierError after a minute: a lane of the warp never came
+        return type(value)(buf[lane ^ lane_mask])
+
+    monkeypatch.setattr(FakeCUDAModule, "shfl_xor_sync", shfl_xor_sync, raising=False)
+    monkeypatch.setattr(libdevice, "fmul_rn", lambda a, b: np.float32(a) * np.float32(b))
+    monkeypatch.setattr(kc, "SHUFFLE", True)
+    return path
 
 
 def pytest_configure(config):

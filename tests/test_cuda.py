@@ -52,8 +52,9 @@ def test_matvec_and_embed(qtype, cols):
     np.testing.assert_allclose(row.copy_to_host(), dense[7], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows_per_block", [4, 16])
-def test_matvec_rows_per_block(rows_per_block):
+@pytest.mark.parametrize("rows_per_block, code_path", [(4, "simulator"), (16, "simulator"), (4, "gpu")],
+                         indirect=["code_path"])
+def test_matvec_rows_per_block(rows_per_block, code_path):
     """The rows-per-block variants bench/gpu.py measures compute the same product."""
     for qtype in (Q4_0, Q8_0):
         data, dense = blocks(qtype, 19, 256)
@@ -119,7 +120,8 @@ def test_which_products_reuse_x():
     assert not kc.reuses_x(Q4_0, Q8_0, False) and not kc.reuses_x(D, Q4_1, False)
 
 
-def test_elementwise():
+@pytest.mark.parametrize("code_path", ["simulator", "gpu"], indirect=True)
+def test_elementwise(code_path):
     d = 80
     x = rng.standard_normal((2, d)).astype(np.float32)
     w = rng.standard_normal(d).astype(np.float32)
@@ -170,8 +172,9 @@ def attention_ref(q, keys, values, n_head, head_dim):
     return out
 
 
-@pytest.mark.parametrize("chunk", [256, 16])
-def test_attend_f16(chunk):
+@pytest.mark.parametrize("chunk, code_path", [(256, "simulator"), (16, "simulator"), (16, "gpu")],
+                         indirect=["code_path"])
+def test_attend_f16(chunk, code_path):
     """Flash attention over an fp16 cache: one part, or split into three (13 positions each, 8 in
     the last) and merged."""
     n_head, n_kv, hd, n = 4, 2, 16, 37
@@ -185,8 +188,10 @@ def test_attend_f16(chunk):
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("n_head, n_kv, hd", [(4, 2, 16), (3, 1, 48)])  # 48: lanes past the head's end
-def test_attend_prompt(n_head, n_kv, hd):
+@pytest.mark.parametrize("n_head, n_kv, hd, code_path", [(4, 2, 16, "simulator"), (3, 1, 48, "simulator"),
+                                                      (3, 1, 48, "gpu")],  # 48: lanes past the head's end
+                         indirect=["code_path"])
+def test_attend_prompt(n_head, n_kv, hd, code_path):
     """A prompt's causal attention in one launch: query row t (position pos0 + t) over rows [0,
     pos0 + t], fewer or more positions than a block's warps — of one fp16 history, and of two
     (packed below each query's bounds, exact from them on) against xqrt.cache.mixed_attention."""
@@ -255,8 +260,10 @@ def value_stream(z, bits, group, n_sink):
     return kc.upload_stream(codes, scale, zero, bits, group, np.zeros(0, np.int64), z[:n_sink].copy(), None, n), seen
 
 
-@pytest.mark.parametrize("rebuild, tensor_cores", [(True, False), (False, False), (True, True)])
-def test_attend_latent(rebuild, tensor_cores):
+@pytest.mark.parametrize("rebuild, tensor_cores, code_path", [(True, False, "simulator"), (False, False, "simulator"),
+                                                           (True, True, "simulator"), (True, False, "gpu")],
+                         indirect=["code_path"])
+def test_attend_latent(rebuild, tensor_cores, code_path):
     """XQuant's GQA path (latents · fused factors) and KIVI's (the latent is K / V), against
     dequantize → rebuild → RoPE → attention in NumPy; tensor_cores: the keys rebuilt by kc.Cublas
     (fp16 latents and factors, within fp16's rounding) and read back."""
@@ -315,9 +322,10 @@ def test_rebuild(tensor_cores):
                                atol=tol * 10)
 
 
-@pytest.mark.parametrize("bits, group, n_sink, clip", [(2, 8, 0, False), (2, 8, 0, True), (3, 16, 2, True),
-                                                       (4, 32, 4, False), (8, 8, 1, False)])
-def test_cache_writes_are_xqrt_quant_bit_for_bit(bits, group, n_sink, clip):
+@pytest.mark.parametrize("bits, group, n_sink, clip, code_path", [
+    (2, 8, 0, False, "simulator"), (2, 8, 0, True, "simulator"), (3, 16, 2, True, "simulator"),
+    (4, 32, 4, False, "simulator"), (8, 8, 1, False, "simulator"), (3, 16, 2, True, "gpu")], indirect=["code_path"])
+def test_cache_writes_are_xqrt_quant_bit_for_bit(bits, group, n_sink, clip, code_path):
     """store_token (per-token rows, sinks, the fp16 ring) and store_channel_group (a per-channel
     group of mixed 1-4-bit channels read from the ring, sinks left out of its ranges) write the
     bytes xqrt.cache.Stream.write does — with clip, in the ranges of least squared error."""
