@@ -2,7 +2,7 @@
 NVVM's PTX → ptxas, with each kernel's registers, spills and shared memory.
 
     XQRT_KERNEL_SIGNATURES=/tmp/kernels.json python -m pytest -q tests/test_cuda.py -m "slow or not slow"
-    python bench/ptx_check.py /tmp/kernels.json [--arch sm_90]
+    python bench/ptx_check.py /tmp/kernels.json [--arch sm_80 sm_90]
 
 The simulator runs the kernels as Python, so it checks what they compute but not that Numba can
 type and compile them, nor what they cost in registers and shared memory; this does, for the
@@ -81,12 +81,12 @@ def assemble(ptx: str, arch: str) -> tuple[bool, str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("signatures", help="the file tests wrote with XQRT_KERNEL_SIGNATURES")
-    ap.add_argument("--arch", default="sm_90", help="the GPU to compile for [sm_90: H100, H200]")
+    ap.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"],
+                    help="the GPUs to compile for [sm_80 (A100) and sm_90 (H100, H200)]")
     args = ap.parse_args(argv)
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         sys.exit("bench/ptx_check.py: unset NUMBA_ENABLE_CUDASIM (this compiles for the GPU itself)")
     from numba import cuda
-    cc = tuple(int(d) for d in args.arch.removeprefix("sm_"))
     records = json.load(open(args.signatures))
     from xqrt.kernels import cuda as kc
     for module, qualname, closure, arg_types in list(records):  # the simulator's rows per block are not a GPU's
@@ -94,21 +94,25 @@ def main(argv=None) -> int:
             if [module, qualname, [kc.ROWS], arg_types] not in records:
                 records.append([module, qualname, [kc.ROWS], arg_types])
     failed = 0
-    print(f"| kernel | argument types | {args.arch} |")
-    print("|---|---|---|")
+    print(f"| kernel | argument types | {' | '.join(args.arch)} |")
+    print("|---|---|" + "---|" * len(args.arch))
     for module, qualname, closure, arg_types in records:
         label = qualname.replace(".<locals>.", f"({', '.join(map(str, closure))}).")
-        try:
-            k = dispatcher(module, qualname, closure)
-            sig = tuple(numba_type(t) for t in arg_types)
-            ptx, _ = cuda.compile_ptx(k.py_func, sig, fastmath=k.targetoptions.get("fastmath", False), cc=cc)
-            ok, what = assemble(ptx, args.arch)
-        except Exception as e:  # noqa: BLE001 — reported in the table, the others still compiled
-            lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
-            ok, what = False, f"{type(e).__name__}: {' '.join(lines[:3])[:300]}"
-        failed += not ok
-        print(f"| {label} | {', '.join(arg_types)} | {'' if ok else 'FAILED: '}{what} |", flush=True)
-    print(f"\n{len(records)} kernel signatures, {failed} failed")
+        cells = []
+        for arch in args.arch:
+            try:
+                k = dispatcher(module, qualname, closure)
+                sig = tuple(numba_type(t) for t in arg_types)
+                ptx, _ = cuda.compile_ptx(k.py_func, sig, fastmath=k.targetoptions.get("fastmath", False),
+                                          cc=tuple(int(d) for d in arch.removeprefix("sm_")))
+                ok, what = assemble(ptx, arch)
+            except Exception as e:  # noqa: BLE001 — reported in the table, the others still compiled
+                lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
+                ok, what = False, f"{type(e).__name__}: {' '.join(lines[:3])[:300]}"
+            failed += not ok
+            cells.append(("" if ok else "FAILED: ") + what)
+        print(f"| {label} | {', '.join(arg_types)} | {' | '.join(cells)} |", flush=True)
+    print(f"\n{len(records)} kernel signatures × {len(args.arch)} GPUs ({', '.join(args.arch)}), {failed} failed")
     return 1 if failed else 0
 
 

@@ -309,8 +309,11 @@ def test_rebuild(tensor_cores):
     for add in (False, True):
         delta, seen = value_stream(rng.standard_normal((n, width)).astype(np.float32), 2, 16, 0)
         kc.rebuild_rows(delta, cuda.to_device(ukv_t), acc, 0, add, cublas)
+        if add:  # a first sum the two sides round to neighbouring halves stays one half's spacing apart
+            step = np.spacing(np.abs(total).astype(np.float16)).astype(np.float32)
         total = (total + seen @ ukv_t).astype(np.float16).astype(np.float32)
-    np.testing.assert_allclose(acc.copy_to_host().astype(np.float32), total, rtol=tol, atol=tol)
+    got = acc.copy_to_host().astype(np.float32)
+    assert (np.abs(got - total) <= tol + tol * np.abs(total) + step).all()
     lo = 5
     out = cuda.device_array((n - lo, width), np.float32)
     kc.rebuild_rows(replace(delta, lo=lo), cuda.to_device(np.zeros((0, 0), np.float32)), out, lo, False, cublas)
@@ -562,16 +565,39 @@ def test_device_choice(monkeypatch):
 
 
 @pytest.mark.slow
-def test_bench_gpu_runs(monkeypatch):
-    """bench/gpu.py's fp16 prefill and its decode step of every mode (and of --rebuild cublas), on a
-    tiny shape with random contents made by CPU torch: what a lent GPU's few minutes would otherwise
-    find broken (a kernel signature the bench did not follow). Each timing runs its step once."""
+def bench_gpu():
+    """bench/gpu.py as a module (bench_gpu, the name bench/ptx_check.py finds its kernels by)."""
     import importlib.util
     import os
     spec = importlib.util.spec_from_file_location(
         "bench_gpu", os.path.join(os.path.dirname(__file__), "..", "bench", "gpu.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_gpu_kernels():
+    """bench/gpu.py's own two kernels, the fp32 ceiling's FMA chains and the prompt products' Q4_0
+    → float32 weights, on tiny shapes (so that CI also compiles them for a GPU)."""
+    bench = bench_gpu()
+    out = cuda.device_array(64, np.float32)
+    bench.fma_chain[2, 32](out, 3)
+    a = np.array([np.float32(i) * np.float32(1e-9) for i in range(64)], np.float32)[:, None]
+    a = np.concatenate([a, np.broadcast_to(np.arange(1, 8, dtype=np.float32), (64, 7))], axis=1)
+    for _ in range(3):
+        a = a * np.float32(0.9999) + np.float32(1e-4)
+    np.testing.assert_allclose(out.copy_to_host(), a.sum(1), rtol=1e-6)
+    data, dense = blocks(Q4_0, 3, 288)
+    w, got = kc.upload_matrix(Q4_0, data, 288), cuda.device_array((3, 288), np.float32)
+    bench.dequantize_rows[(3, 2), kc.THREADS](*w.args, got)
+    np.testing.assert_array_equal(got.copy_to_host(), dense)
+
+
+def test_bench_gpu_runs(monkeypatch):
+    """bench/gpu.py's fp16 prefill and its decode step of every mode (and of --rebuild cublas), on a
+    tiny shape with random contents made by CPU torch: what a lent GPU's few minutes would otherwise
+    find broken (a kernel signature the bench did not follow). Each timing runs its step once."""
+    bench = bench_gpu()
     shape = dict(d=64, n_head=4, n_kv_head=2, head_dim=16, n_ff=128, vocab=96, n_layer=1)
     for name, value in (("DEVICE", "cpu"), ("GROUP", 16), ("PROMPT", 8), ("LLAMA3_8B", shape),
                         ("seconds", lambda fn, least=0, most=0: (fn(), 1.0)[1])):
