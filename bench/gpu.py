@@ -239,9 +239,10 @@ class Model:
         self.gate, self.up = self.gate_up[:ff], self.gate_up[ff:]
         self.logits = cuda.device_array(s["vocab"], np.float32)
         self.ws = kc.Workspace(n_ctx + 1, s["n_head"], d)
+        self.at = cuda.device_array(1, np.int64)  # the step's position (run_mode sets it)
 
-    def step(self, pos, attend, needs_kv):
-        """One decode step at position pos; attend(layer index, L, xn) leaves the attention output in
+    def step(self, attend, needs_kv):
+        """One decode step at the position in self.at; attend(layer index, L, xn) leaves the attention output in
         self.attn (needs_kv: k and v come with q, from the stacked product)."""
         s, m = self.s, self
         elems = lambda n: kc._blocks(n)  # noqa: E731
@@ -253,7 +254,7 @@ class Model:
                 matvec(L["wqkv"], xn, m.qkv)
             else:
                 matvec(L["wq"], xn, m.q)
-            launch(kc.rope, elems(s["d"] // 2), m.q_row, s["head_dim"], m.cos, m.sin, pos)
+            launch(kc.rope, elems(s["d"] // 2), m.q_row, s["head_dim"], m.cos, m.sin, m.at)
             attend(i, L, xn)
             matvec(L["wo"], m.attn, m.proj)
             launch(kc.rmsnorm, 1, self.x_row, self.proj_row, L["norm"], np.float32(1e-5), self.xn)
@@ -274,6 +275,7 @@ def prompt_seconds(model):
     caches = [(cuda.device_array((PROMPT, kv), np.float16), cuda.device_array((PROMPT, kv), np.float16))
               for _ in model.layers]
     eps = np.float32(1e-5)
+    first = kc.position(0)
 
     def run():
         residual = model.no_rows
@@ -281,9 +283,9 @@ def prompt_seconds(model):
             launch(kc.rmsnorm, PROMPT, x, residual, L["norm"], eps, xn)
             for w, out in ((L["wq"], q), (L["wk"], k), (L["wv"], v)):
                 kc.product_rows(w, xn, out)
-            launch(kc.rope, kc._blocks(PROMPT * d // 2), q, hd, model.cos, model.sin, 0)
-            launch(kc.store_kv, kc._blocks(PROMPT * kv // 2), k, v, hd, model.cos, model.sin, 0, k_cache, v_cache)
-            kc.attend_prompt(q, k_cache, v_cache, 0, hd, attn)
+            launch(kc.rope, kc._blocks(PROMPT * d // 2), q, hd, model.cos, model.sin, first)
+            launch(kc.store_kv, kc._blocks(PROMPT * kv // 2), k, v, hd, model.cos, model.sin, first, k_cache, v_cache)
+            kc.attend_prompt(q, k_cache, v_cache, first, hd, attn)
             kc.product_rows(L["wo"], attn, proj)
             launch(kc.rmsnorm, PROMPT, x, proj, L["norm"], eps, xn)
             kc.product_rows(L["w_gate"], xn, gate)
@@ -360,6 +362,7 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
     engine's --rebuild cublas (kc.Cublas)."""
     s, kv = model.s, model.s["n_kv_head"] * model.s["head_dim"]
     cublas = kc.Cublas(n + 1) if tensor_cores else None
+    model.at.copy_to_device(np.array([n], np.int64))  # the step's position: n positions before it
     nh, hd, nkv = s["n_head"], s["head_dim"], s["n_kv_head"]
     empty = model.ws.empty
     if mode == "fp16":
@@ -367,10 +370,10 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
                   for _ in range(s["n_layer"])]
 
         def attend(i, L, xn):
-            launch(kc.store_kv, kc._blocks(kv // 2), model.k_row, model.v_row, hd, model.cos, model.sin, n,
+            launch(kc.store_kv, kc._blocks(kv // 2), model.k_row, model.v_row, hd, model.cos, model.sin, model.at,
                    caches[i][0], caches[i][1])
-            kc.attend_f16(model.q, caches[i][0], caches[i][1], n + 1, nh, hd, model.ws, model.attn, STREAM[0])
-        one = lambda: kc.attend_f16(model.q, caches[0][0], caches[0][1], n + 1, nh, hd, model.ws, model.attn,  # noqa
+            kc.attend_f16(model.q, caches[i][0], caches[i][1], model.at, nh, hd, model.ws, model.attn, STREAM[0])
+        one = lambda: kc.attend_f16(model.q, caches[0][0], caches[0][1], model.at, nh, hd, model.ws, model.attn,  # noqa
                                     STREAM[0])
     elif mode in ("kivi", "xquant"):
         streams = random_streams(s, n, bits, True, kv, s["n_layer"])
@@ -408,10 +411,10 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
     if isinstance(t_attn, str):
         t_attn = seconds(one, least=0.3, most=20)
     needs_kv = mode in ("fp16", "kivi")
-    t_step = seconds(lambda: model.step(n, attend, needs_kv), least=0.5, most=5)
+    t_step = seconds(lambda: model.step(attend, needs_kv), least=0.5, most=5)
     if t_step > 1.0:  # launch overhead is noise here: spare the device time of a capture
         return t_step, float("nan"), t_attn
-    return t_step, graph_seconds(lambda: model.step(n, attend, needs_kv)), t_attn
+    return t_step, graph_seconds(lambda: model.step(attend, needs_kv)), t_attn
 
 
 def graph_seconds(step):

@@ -47,9 +47,9 @@ def test_matvec_and_embed(qtype, cols):
     out = cuda.device_array(rows, np.float32)
     kc.product(w, cuda.to_device(x), cuda.device_array(kc.permuted_size(cols), np.float32), out)
     np.testing.assert_allclose(out.copy_to_host(), dense @ x, rtol=1e-4, atol=1e-4)
-    row = cuda.device_array(cols, np.float32)
-    kc.embed[1, kc.THREADS](*w.args, 7, row)
-    np.testing.assert_allclose(row.copy_to_host(), dense[7], rtol=1e-6, atol=1e-6)
+    rows = cuda.device_array((2, cols), np.float32)
+    kc.embed[(1, 2), kc.THREADS](*w.args, cuda.to_device(np.array([7, 2])), rows)
+    np.testing.assert_allclose(rows.copy_to_host(), dense[[7, 2]], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("rows_per_block, code_path", [(4, "simulator"), (16, "simulator"), (4, "gpu")],
@@ -147,7 +147,7 @@ def test_elementwise(code_path):
     cos, sin = cpu.rope_table(inv_freq, 8)
     two = x[:, :64].copy()  # positions 5 and 6
     dv = cuda.to_device(two)
-    kc.rope[1, kc.THREADS](dv, 16, cuda.to_device(cos), cuda.to_device(sin), 5)
+    kc.rope[1, kc.THREADS](dv, 16, cuda.to_device(cos), cuda.to_device(sin), kc.position(5))
     ref = two.copy()
     cpu.rope_rows(ref, 4, 16, 5, inv_freq)
     np.testing.assert_allclose(dv.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
@@ -155,7 +155,7 @@ def test_elementwise(code_path):
 
     k_cache, v_cache = cuda.device_array((8, 64), np.float16), cuda.device_array((8, 64), np.float16)
     kc.store_kv[1, kc.THREADS](cuda.to_device(vec[None]), cuda.to_device(x[1:2, :64].copy()), 16, cuda.to_device(cos),
-                               cuda.to_device(sin), 5, k_cache, v_cache)
+                               cuda.to_device(sin), kc.position(5), k_cache, v_cache)
     np.testing.assert_allclose(k_cache.copy_to_host()[5].astype(np.float32), ref.astype(np.float16), rtol=1e-3)
     np.testing.assert_array_equal(v_cache.copy_to_host()[5], x[1, :64].astype(np.float16))
 
@@ -175,17 +175,21 @@ def attention_ref(q, keys, values, n_head, head_dim):
 @pytest.mark.parametrize("chunk, code_path", [(256, "simulator"), (16, "simulator"), (16, "gpu")],
                          indirect=["code_path"])
 def test_attend_f16(chunk, code_path):
-    """Flash attention over an fp16 cache: one part, or split into three (13 positions each, 8 in
-    the last) and merged."""
+    """Flash attention over an fp16 cache on a grid of 4 parts: one part used, or three (13, 13 and
+    11 positions) merged — the blocks past them add nothing — at two positions through the same
+    arguments (the position in device memory), as a CUDA graph replays them."""
     n_head, n_kv, hd, n = 4, 2, 16, 37
     q = rng.standard_normal(n_head * hd).astype(np.float32)
     k = rng.standard_normal((48, n_kv * hd)).astype(np.float16)
     v = rng.standard_normal((48, n_kv * hd)).astype(np.float16)
     ws = kc.Workspace(1024, n_head, n_kv * hd)  # room for 4 parts
     out = cuda.device_array(n_head * hd, np.float32)
-    kc.attend_f16(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), n, n_head, hd, ws, out, chunk=chunk)
-    ref = attention_ref(q, k[:n].astype(np.float32), v[:n].astype(np.float32), n_head, hd)
-    np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-4, atol=1e-5)
+    at, args = cuda.device_array(1, np.int64), (cuda.to_device(q), cuda.to_device(k), cuda.to_device(v))
+    for n in (n, 21):
+        at.copy_to_device(np.array([n - 1]))
+        kc.attend_f16(*args, at, n_head, hd, ws, out, chunk=chunk)
+        ref = attention_ref(q, k[:n].astype(np.float32), v[:n].astype(np.float32), n_head, hd)
+        np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_head, n_kv, hd, code_path", [(4, 2, 16, "simulator"), (3, 1, 48, "simulator"),
@@ -202,7 +206,7 @@ def test_attend_prompt(n_head, n_kv, hd, code_path):
     k = rng.standard_normal((16, n_kv * hd)).astype(np.float16)
     v = rng.standard_normal((16, n_kv * hd)).astype(np.float16)
     out = cuda.device_array((n_q, n_head * hd), np.float32)
-    kc.attend_prompt(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), pos0, hd, out)
+    kc.attend_prompt(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), kc.position(pos0), hd, out)
     for t in range(n_q):
         n = pos0 + t + 1
         ref = attention_ref(q[t], k[:n].astype(np.float32), v[:n].astype(np.float32), n_head, hd)
@@ -213,7 +217,7 @@ def test_attend_prompt(n_head, n_kv, hd, code_path):
     dev = cuda.to_device
     exact = (dev(k_e), dev(v_e), int(bound_k[0]), int(bound_v[0]), dev(bound_k), dev(bound_v))
     ref = mixed_attention(q, pos0, k_q, v_q, k_e, v_e, bound_k, bound_v, n_head, n_kv)
-    kc.attend_prompt(dev(q), dev(k_q), dev(v_q), pos0, hd, out, exact=exact)
+    kc.attend_prompt(dev(q), dev(k_q), dev(v_q), kc.position(pos0), hd, out, exact=exact)
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-4, atol=1e-5)
     # and a --kv-budget window of the last 3 positions, from fp16 rings (position p in row p mod 11)
     window, ring_rows = 3, 11
@@ -223,7 +227,8 @@ def test_attend_prompt(n_head, n_kv, hd, code_path):
     ring_k[rows], ring_v[rows] = k_w, v_w
     ref = mixed_attention(q, pos0, k_q, v_q, k_e, v_e, bound_k, bound_v, n_head, n_kv, window,
                           k_w.astype(np.float32), v_w.astype(np.float32))
-    kc.attend_prompt(dev(q), dev(k_q), dev(v_q), pos0, hd, out, exact=exact, window=(dev(ring_k), dev(ring_v), window))
+    kc.attend_prompt(dev(q), dev(k_q), dev(v_q), kc.position(pos0), hd, out, exact=exact,
+                     window=(dev(ring_k), dev(ring_v), window))
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-4, atol=1e-5)
 
 
@@ -373,7 +378,7 @@ def test_cache_writes_are_xqrt_quant_bit_for_bit(bits, group, n_sink, clip, code
 
 def device_step(model, n_ctx, tensor_cores=False):
     """What DeviceCache.attend_device reads of a GpuStep: its vectors (and their 1-row views),
-    scratch, RoPE tables and how it rebuilds."""
+    scratch, RoPE tables, position (pos_at, the caller's to set), stream and how it rebuilds."""
     from types import SimpleNamespace
     c = model.config
     cos, sin = cpu.rope_table(model.rope_freqs, n_ctx)
@@ -382,6 +387,7 @@ def device_step(model, n_ctx, tensor_cores=False):
                            q=cuda.device_array(c.q_dim, np.float32),
                            xp=cuda.device_array(kc.permuted_size(c.d_model), np.float32), cos=cuda.to_device(cos),
                            sin=cuda.to_device(sin), attn=cuda.device_array(c.q_dim, np.float32),
+                           pos_at=cuda.device_array(1, np.int64), stream=0,
                            cublas=kc.Cublas(n_ctx) if tensor_cores else None)
 
 
@@ -424,6 +430,7 @@ def test_device_cache_steps_match_the_cpu_cache(three_layer_models, kind, mode, 
     step = device_step(model, n_ctx, tensor_cores)
     tol = 3e-2 if tensor_cores else 1e-3
     for pos in range(n_ctx):
+        step.pos_at.copy_to_device(np.array([pos]))
         for layer in range(c.n_layer):
             xn, q = rng.standard_normal(c.d_model).astype(np.float32), rng.standard_normal(c.q_dim).astype(np.float32)
             k, v = rng.standard_normal(c.kv_dim).astype(np.float32), rng.standard_normal(c.kv_dim).astype(np.float32)
@@ -481,6 +488,62 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
         gpu.new_cache(fp16_channels=2)
     with pytest.raises(XQError, match="runs on the GPU and this cache does not"):
         gpu.forward(ids, Engine(path, ctx=8).new_cache())
+
+
+def test_cuda_graph_replays_the_fp16_step(tmp_path, monkeypatch):
+    """cuda_graphs: the fp16 step's launches recorded once — as a CUDA graph captures them: kernels
+    and arguments, nothing run, nothing allocated or copied — then replayed for each later token
+    give the logits of launching them one by one, through a prompt, decode steps and a second
+    prompt: no argument changes with the token or position but their device copy (GpuStep.at).
+    A new cache is captured anew; a latent cache, whose launches vary with the position, never."""
+    from conftest import tiny_llama, write_llama_gguf
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    from numba.cuda.simulator.kernel import FakeCUDAKernel
+
+    from xqrt import Engine, gpu
+    from xqrt.errors import XQError
+
+    class Recorded:
+        made = 0
+
+        def __init__(self, step, cache):
+            self.launches = []
+
+            def record(kernel, *args):
+                self.launches.append((kernel, kernel.grid_dim, kernel.block_dim, args))
+
+            def no(*args, **kwargs):
+                raise AssertionError("a capture allocates or copies nothing")
+            with monkeypatch.context() as m:
+                m.setattr(FakeCUDAKernel, "__call__", record)
+                for name in ("to_device", "device_array", "synchronize"):
+                    m.setattr(cuda, name, no)
+                m.setattr(FakeCUDAArray, "copy_to_host", no)
+                m.setattr(FakeCUDAArray, "copy_to_device", no)
+                step.launches(cache, None)
+            Recorded.made += 1
+
+        def replay(self):
+            for kernel, grid, block, args in self.launches:
+                kernel[grid, block](*args)
+
+    path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=1, ff=128), "q4_0")
+    with pytest.raises(XQError, match=r"^--cuda-graphs: the simulator has no CUDA graphs$"):
+        Engine(path, ctx=24, device="cuda", cuda_graphs=True)
+    with pytest.raises(XQError, match=r"^--cuda-graphs is a GPU setting \(--device cuda\)$"):
+        Engine(path, ctx=24, cuda_graphs=True)
+    monkeypatch.setattr(gpu, "graph_support", lambda: None)
+    monkeypatch.setattr(gpu, "StepGraph", Recorded)
+    graphed, launched = (Engine(path, ctx=24, device="cuda", cuda_graphs=on) for on in (True, False))
+    on_graph, one_by_one = graphed.new_cache(), launched.new_cache()
+    # a prefill, a decode step launched (compiling the kernels), one captured and replayed, one replayed
+    for tokens in (list(range(5, 5 + 9 * 7, 7)), [11], [12, 13]):
+        np.testing.assert_array_equal(graphed.forward(tokens, on_graph, True),
+                                      launched.forward(tokens, one_by_one, True))
+    assert Recorded.made == 1 and launched._gpu._graph is None
+    for cache_mode, made in (("fp16", 2), ("xquant", 2)):
+        graphed.forward([11], graphed.new_cache(cache_mode))
+        assert Recorded.made == made
 
 
 @pytest.mark.parametrize("mode, options", [

@@ -64,7 +64,7 @@ class Engine:
                  layer_bits: tuple[int, ...] | None = None, sinks: int | None = None, rotate: bool | None = None,
                  clip: bool | None = None, balance: float | None = None, channel_bits: bool | None = None,
                  fp16_channels: int | None = None,
-                 kv_budget: int = 0, device: str = "cpu", rebuild: str = "fused",
+                 kv_budget: int = 0, device: str = "cpu", rebuild: str = "fused", cuda_graphs: bool | None = None,
                  threads: int | None = None, batch: int = 512, act_bits: int = 8, verbose: bool = False):
         """Cache settings left as None come from the GGUF's recipe when it has one (converted files
         do), else: fp16 KV; bits 4, and the rest as `CacheOptions` chooses (its fields say what
@@ -76,7 +76,9 @@ class Engine:
         device: "cpu", "cuda" (xqrt.gpu; every cache mode, some options CPU-only) or "auto" (CUDA
         when numba-cuda finds a GPU and the cache runs there). rebuild: on the GPU, how a latent cache
         rebuilds K and V — "fused" (Numba kernels, in shared memory) or "cublas" (the product on
-        tensor cores through torch; needs a CUDA build of torch).
+        tensor cores through torch; needs a CUDA build of torch). cuda_graphs: on the GPU, replay the
+        fp16-KV decode step as one CUDA graph (torch's capture) — True, False, or None: where torch
+        finds the GPU.
 
         act_bits: the decode step multiplies quantized weights by activations rounded to integer
         codes per block of 32: 8 as llama.cpp does (fastest; products within ~1e-3 of float), or
@@ -107,10 +109,12 @@ class Engine:
             raise XQError(f"unknown rebuild {rebuild!r} (one of {', '.join(REBUILDS)})")
         if rebuild != "fused" and device == "cpu":
             raise XQError(f"--rebuild {rebuild} is a GPU setting (--device cuda)")
+        if cuda_graphs and device == "cpu":
+            raise XQError("--cuda-graphs is a GPU setting (--device cuda)")
         self._gpu = None
         if self.device == "cuda":
             with device_memory("the model's weights"):
-                self._gpu = GpuStep(self.model, self.n_ctx, act_bits, rebuild)
+                self._gpu = GpuStep(self.model, self.n_ctx, act_bits, rebuild, cuda_graphs, self._log)
         self.batch = max(1, int(batch))
         if threads:
             numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))

@@ -10,8 +10,10 @@ xqrt.cache's format itself — the same packed bytes, exact rings, sinks and XQu
 written token by token by device kernels and read by the fused rematerializing attention (or, with
 `rebuild="cublas"`, keys rebuilt on tensor cores through torch, then scored). What
 runs on the CPU only: fp16 key channels, unquantized (16/32-bit)
-latents, simulated caches. Every kernel is launched from Python (about 40 µs each), which bounds a
-small model's step; bench/gpu.py shows what replaying the step as one CUDA graph saves.
+latents, simulated caches. Kernels are launched from Python (about 40 µs each), which bounds a
+small model's step; with torch on the GPU the fp16-KV step is captured once as a CUDA graph and
+replayed per token (`StepGraph`; --no-cuda-graphs launches one by one). A latent cache's step
+still launches one by one: its launches change with the position (group fills, runs, bounds).
 """
 from __future__ import annotations
 
@@ -93,6 +95,8 @@ def device_memory(what: str):
 class DeviceCache(Cache):
     """A cache in device memory: only the GPU step reads or writes it, through attend_device."""
     needs_kv = True  # whether the step computes the layer's k and v for it
+    graphs = False  # whether attend_device's launches take the position from the step's device copy only (s.pos_at),
+    # so that one CUDA graph of the step replays at every position
 
     def attend(self, layer, pos0, xn, q, k, v):
         raise XQError("a device cache is read by the GPU step only")
@@ -110,6 +114,7 @@ class DeviceCache(Cache):
 class DeviceFP16KV(DeviceCache):
     """Post-RoPE K and V as fp16, one (n_ctx × kv_dim) pair per layer."""
     mode = "fp16"
+    graphs = True
 
     def __init__(self, model: Model, n_ctx: int, options: CacheOptions = CacheOptions()):
         super().__init__(model, n_ctx, options)
@@ -124,16 +129,16 @@ class DeviceFP16KV(DeviceCache):
 
     def attend_device(self, s: GpuStep, layer, pos):
         kc, c, T = s.kc, self.config, s.kc.THREADS
-        kc.store_kv[kc._blocks(c.kv_dim // 2), T](s.k_row, s.v_row, c.head_dim, s.cos, s.sin, pos, self.k[layer],
-                                                  self.v[layer])
-        kc.attend_f16(s.q, self.k[layer], self.v[layer], pos + 1, c.n_head, c.head_dim, self.ws, s.attn)
+        kc.store_kv[kc._blocks(c.kv_dim // 2), T, s.stream](s.k_row, s.v_row, c.head_dim, s.cos, s.sin, s.pos_at,
+                                                            self.k[layer], self.v[layer])
+        kc.attend_f16(s.q, self.k[layer], self.v[layer], s.pos_at, c.n_head, c.head_dim, self.ws, s.attn, s.stream)
 
     def attend_prompt(self, p, layer):
         """All the prompt's K/V rows in one launch, then its causal attention in one more."""
         kc, c, T, n = p.step.kc, self.config, p.step.kc.THREADS, p.q.shape[0]
-        kc.store_kv[kc._blocks(n * c.kv_dim // 2), T](p.k, p.v, c.head_dim, p.step.cos, p.step.sin, p.pos0,
+        kc.store_kv[kc._blocks(n * c.kv_dim // 2), T](p.k, p.v, c.head_dim, p.step.cos, p.step.sin, p.at(p.pos0),
                                                       self.k[layer], self.v[layer])
-        kc.attend_prompt(p.q, self.k[layer], self.v[layer], p.pos0, c.head_dim, p.attn)
+        kc.attend_prompt(p.q, self.k[layer], self.v[layer], p.at(p.pos0), c.head_dim, p.attn)
 
     def nbytes(self):
         return FP16KV.bytes_per_position(self.config) * self.n_tokens
@@ -255,7 +260,7 @@ class DeviceLatentCache(DeviceCache):
         n = w0 = pos + 1  # positions from w0 on are read from the window
         window = None
         if self.window:
-            kc.store_kv[kc._blocks(c.kv_dim // 2), kc.THREADS](s.k_row, s.v_row, c.head_dim, s.cos, s.sin, pos,
+            kc.store_kv[kc._blocks(c.kv_dim // 2), kc.THREADS](s.k_row, s.v_row, c.head_dim, s.cos, s.sin, s.pos_at,
                                                                 self.win_k[layer], self.win_v[layer])
             w0 = n - min(self.window, n)
             window = kc.exact_stream(self.win_k[layer], w0, n), kc.exact_stream(self.win_v[layer], w0, n)
@@ -286,7 +291,7 @@ class DeviceLatentCache(DeviceCache):
             window = None
             if self.window:
                 kc.store_kv[kc._blocks(n * c.kv_dim // 2), kc.THREADS](p.k, p.v, c.head_dim, p.step.cos, p.step.sin,
-                                                                        pos0, self.win_k[layer], self.win_v[layer])
+                                                                        p.at(pos0), self.win_k[layer], self.win_v[layer])
                 window = self.win_k[layer], self.win_v[layer], self.window
             if D.key is None:
                 x_less_acc, dz = self._scratch("x_less_acc", n, c.d_model), self._scratch("dz", n, D.dz.shape[1])
@@ -307,8 +312,9 @@ class DeviceLatentCache(DeviceCache):
             v, v_exact = self._rebuild_both(p.step, "v", *packed_v, exact_v, D.mv)
             for rows, first in ((k, 0), (k_exact, bk.lowest)):
                 if rows.shape[0]:
-                    kc.rope[kc._blocks(rows.size // 2), kc.THREADS](rows, c.head_dim, p.step.cos, p.step.sin, first)
-            kc.attend_prompt(p.q, k, v, pos0, c.head_dim, p.attn,
+                    kc.rope[kc._blocks(rows.size // 2), kc.THREADS](rows, c.head_dim, p.step.cos, p.step.sin,
+                                                                     p.at(first))
+            kc.attend_prompt(p.q, k, v, p.at(pos0), c.head_dim, p.attn,
                              exact=(k_exact, v_exact, bk.lowest, bv.lowest, bk.dev, bv.dev), window=window)
 
     def _product(self, kc, w, x, name):
@@ -442,6 +448,12 @@ class Prompt:
                                         for t in range(0, n, rows)]
         return self.memo["parts", rows]
 
+    def at(self, pos: int):
+        """pos as the kernels take a position (kc.position), made once per prompt."""
+        if ("at", pos) not in self.memo:
+            self.memo["at", pos] = self.step.kc.position(pos)
+        return self.memo["at", pos]
+
     def bounds(self, cache: LatentCache, per_channel: bool) -> Bounds:
         if ("bounds", per_channel) not in self.memo:
             from numba import cuda
@@ -464,18 +476,65 @@ def tensor_cores(n_ctx: int):
     return kc.Cublas(n_ctx)
 
 
+def graph_support() -> str | None:
+    """Why the decode step cannot be captured as a CUDA graph here, or None when it can: the capture
+    is torch's, of the Numba kernels launched onto its stream."""
+    from numba import config
+    if config.ENABLE_CUDASIM:
+        return "the simulator has no CUDA graphs"
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed (a CUDA build of it is needed)"
+    return None if torch.cuda.is_available() else "torch finds no CUDA GPU (a CUDA build of it is needed)"
+
+
+class StepGraph:
+    """A decode step's launches (GpuStep.launches) captured once as a CUDA graph and replayed for
+    every token after: one launch from Python where the step makes about 15 per layer, at some 40 µs
+    each — what bounds a small model's step (bench/gpu.py measures both). Kernel arguments are fixed
+    at capture, so the step reads its token and position from device memory (GpuStep.at)."""
+
+    def __init__(self, step: GpuStep, cache: DeviceCache):
+        import torch
+        from numba import cuda
+        self.graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        try:
+            with torch.cuda.graph(self.graph):
+                step.stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+                step.launches(cache, None)
+        finally:
+            step.stream = 0
+
+    def replay(self):
+        self.graph.replay()
+
+
 class GpuStep:
     """The model's weights on the device and the scratch of one decode step. rebuild: how a latent
     cache's keys and values are rebuilt — "fused", the Numba kernels that rebuild and score in
-    shared memory, or "cublas", the rebuild product on tensor cores through torch (kc.Cublas)."""
+    shared memory, or "cublas", the rebuild product on tensor cores through torch (kc.Cublas).
+    graphs: replay the step as one CUDA graph where the cache allows (DeviceCache.graphs) — True,
+    False, or None: where torch can capture one."""
 
-    def __init__(self, model: Model, n_ctx: int, act_bits: int = 8, rebuild: str = "fused"):
+    def __init__(self, model: Model, n_ctx: int, act_bits: int = 8, rebuild: str = "fused", graphs: bool | None = None,
+                 log=None):
         from numba import cuda
 
         from .kernels import cpu, cuda as kc
         self.kc, c = kc, model.config
         self.config = c
         self.cublas = tensor_cores(n_ctx) if rebuild == "cublas" else None
+        why_not = graph_support() if graphs is not False else None
+        if graphs and why_not:
+            raise XQError(f"--cuda-graphs: {why_not}")
+        self.graphs, self.log = graphs is not False and not why_not, log
+        self._graph = None  # (the cache it was captured for, its StepGraph)
+        self._warm = False  # a step has run launched one by one: the kernels are compiled, the scratch made
+        self.stream = 0  # where the step's launches go: a capture's stream while one is made
+        self.at = cuda.device_array(2, np.int64)  # the step's token and position
+        self.token_at, self.pos_at = self.at[0:1], self.at[1:2]
         up = lambda m: kc.upload_matrix(m.qtype, m.data, m.n_cols)  # noqa: E731
         vec = lambda a: cuda.to_device(np.ascontiguousarray(a, np.float32))  # noqa: E731
         self.tok_embd, self.output = up(model.tok_embd), up(model.output)
@@ -522,13 +581,44 @@ class GpuStep:
 
     def __call__(self, token: int, pos: int, cache: DeviceCache) -> np.ndarray:
         """Logits of `token` at position `pos`, stored into the cache's layers."""
-        kc, c, T = self.kc, self.config, self.kc.THREADS
+        self.at.copy_to_device(np.array([token, pos], np.int64))
+        graph = self._graph_for(cache)
+        if graph is None:
+            self.launches(cache, pos)
+            self._warm = True
+        else:
+            graph.replay()
+        self.logits_dev.copy_to_host(self.logits)
+        return self.logits
+
+    def _graph_for(self, cache: DeviceCache) -> StepGraph | None:
+        """The step's CUDA graph for this cache (captured once its kernels have run), or None: launch
+        one by one. A capture that fails says why once and leaves the step launching."""
+        if not (self.graphs and cache.graphs and self._warm):
+            return None
+        if self._graph is None or self._graph[0] is not cache:
+            self._graph = None  # one graph at a time: a new cache's buffers need a new one
+            try:
+                self._graph = cache, StepGraph(self, cache)
+            except Exception as e:  # noqa: BLE001 — any failure of the capture leaves the step as it was
+                self.graphs = False
+                if self.log:
+                    self.log(f"xqrt: CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]}); "
+                             "launching kernels one by one")
+                return None
+        return self._graph[1]
+
+    def launches(self, cache: DeviceCache, pos: int | None):
+        """A decode step's kernels, on self.stream, leaving its logits in logits_dev; the token and
+        position come from self.at — for a latent cache, whose launches vary with it, the position
+        also as pos."""
+        kc, c, T, st = self.kc, self.config, self.kc.THREADS, self.stream
         blocks = kc._blocks
-        x, xn = self.x, self.xn_vec
-        kc.embed[blocks(c.d_model), T](*self.tok_embd.args, token, x)
+        xn = self.xn_vec
+        kc.embed[(blocks(c.d_model), 1), T, st](*self.tok_embd.args, self.token_at, self.x_row)
         residual = self.no_rows  # each norm adds the sublayer output before it into x
         for i, L in enumerate(self.layers):
-            kc.rmsnorm[1, T](self.x_row, residual, L["attn_norm"], self.eps, self.xn)
+            kc.rmsnorm[1, T, st](self.x_row, residual, L["attn_norm"], self.eps, self.xn)
             if cache.needs_kv and L["wqkv"] is not None:
                 self.product(L["wqkv"], xn, self.qkv)
             else:
@@ -536,10 +626,10 @@ class GpuStep:
                 if cache.needs_kv:
                     self.product(L["wk"], xn, self.k, again=L["same_x"][0])
                     self.product(L["wv"], xn, self.v, again=L["same_x"][1])
-            kc.rope[blocks(c.q_dim // 2), T](self.q_row, c.head_dim, self.cos, self.sin, pos)
+            kc.rope[blocks(c.q_dim // 2), T, st](self.q_row, c.head_dim, self.cos, self.sin, self.pos_at)
             cache.attend_device(self, i, pos)
             self.product(L["wo"], self.attn, self.proj)
-            kc.rmsnorm[1, T](self.x_row, self.proj_row, L["ffn_norm"], self.eps, self.xn)
+            kc.rmsnorm[1, T, st](self.x_row, self.proj_row, L["ffn_norm"], self.eps, self.xn)
             if L["w_gate_up"] is not None:
                 self.product(L["w_gate_up"], xn, self.gate_up)
             else:
@@ -547,10 +637,8 @@ class GpuStep:
                 self.product(L["w_up"], xn, self.up, again=L["same_x"][2])
             self.product(L["w_down"], self.gate, self.proj, up=self.up)  # silu(gate)·up on the way
             residual = self.proj_row
-        kc.rmsnorm[1, T](self.x_row, residual, self.out_norm, self.eps, self.xn)
+        kc.rmsnorm[1, T, st](self.x_row, residual, self.out_norm, self.eps, self.xn)
         self.product(self.output, xn, self.logits_dev)
-        self.logits_dev.copy_to_host(self.logits)
-        return self.logits
 
     def prefill(self, tokens, pos0: int, cache: DeviceCache, all_logits: bool) -> np.ndarray:
         """Logits of a prompt's tokens at positions pos0…, stored into the cache: the last one's
@@ -566,8 +654,7 @@ class GpuStep:
             rows(c.q_dim)
         proj, gate, up = rows(c.d_model), rows(c.n_ff), rows(c.n_ff)
         prompt = Prompt(self, pos0, xn, q, k, v, attn)
-        for t, tok in enumerate(tokens):
-            kc.embed[kc._blocks(c.d_model), T](*self.tok_embd.args, int(tok), x[t])
+        kc.embed[(kc._blocks(c.d_model), n), T](*self.tok_embd.args, cuda.to_device(np.asarray(tokens, np.int64)), x)
         residual = self.no_rows
         for i, L in enumerate(self.layers):
             kc.rmsnorm[n, T](x, residual, L["attn_norm"], self.eps, xn)
@@ -575,7 +662,7 @@ class GpuStep:
             if cache.needs_kv:
                 kc.product_rows(L["wk"], xn, k)
                 kc.product_rows(L["wv"], xn, v)
-            kc.rope[kc._blocks(n * c.q_dim // 2), T](q, c.head_dim, self.cos, self.sin, pos0)
+            kc.rope[kc._blocks(n * c.q_dim // 2), T](q, c.head_dim, self.cos, self.sin, prompt.at(pos0))
             cache.attend_prompt(prompt, i)
             kc.product_rows(L["wo"], attn, proj)
             kc.rmsnorm[n, T](x, proj, L["ffn_norm"], self.eps, xn)
@@ -596,9 +683,9 @@ class GpuStep:
         """out = w·x (or w·(silu(x)·up)); again: the product before read this same x alike, so its
         int8 codes or permutation stand."""
         if self.int8 and w.qtype != self.kc.DENSE:
-            self.kc.product_int8(w, x, self.act, out, quantized=again, up=up)
+            self.kc.product_int8(w, x, self.act, out, self.stream, quantized=again, up=up)
         else:
-            self.kc.product(w, x, self.xp, out, permuted=again, up=up)
+            self.kc.product(w, x, self.xp, out, self.stream, permuted=again, up=up)
 
 
 def device_name() -> str:

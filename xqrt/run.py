@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rebuild", default="fused", choices=("fused", "cublas"),
                     help="on the GPU, how a latent cache rebuilds K and V: fused (Numba kernels, in shared memory) "
                          "or cublas (the product on tensor cores through torch, a CUDA build of it) [fused]")
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="on the GPU, replay the fp16-KV decode step as one CUDA graph instead of launching its "
+                         "kernels one by one (torch's capture, a CUDA build of it) [where torch finds the GPU]")
     add_cache_args(ap)
     ap.add_argument("--chat", action="store_true", help="interactive chat with the model's template")
     ap.add_argument("--system", default=None, help="system message for --chat")
@@ -129,7 +132,8 @@ def engine_from_args(args, ctx):
                   rotate=args.rotate, clip=args.clip, balance=args.balance, channel_bits=args.channel_bits,
                   fp16_channels=args.fp16_channels,
                   kv_budget=args.kv_budget, device=getattr(args, "device", "cpu"),
-                  rebuild=getattr(args, "rebuild", "fused"), threads=args.threads,
+                  rebuild=getattr(args, "rebuild", "fused"), cuda_graphs=getattr(args, "cuda_graphs", None),
+                  threads=args.threads,
                   act_bits=args.act_bits, verbose=True)
 
 

@@ -506,10 +506,12 @@ def _weight_at(qs, d, m, dense, qtype, r, j):
 
 
 @cuda.jit
-def embed(qs, d, m, dense, qtype, token, out):
-    """out = row `token` of W (the token embedding), as float32."""
-    for j in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
-        out[j] = _weight_at(qs, d, m, dense, qtype, token, j)
+def embed(qs, d, m, dense, qtype, tokens, out):
+    """out[t] = row tokens[t] of W (the token embeddings), as float32; blockIdx.y is t."""
+    t = cuda.blockIdx.y
+    for j in range(cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, out.shape[1],
+                   cuda.gridDim.x * cuda.blockDim.x):
+        out[t, j] = _weight_at(qs, d, m, dense, qtype, tokens[t], j)
 
 
 # ---- the matrix-matrix product: a prompt's rows at once ----------------------------------------
@@ -601,12 +603,13 @@ def silu_mul(gate, up, out):
 
 
 @cuda.jit
-def rope(rows, head_dim, cos, sin, pos0):
-    """Rotate the adjacent pairs of every head of each row, row t by position pos0 + t (cos/sin:
+def rope(rows, head_dim, cos, sin, at):
+    """Rotate the adjacent pairs of every head of each row, row t by position at[0] + t (cos/sin:
     n_ctx × pairs)."""
     n_pairs = cos.shape[1]
     per_head = head_dim // 2
     half = rows.shape[1] // 2
+    pos0 = at[0]
     for i in range(cuda.grid(1), rows.shape[0] * half, cuda.gridsize(1)):
         t, pair = i // half, i % half
         p = pair % per_head
@@ -619,13 +622,14 @@ def rope(rows, head_dim, cos, sin, pos0):
 
 
 @cuda.jit
-def store_kv(k, v, head_dim, cos, sin, pos0, k_cache, v_cache):
-    """Positions pos0… of the fp16 cache from the rows of k (rotated as `rope` rotates them) and v,
+def store_kv(k, v, head_dim, cos, sin, at, k_cache, v_cache):
+    """Positions at[0]… of the fp16 cache from the rows of k (rotated as `rope` rotates them) and v,
     position p in row p mod its rows (a --kv-budget window is a ring) — one launch for the three
     steps: a decode step is bound by its launches."""
     n_pairs = cos.shape[1]
     per_head = head_dim // 2
     half = k.shape[1] // 2
+    pos0 = at[0]
     for i in range(cuda.grid(1), k.shape[0] * half, cuda.gridsize(1)):
         t, pair = i // half, i % half
         o, p, pos = 2 * pair, pair % per_head, pos0 + t
@@ -666,15 +670,17 @@ def softmax(scores, n):
 
 
 @cuda.jit(**_FAST)
-def flash_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound, k_win, v_win, window, pos0,
+def flash_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound, k_win, v_win, window, at,
                     head_dim, scale, chunk, out, part_state, part_acc):
-    """out[t] = causal attention of the query row q[t], at position pos0 + t, over positions [0,
-    pos0 + t]: one block per (query, kv head) for all the query heads of that kv head — a prompt's
-    attention in one launch. With chunk > 0 (a decode step: one query) block x covers positions
-    [x·chunk, (x+1)·chunk) only and leaves its softmax state (max, sum) in part_state[x, h] and
-    its unnormalized sum of values in part_acc[x, h], for merge_parts. Query t reads position j's
-    key from k[j] while j < k_bound[t] (always when k_bound is empty: one history, the fp16 cache)
-    and from k_exact[j − k_from] above — a latent cache's packed and exact versions of its
+    """out[t] = causal attention of the query row q[t], at position at[0] + t, over positions [0,
+    at[0] + t]: one block per (query, kv head) for all the query heads of that kv head — a prompt's
+    attention in one launch. With chunk > 0 (a decode step: one query) the n positions are split
+    into parts of at least `chunk` over as many of the grid's blocks as they fill — the grid need
+    not change with n, so a CUDA graph replays the launch at any position — and block x leaves
+    its part's softmax state (max, sum) in part_state[x, h] and its unnormalized sum of values in
+    part_acc[x, h], for merge_parts (a block past the parts: the empty state, which adds
+    nothing). Query t reads position j's key from k[j] while j < k_bound[t] (always when k_bound
+    is empty: one history, the fp16 cache) and from k_exact[j − k_from] above — a latent cache's packed and exact versions of its
     history, rebuilt — and its value alike; the last `window` positions up to it from the fp16
     ring k_win (position j in row j mod its rows, a --kv-budget window). Each warp keeps an online
     softmax over every WARPS-th position (its lanes over the head, the dot products by warp sums),
@@ -695,9 +701,12 @@ def flash_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound,
     warp, lane = tid // 32, tid % 32
     n_kv_head = k.shape[1] // head_dim
     per_kv = q.shape[1] // head_dim // n_kv_head
-    n = pos0 + t + 1
-    lo = part * chunk
-    hi = min(n, lo + chunk) if chunk else n
+    n = at[0] + t + 1
+    lo, hi = 0, n
+    if chunk:
+        span = -(-n // min(cuda.gridDim.x, -(-n // chunk)))
+        lo = part * span
+        hi = min(n, lo + span)
     kb = k_bound[t] if k_bound.shape[0] else n
     vb = v_bound[t] if v_bound.shape[0] else n
     win_lo = n - window
@@ -1281,6 +1290,12 @@ def empty(shape: tuple, dtype) -> object:
     return cuda.to_device(np.zeros(shape, dtype))
 
 
+def position(p: int) -> object:
+    """A position as the kernels that place rows take it: a device int64 array holding it (the
+    decode step's is written once per step, so that its launches repeat the same arguments)."""
+    return cuda.to_device(np.array([p], np.int64))
+
+
 def _blocks(n: int) -> int:
     return max(1, min(-(-n // THREADS), 1024))
 
@@ -1302,21 +1317,23 @@ class Workspace:
         self.empty = empty((0, 0), np.float32)
 
 
-def attend_f16(q, k_cache, v_cache, n, n_head, head_dim, ws: Workspace, out, stream=0, chunk=256):
-    """Single-query attention over the first n rows of an fp16 K (post-RoPE) / V cache: flash
-    attention split over the sequence (parts of about `chunk` positions), then the parts merged."""
+def attend_f16(q, k_cache, v_cache, at, n_head, head_dim, ws: Workspace, out, stream=0, chunk=256):
+    """Single-query attention of the query at position at[0] (a device int64 array) over rows [0,
+    at[0]] of an fp16 K (post-RoPE) / V cache: flash attention split over the sequence (parts of at
+    least `chunk` positions, on a grid fixed by the workspace), then the parts merged. No argument
+    depends on the position: a CUDA graph of it replays at any."""
     n_kv_head = k_cache.shape[1] // head_dim
-    n_parts, part = splits(n, chunk, ws.parts.shape[0])
+    n_parts = ws.parts.shape[0]
     none = empty((0,), np.int64)
     # q and out as rows, as a prompt's: one compiled kernel for both (split blocks do not write out)
     flash_attention[(n_parts, n_kv_head), THREADS, stream](
-        q.reshape(1, -1), k_cache, v_cache, k_cache, v_cache, 0, 0, none, none, k_cache, v_cache, 0, n - 1, head_dim,
-        np.float32(1.0 / math.sqrt(head_dim)), part, out.reshape(1, -1), ws.part_state, ws.parts)
+        q.reshape(1, -1), k_cache, v_cache, k_cache, v_cache, 0, 0, none, none, k_cache, v_cache, 0, at, head_dim,
+        np.float32(1.0 / math.sqrt(head_dim)), chunk, out.reshape(1, -1), ws.part_state, ws.parts)
     merge_parts[n_head, THREADS, stream](ws.part_state, ws.parts, n_parts, head_dim, out)
 
 
-def attend_prompt(q, k, v, pos0, head_dim, out, exact=None, window=None, stream=0):
-    """Causal attention of the rows of q (post-RoPE, positions pos0…) over K (post-RoPE) / V rows
+def attend_prompt(q, k, v, at, head_dim, out, exact=None, window=None, stream=0):
+    """Causal attention of the rows of q (post-RoPE, positions at[0]…) over K (post-RoPE) / V rows
     written up to each query's position. exact: (k_exact, v_exact, k_from, v_from, k_bound,
     v_bound) — query t reads position j from k / v below its bounds and from the exact rows (of
     positions k_from… / v_from…) from them on; window: (k_win, v_win, W) — the last W positions
@@ -1327,7 +1344,7 @@ def attend_prompt(q, k, v, pos0, head_dim, out, exact=None, window=None, stream=
         exact = (k, v, 0, 0, none, none)
     if window is None:
         window = (k, v, 0)
-    flash_attention[(q.shape[0], n_kv_head), THREADS, stream](q, k, v, *exact, *window, pos0, head_dim,
+    flash_attention[(q.shape[0], n_kv_head), THREADS, stream](q, k, v, *exact, *window, at, head_dim,
                                                              np.float32(1.0 / math.sqrt(head_dim)), 0, out,
                                                              empty((0, 0, 0), np.float32), empty((0, 0, 0), np.float32))
 
