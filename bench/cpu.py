@@ -2,10 +2,11 @@
 
     python bench/cpu.py [MODEL.gguf] [--threads 2] [--contexts 128 1024 4096 8192] [--gen-tokens 16]
                         [--modes fp16 kivi:4 kivi:2 xquant:4 xquant:3 xquant:2 xquant-cl:3 xquant-cl:2]
+                        [--devices cpu cuda cuda-launched] [--prompt-tokens 512]
                         [--budget-curve xquant:3] [--budget-fractions 0 0.125 0.25 0.5 1]
                         [--llama-cpp f16 q8_0 q4_0] [--no-transformers] [--out docs/performance.md]
 
-Measured per engine: prompt processing (a 512-token prompt on an empty cache), generation tokens/s
+Measured per engine: prompt processing (a --prompt-tokens prompt, 512, on an empty cache), generation tokens/s
 with the cache filled to each context (WikiText-2 text, then --gen-tokens greedy steps), cache bytes
 per token, and peak resident memory. Each engine runs in a child process of its own, one after the
 other, so memory is its own and no engine's threads compete with another's; run it on an otherwise
@@ -15,6 +16,12 @@ llama.cpp runs through llama-cpp-python (`--llama-cpp TYPES`, its KV cache types
 needs flash attention, which is then on for every type). Install it from source so it is built
 for this CPU: CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-binary llama-cpp-python llama-cpp-python.
 transformers runs the same GGUF dequantized to float32, its only way to read it.
+
+--devices runs each xqrt mode on each device: `cpu`, `cuda` (the engine's GPU step; the fp16-KV
+step replayed as one CUDA graph where torch finds the GPU) and `cuda-launched` (--no-cuda-graphs:
+every kernel launched from Python) — what the graph saves, side by side. The other engines run on
+the CPU. A device's first steps (kernel compilation, a graph's capture) are not timed: each context
+takes one untimed step before its timed ones.
 
 Ratios: prompt and generation speeds against llama.cpp with an f16 KV cache when it ran, else
 against xqrt's fp16 KV. Rematerialization: the FLOPs a step spends rebuilding K (and, for
@@ -27,6 +34,7 @@ budget curve) to --out.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -42,7 +50,9 @@ KV_TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # per K or V ele
 
 
 def text_tokens(tokenize, n: int) -> list[int]:
-    text = open(TEXT, encoding="utf-8").read()
+    """n tokens of WikiText-2, or of this repository's README where the data is not there (a lent
+    GPU's copy of the checkout has no ../shared): speed does not depend on the text."""
+    text = open(TEXT if os.path.exists(TEXT) else os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     ids = tokenize(text[:n * 8])
     while len(ids) < n:  # the file is long enough for any sensible context; repeat if not
         ids = ids + ids
@@ -59,20 +69,23 @@ def run_xqrt(spec: dict) -> dict:
     from xqrt import Engine  # noqa: I001 first: it sets thread-spin defaults that numpy's BLAS reads when it loads
     import numpy as np
     mode, bits = spec["mode"], spec["bits"]
-    contexts, n_gen = spec["contexts"], spec["gen_tokens"]
-    eng = Engine(spec["model"], ctx=max(max(contexts), 512) + n_gen + 8, cache=mode, bits=bits,
-                 kv_budget=spec.get("kv_budget", 0), threads=spec["threads"])
-    ids = text_tokens(lambda s: eng.tokenizer.encode(s, add_bos=False), max(contexts) + 512)
+    contexts, n_gen, n_pp = spec["contexts"], spec["gen_tokens"], spec["prompt_tokens"]
+    device = spec.get("device", "cpu")
+    eng = Engine(spec["model"], ctx=max(max(contexts), n_pp, 66) + n_gen + 9, cache=mode, bits=bits,
+                 kv_budget=spec.get("kv_budget", 0), threads=spec["threads"], device=device.split("-")[0],
+                 cuda_graphs=False if device == "cuda-launched" else None)
+    ids = text_tokens(lambda s: eng.tokenizer.encode(s, add_bos=False), max(max(contexts), 66) + n_pp)
     warm = eng.new_cache()  # load the compiled prefill and decode kernels, compute factors: untimed
     eng.forward(ids[:64], warm)
     eng.forward(ids[64:66], warm)
     cache = eng.new_cache()
     t0 = time.perf_counter()
-    eng.forward(ids[:512], cache)
-    pp = 512 / (time.perf_counter() - t0)
+    eng.forward(ids[:n_pp], cache)
+    pp = n_pp / (time.perf_counter() - t0)
     cache, tg, step = eng.new_cache(), {}, {}
     for c in contexts:
         logits = eng.forward(ids[cache.n_tokens:c], cache)
+        logits = eng.forward([int(np.argmax(logits))], cache)  # untimed: a new cache's graph is captured here
         t0 = time.perf_counter()
         for _ in range(n_gen):
             logits = eng.forward([int(np.argmax(logits))], cache)
@@ -81,7 +94,9 @@ def run_xqrt(spec: dict) -> dict:
     name = "xqrt fp16 KV" if mode == "fp16" else f"xqrt {mode} {bits}-bit"
     if getattr(cache, "window", 0):
         name += f" + fp16 window {cache.window}"
-    return {"name": name, "pp": pp, "tg": tg,
+    if device != "cpu":
+        name += {"cuda": " on cuda", "cuda-launched": " on cuda, launched"}[device]
+    return {"name": name, "device": device, "pp": pp, "tg": tg,
             "step_s": step, "bytes_per_token": cache.nbytes() / cache.n_tokens, "describe": cache.describe(),
             "remat_flops_per_token": remat_flops_per_position(cache)}
 
@@ -105,17 +120,17 @@ def run_llama_cpp(spec: dict) -> dict:
     from llama_cpp import Llama
     kv = spec["kv_type"]
     ggml_type = {"f16": 1, "q8_0": 8, "q4_0": 2}[kv]
-    contexts, n_gen = spec["contexts"], spec["gen_tokens"]
-    llm = Llama(spec["model"], n_ctx=max(max(contexts), 512) + n_gen + 8, n_threads=spec["threads"],
+    contexts, n_gen, n_pp = spec["contexts"], spec["gen_tokens"], spec["prompt_tokens"]
+    llm = Llama(spec["model"], n_ctx=max(max(contexts), n_pp) + n_gen + 8, n_threads=spec["threads"],
                 n_threads_batch=spec["threads"], n_batch=512, type_k=ggml_type, type_v=ggml_type,
                 flash_attn=True, verbose=False)
-    ids = text_tokens(lambda s: llm.tokenize(s.encode("utf-8"), add_bos=False), max(contexts) + 512)
+    ids = text_tokens(lambda s: llm.tokenize(s.encode("utf-8"), add_bos=False), max(contexts) + n_pp)
     llm.eval(ids[:64])
     llm.eval(ids[64:66])
     llm.reset()
     t0 = time.perf_counter()
-    llm.eval(ids[:512])
-    pp = 512 / (time.perf_counter() - t0)
+    llm.eval(ids[:n_pp])
+    pp = n_pp / (time.perf_counter() - t0)
     llm.reset()
     tg, step = {}, {}
     for c in contexts:
@@ -144,14 +159,14 @@ def run_transformers(spec: dict) -> dict:
     from xqrt.gguf_model import read_gguf
     from xqrt.tokenizer import Tokenizer
     tok = Tokenizer(read_gguf(path)[1])
-    contexts, n_gen = spec["contexts"], spec["gen_tokens"]
-    ids = text_tokens(lambda s: tok.encode(s, add_bos=False), max(contexts) + 512)
+    contexts, n_gen, n_pp = spec["contexts"], spec["gen_tokens"], spec["prompt_tokens"]
+    ids = text_tokens(lambda s: tok.encode(s, add_bos=False), max(contexts) + n_pp)
     with torch.no_grad():
         warm = model(torch.tensor([ids[:16]]), use_cache=True)
         model(torch.tensor([ids[16:17]]), past_key_values=warm.past_key_values, use_cache=True)
         t0 = time.perf_counter()
-        model(torch.tensor([ids[:512]]))
-        pp = 512 / (time.perf_counter() - t0)
+        model(torch.tensor([ids[:n_pp]]))
+        pp = n_pp / (time.perf_counter() - t0)
         past, n, tg, step = DynamicCache(), 0, {}, {}
         for c in contexts:
             for s in range(n, c, 512):
@@ -206,8 +221,8 @@ def report(results: list[dict], yardstick: float, args) -> str:
     contexts = args.contexts
     anchor = next((r for r in results if r["name"] == "llama.cpp f16 KV"), None) or \
         next((r for r in results if r["name"] == "xqrt fp16 KV"), results[0])
-    fp16 = next((r for r in results if r["name"] == "xqrt fp16 KV"), None)
-    lines = [f"Model `{os.path.basename(args.model)}`, {args.threads} threads, prompt 512 tokens, "
+    fp16 = next((r for r in results if r["name"].startswith("xqrt fp16 KV")), None)
+    lines = [f"Model `{os.path.basename(args.model)}`, {args.threads} threads, prompt {args.prompt_tokens} tokens, "
              f"{args.gen_tokens} generated tokens per context; ratios against **{anchor['name']}** (same run). "
              f"NumPy float32 matmul: {yardstick:.1f} GFLOP/s.", "",
              "| engine | prompt tok/s | " + " | ".join(f"gen @{c} tok/s" for c in contexts)
@@ -221,7 +236,7 @@ def report(results: list[dict], yardstick: float, args) -> str:
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     if fp16:
         lines += ["", "Rematerialization: FLOPs per step spent rebuilding from the cache, and the rate they run "
-                  "at two ways: against the step time the mode adds over xqrt's fp16 KV (\"over fp16\"), and "
+                  "at two ways: against the step time the mode adds over xqrt's fp16 KV on the same device (\"over fp16\"), and "
                   "against the step time added since the previous context (\"marginal\": everything that grows "
                   "with the context, dequantization, scores and values included, counts as rebuild time):", "",
                   "| engine | " + " | ".join(f"@{c}: GFLOP/step; GFLOP/s over fp16, marginal (% of matmul)"
@@ -235,12 +250,14 @@ def report(results: list[dict], yardstick: float, args) -> str:
             return f"{gflops:.1f} ({100 * gflops / yardstick:.0f}%)"
 
         for r in results:
-            if not r.get("remat_flops_per_token"):
+            base = next((f for f in results if f["name"].startswith("xqrt fp16 KV") and f["device"] == r.get("device")),
+                        None)  # the same device's fp16 KV
+            if not r.get("remat_flops_per_token") or base is None:
                 continue
             cells, previous = [], None
             for c in contexts:
                 flops = r["remat_flops_per_token"] * c
-                cell = f"{flops / 1e9:.2f}; {rate(flops, r['step_s'][c] - fp16['step_s'][c])}"
+                cell = f"{flops / 1e9:.2f}; {rate(flops, r['step_s'][c] - base['step_s'][c])}"
                 if previous is not None:
                     cell += ", " + rate(r["remat_flops_per_token"] * (c - previous), r["step_s"][c] - r["step_s"][previous])
                 cells.append(cell)
@@ -294,17 +311,28 @@ def plot(results: list[dict], contexts, path: str):
     fig.savefig(path, dpi=120)
 
 
+def gpu_name() -> str:
+    try:
+        from xqrt.gpu import device_name
+        return device_name()
+    except Exception:  # noqa: BLE001 — a title only: the xqrt children have said what failed
+        return "the GPU"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", nargs="?")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096, 8192])
     ap.add_argument("--gen-tokens", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=512, help="the prompt whose processing is timed [512]")
     ap.add_argument("--modes", nargs="+", default=["fp16", "kivi:4", "kivi:2", "xquant:4", "xquant:3", "xquant:2",
                                                   "xquant-cl:3", "xquant-cl:2"], help="xqrt modes as MODE[:BITS]")
     ap.add_argument("--budget-curve", default="xquant:3", metavar="MODE:BITS",
                     help="latent mode whose --kv-budget curve is measured at the largest context ('' to skip)")
     ap.add_argument("--budget-fractions", type=float, nargs="+", default=[0.0, 0.125, 0.25, 0.5, 1.0])
+    ap.add_argument("--devices", nargs="+", default=["cpu"], choices=("cpu", "cuda", "cuda-launched"),
+                    help="where the xqrt modes run: cpu, cuda (CUDA graphs where they apply), cuda-launched [cpu]")
     ap.add_argument("--llama-cpp", nargs="*", default=None, metavar="TYPE",
                     help="also run llama.cpp with these KV cache types (default when given alone: f16 q8_0 q4_0)")
     ap.add_argument("--no-transformers", action="store_true")
@@ -319,9 +347,10 @@ def main():
         return
     from xqrt.default_model import default_model_path
     args.model = args.model or default_model_path()
-    base = {"model": args.model, "threads": args.threads, "contexts": args.contexts, "gen_tokens": args.gen_tokens}
-    specs = [dict(base, kind="xqrt", mode=m.split(":")[0], bits=int(m.split(":")[1]) if ":" in m else 4)
-             for m in args.modes]
+    base = {"model": args.model, "threads": args.threads, "contexts": args.contexts, "gen_tokens": args.gen_tokens,
+            "prompt_tokens": args.prompt_tokens}
+    specs = [dict(base, kind="xqrt", mode=m.split(":")[0], bits=int(m.split(":")[1]) if ":" in m else 4, device=d)
+             for m in args.modes for d in args.devices]
     if args.llama_cpp is not None:
         specs += [dict(base, kind="llama.cpp", kv_type=t) for t in (args.llama_cpp or ["f16", "q8_0", "q4_0"])]
     if not args.no_transformers:
@@ -339,7 +368,8 @@ def main():
     yardstick = child(dict(base, kind="numpy"))["gflops"]
     results, curve = [], []
     for spec in specs + curve_specs:
-        print(f"running {spec['kind']} {spec.get('mode', spec.get('kv_type', ''))} ...", file=sys.stderr, flush=True)
+        print(f"running {spec['kind']} {spec.get('mode', spec.get('kv_type', ''))} {spec.get('device', '')} ...",
+              file=sys.stderr, flush=True)
         r = child(spec)
         if r:
             r["tg"] = {int(k): v for k, v in r["tg"].items()}
@@ -348,20 +378,27 @@ def main():
             (curve if spec.get("curve") else results).append(r)
             print(f"  {r['name']}: prompt {r['pp']:.1f} tok/s, generation "
                   + ", ".join(f"{v:.1f} @{c}" for c, v in r["tg"].items()), file=sys.stderr, flush=True)
+    if not results:
+        sys.exit("bench/cpu.py: every engine failed (their errors are above)")
     text = report(results, yardstick, args)
+    plots = importlib.util.find_spec("matplotlib") is not None  # the figures only (a GPU image may lack it)
     png = os.path.splitext(args.out)[0] + ".png"
-    plot(results, args.contexts, png)
-    figures = f"![tokens/s against context]({os.path.basename(png)})"
+    figures = ""
+    if plots:
+        plot(results, args.contexts, png)
+        figures = f"![tokens/s against context]({os.path.basename(png)})"
     if curve:
         fp16 = next((r for r in results if r["name"] == "xqrt fp16 KV"), None)
         text += "\n\n" + budget_report(curve, fp16, max(args.contexts))
         budget_png = os.path.splitext(args.out)[0] + "-kv-budget.png"
-        plot_budget(curve, fp16, max(args.contexts), budget_png)
-        figures += f"\n\n![tokens/s against cache bytes per token, --kv-budget]({os.path.basename(budget_png)})"
+        if plots:
+            plot_budget(curve, fp16, max(args.contexts), budget_png)
+            figures += f"\n\n![tokens/s against cache bytes per token, --kv-budget]({os.path.basename(budget_png)})"
     print(text)
     with open(args.out, "w", encoding="utf-8") as f:
-        f.write("# CPU performance\n\nWritten by `python bench/cpu.py " + shlex.join(sys.argv[1:]) + "` in "
-                f"{time.perf_counter() - t_start:.0f} s.\n\n{text}\n\n{figures}\n\n"
+        title = "CPU performance" if args.devices == ["cpu"] else "Performance: the CPU and " + gpu_name()
+        f.write(f"# {title}\n\nWritten by `python bench/cpu.py " + shlex.join(sys.argv[1:]) + "` in "
+                f"{time.perf_counter() - t_start:.0f} s.\n\n{text}\n\n" + (f"{figures}\n\n" if figures else "") +
                 "GPU figures: [performance-gpu.md](performance-gpu.md), written by `bench/gpu.py`.\n")
 
 
