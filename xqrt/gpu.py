@@ -530,6 +530,8 @@ class GpuStep:
         if graphs and why_not:
             raise XQError(f"--cuda-graphs: {why_not}")
         self.graphs, self.log = graphs is not False and not why_not, log
+        if why_not and log:
+            log(f"xqrt: no CUDA graphs ({why_not}): the decode step launches its kernels one by one")
         self._graph = None  # (the cache it was captured for, its StepGraph)
         self._warm = False  # a step has run launched one by one: the kernels are compiled, the scratch made
         self.stream = 0  # where the step's launches go: a capture's stream while one is made
