@@ -541,8 +541,8 @@ def test_cuda_graph_replays_the_fp16_step(tmp_path, monkeypatch):
         np.testing.assert_array_equal(graphed.forward(tokens, on_graph, True),
                                       launched.forward(tokens, one_by_one, True))
     assert Recorded.made == 1 and launched._gpu._graph is None
-    for cache_mode, made in (("fp16", 2), ("xquant", 2)):
-        graphed.forward([11], graphed.new_cache(cache_mode))
+    for cache_mode, made in (("fp16", 2), ("xquant", 2)):  # a new cache's first step is launched, then captured
+        graphed.forward([11, 12], graphed.new_cache(cache_mode))
         assert Recorded.made == made
 
 

@@ -533,7 +533,8 @@ class GpuStep:
         if why_not and log:
             log(f"xqrt: no CUDA graphs ({why_not}): the decode step launches its kernels one by one")
         self._graph = None  # (the cache it was captured for, its StepGraph)
-        self._warm = False  # a step has run launched one by one: the kernels are compiled, the scratch made
+        self._warm = None  # the cache of the last step launched one by one: its kernels are compiled
+        # (compiling loads a module, which a capture must not see)
         self.stream = 0  # where the step's launches go: a capture's stream while one is made
         self.at = cuda.device_array(2, np.int64)  # the step's token and position
         self.token_at, self.pos_at = self.at[0:1], self.at[1:2]
@@ -587,16 +588,17 @@ class GpuStep:
         graph = self._graph_for(cache)
         if graph is None:
             self.launches(cache, pos)
-            self._warm = True
+            self._warm = cache
         else:
             graph.replay()
         self.logits_dev.copy_to_host(self.logits)
         return self.logits
 
     def _graph_for(self, cache: DeviceCache) -> StepGraph | None:
-        """The step's CUDA graph for this cache (captured once its kernels have run), or None: launch
-        one by one. A capture that fails says why once and leaves the step launching."""
-        if not (self.graphs and cache.graphs and self._warm):
+        """The step's CUDA graph for this cache (captured at the step after one launched one by one
+        on it, which compiled its kernels), or None: launch one by one. A capture that fails says
+        why once and leaves the step launching."""
+        if not (self.graphs and cache.graphs and self._warm is cache):
             return None
         if self._graph is None or self._graph[0] is not cache:
             self._graph = None  # one graph at a time: a new cache's buffers need a new one
