@@ -190,8 +190,9 @@ def upload_dense(w: np.ndarray) -> DeviceMatrix:
 
 # Rows per block of the matrix-vector product: on a GPU four (each x value a lane loads meets four
 # rows, and a 4096-row matrix still fills the GPU); in the simulator, where every block costs a
-# round of Python threads, 32. bench/gpu.py measures the other choices (`matvec_kernel(rows)`).
-ROWS = 4 if SHUFFLE else 32
+# round of 256 Python threads and a barrier (about 60 ms), 128: a tiny model's matrices in one or
+# two blocks. bench/gpu.py measures the other choices (`matvec_kernel(rows)`).
+ROWS = 4 if SHUFFLE else 128
 
 
 @cuda.jit(device=True, inline=True)
