@@ -13,7 +13,8 @@ One run on one GPU prints and writes `docs/performance-gpu.md`:
   bits, with each mode's attention alone against its roofline max(bytes / copy bandwidth,
   FLOPs / fp32 peak), plus XQuant and XQuant-CL with the engine's --rebuild cublas (kc.Cublas:
   fp16 latents × fused factors through cuBLAS, via torch on the same device buffers);
-- cache bytes per token and the largest context that fits 16 GB of cache per mode.
+- cache bytes per token and the largest context that fits 16 GB of cache per mode, and of cache
+  plus the step's working memory per position (`working_bytes_per_token`).
 
 Weights and cache contents are random (speed does not depend on them). A step writes the new
 token as the engine does — fp16 KV its K/V row, the latent modes their latents into the exact ring
@@ -343,6 +344,16 @@ def bytes_per_token(mode, bits, s):
     return per_layer * s["n_layer"]
 
 
+def working_bytes_per_token(mode, s, tensor_cores=False):
+    """Device memory a decode step needs per position beside the cache, one layer's at a time: the
+    latent attention's scores (float32 per query head), XQuant-CL's accumulator Â (fp16, d wide)
+    and --rebuild cublas's rebuilt keys (fp16, kv_dim wide). fp16 KV's flash attention needs none."""
+    if mode == "fp16":
+        return 0
+    kv = s["n_kv_head"] * s["head_dim"]
+    return 4 * s["n_head"] + (2 * s["d"] if mode == "xquant-cl" else 0) + (2 * kv if tensor_cores else 0)
+
+
 def attention_cost(mode, bits, s, n):
     """(bytes, FLOPs) of one layer's attention at context n (the rebuild's products counted)."""
     kv, hd, nh = s["n_kv_head"] * s["head_dim"], s["head_dim"], s["n_head"]
@@ -354,7 +365,8 @@ def attention_cost(mode, bits, s, n):
     if mode == "xquant":
         return b, 2 * n * kv * kv + 4 * n * nh * hd + 2 * n * nh * kv
     d = s["d"]  # xquant-cl: accumulate Δ̂·Ukvᵀ, then K from Â (x space); V summed in x space
-    return b + 2 * 4 * n * d, 2 * n * 2 * kv * d + 2 * n * d * kv + 4 * n * nh * hd + 2 * n * nh * d
+    # Â (fp16) read and written by the update, then read for K and for V
+    return b + 4 * 2 * n * d, 2 * n * 2 * kv * d + 2 * n * d * kv + 4 * n * nh * hd + 2 * n * nh * d
 
 
 def run_mode(model, mode, bits, n, tensor_cores=False):
@@ -519,9 +531,13 @@ def main():
     say()
     fp16_step = {}
     say("## Decode step")
-    say("| mode | bits | context | cache B/token | largest context in 16 GB | step ms (launched from Python) "
-        "| step ms (CUDA graph) | tokens/s | × fp16-KV step | attention ms/layer | its roofline ms | × roofline |")
-    say("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    say("Largest context: 16 GB of cache alone, and of cache plus the step's working memory "
+        "(bench/gpu.py's working_bytes_per_token: the scores, XQuant-CL's Â, --rebuild cublas's keys).")
+    say()
+    say("| mode | bits | context | cache B/token | largest context in 16 GB | with working memory "
+        "| step ms (launched from Python) | step ms (CUDA graph) | tokens/s | × fp16-KV step | attention ms/layer "
+        "| its roofline ms | × roofline |")
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     plan = [("fp16", 16, False)] + [(m, b, False) for m in ("kivi", "xquant", "xquant-cl") for b in args.bits] \
         + [(m, b, True) for m in ("xquant", "xquant-cl") for b in args.bits]
     for mode, bits, tc in plan:
@@ -537,13 +553,15 @@ def main():
             if mode == "fp16":
                 fp16_step[n] = t_step if math.isnan(t_graph) else t_graph
             bpt = bytes_per_token(mode, bits, s)
+            with_working = bpt + working_bytes_per_token(mode, s, tc)
             nbytes, flops = attention_cost(mode, bits, s, n)
             roof = max(nbytes / copy_bw, flops / peak)
             label = mode + (" (tensor cores)" if tc else "")
             best = t_step if math.isnan(t_graph) else t_graph
             ratio = best / fp16_step[n] if n in fp16_step else float("nan")
-            say(f"| {label} | {bits} | {n} | {bpt} | {BUDGET // bpt} | {t_step * 1e3:.2f} | {t_graph * 1e3:.2f} | "
-                f"{1 / best:.1f} | {ratio:.2f} | {t_attn * 1e3:.3f} | {roof * 1e3:.3f} | {t_attn / roof:.1f} |")
+            say(f"| {label} | {bits} | {n} | {bpt} | {BUDGET // bpt} | {BUDGET // with_working} | "
+                f"{t_step * 1e3:.2f} | {t_graph * 1e3:.2f} | {1 / best:.1f} | {ratio:.2f} | "
+                f"{t_attn * 1e3:.3f} | {roof * 1e3:.3f} | {t_attn / roof:.1f} |")
     say()
     say(f"A step launches 14 (fp16 KV) to about 20 (latent caches) kernels per layer from Python "
         f"({launch_s * 1e6:.0f} µs each when the GPU keeps up): that overhead is part of every step time above.")
