@@ -97,6 +97,36 @@ def test_bad_cache_options(capsys, tiny_gqa, flags, match):
     expect_error(capsys, tiny_gqa[1], "-n", "2", *flags, match=match)
 
 
+@pytest.mark.parametrize("flags,match", [(["--top-p", "2"], "--top-p 2.0 must be in (0, 1]"),
+                                         (["--temp", "nan"], "--temp nan must be >= 0"),
+                                         (["--top-k", "-1"], "--top-k -1 must be >= 0"),
+                                         (["--repeat-penalty", "0"], "--repeat-penalty 0.0 must be > 0"),
+                                         (["--repeat-last-n", "-2"], "--repeat-last-n -2 must be >= -1")])
+def test_bad_sampling_options(capsys, tiny_gqa, flags, match):
+    expect_error(capsys, tiny_gqa[1], "-n", "2", *flags, match=match)
+
+
+def test_generation_to_a_full_context(capsys, tiny_gqa):
+    """-n -1 runs until the end of text or a full context, and says which (--seed -1: a fresh seed,
+    llama.cpp's); the last token sampled is not run, its logits unused."""
+    from xqrt.engine import Engine
+    code, err = run_cli(capsys, tiny_gqa[1], "-p", "the", "-n", "-1", "--ctx", "16", "--temp", "0", "--seed", "-1",
+                        "--repeat-penalty", "1.1", "--repeat-last-n", "-1")
+    assert code == 0 and "context of 16 tokens is full" in err[-2] and "for 16 tokens" in err[-1], err
+    eng = Engine(tiny_gqa[1], ctx=16)
+    list(eng.generate("the", max_tokens=4, temperature=0))
+    st = eng.stats
+    assert st.generated_tokens == 4 and st.cache_tokens == st.prompt_tokens + 3 and not st.context_full
+
+
+def test_repeat_penalty_window():
+    """--repeat-last-n: the tokens the penalty looks back over; 0 none, -1 all."""
+    from xqrt.sampler import Sampler, SamplingParams
+    logits = np.array([3.0, 2.9, 0.0], np.float32)
+    pick = lambda n: Sampler(SamplingParams(temperature=0, repeat_penalty=2.0, repeat_last_n=n))(logits, [0, 2])  # noqa: E731
+    assert (pick(0), pick(1), pick(-1), pick(2)) == (0, 0, 1, 1)
+
+
 def test_perplexity_cli(capsys, tiny_gqa, tmp_path):
     from xqrt.perplexity import main as ppl_main
     text = tmp_path / "t.txt"

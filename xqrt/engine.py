@@ -34,6 +34,7 @@ class Stats:
     generate_seconds: float = 0.0
     cache_bytes: int = 0
     cache_tokens: int = 0
+    context_full: bool = False  # generation stopped because the cache reached the context size
 
     def summary(self, cache_mode: str, fp16_bytes_per_token: float) -> str:
         pp = self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
@@ -290,6 +291,7 @@ class Engine:
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
                  seed: int | None = None, stop: tuple[str, ...] | list[str] = (), chat: bool = False) -> Iterator[str]:
         """Stream generated text. `prompt`: text, token ids, or chat messages [{role, content}].
+        max_tokens < 0: until the end of text or a full context (stats.context_full says which).
 
         The session cache keeps the longest prefix this prompt shares with what it already holds
         (as llama.cpp's server does), so a chat that re-sends its history only processes the new turn.
@@ -316,7 +318,7 @@ class Engine:
         stop = [s for s in stop if s]
         t0 = time.perf_counter()
         try:
-            while len(out_ids) < max_tokens and cache.n_tokens < self.n_ctx:
+            while max_tokens < 0 or len(out_ids) < max_tokens:
                 tok = sampler(logits, self._cached_ids)
                 if tok in self.tokenizer.end_ids:
                     break
@@ -339,6 +341,11 @@ class Engine:
                     yield text[len(emitted):safe]
                     emitted = text[:safe]
                 self._cached_ids.append(tok)
+                if len(out_ids) == max_tokens:  # as llama.cpp: the last token is not run (its logits go unused)
+                    break
+                if cache.n_tokens == self.n_ctx:
+                    st.context_full = True
+                    break
                 logits = self.forward([tok], cache)
             if not stopped:
                 text = self.tokenizer.decode(out_ids, skip_special=True)

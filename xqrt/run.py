@@ -83,14 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
     ap.add_argument("-p", "--prompt", default="Once upon a time", help="prompt text")
     ap.add_argument("-f", "--file", help="read the prompt from this file")
-    ap.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
+    ap.add_argument("-n", "--n-predict", type=int, default=128,
+                    help="tokens to generate (-1: until the end of text or a full context)")
     ap.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy)")
     ap.add_argument("--top-k", type=int, default=40)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--min-p", type=float, default=0.05)
-    ap.add_argument("--repeat-penalty", type=float, default=1.0)
-    ap.add_argument("--repeat-last-n", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off")
+    ap.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalty looks back over (0 = none, -1 = all)")
+    ap.add_argument("--seed", type=int, default=None, help="sampling seed (unset or -1 = a fresh one each run)")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("-c", "--ctx", type=int, default=None, help="context size in tokens (default: min(train, 4096))")
     add_compute_args(ap)
@@ -119,7 +120,10 @@ def _generate(engine, args, prompt, chat=False):
 
 
 def _summary(engine):
-    print(f"\nxqrt: {engine.stats.summary(engine.cache.describe(), engine.fp16_bytes_per_token())}", file=sys.stderr)
+    lines = [f"xqrt: {engine.stats.summary(engine.cache.describe(), engine.fp16_bytes_per_token())}"]
+    if engine.stats.context_full:
+        lines.insert(0, f"xqrt: the context of {engine.n_ctx} tokens is full: generation stopped (raise --ctx)")
+    print("\n" + "\n".join(lines), file=sys.stderr)
 
 
 def engine_from_args(args, ctx):
