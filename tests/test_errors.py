@@ -127,6 +127,32 @@ def test_repeat_penalty_window():
     assert (pick(0), pick(1), pick(-1), pick(2)) == (0, 0, 1, 1)
 
 
+def test_context_sizes(capsys, tiny_gqa, monkeypatch):
+    """--ctx 0 is an error, not the default; past the trained context a warning; a cache this
+    machine cannot hold one error line, whichever allocation finds it out."""
+    expect_error(capsys, tiny_gqa[1], "-n", "2", "--ctx", "0", match="context size 0 must be positive")
+    code, err = run_cli(capsys, tiny_gqa[1], "-p", "the", "-n", "1", "--ctx", "4096", "--temp", "0")
+    assert code == 0 and any("past the 512 the model was trained on" in line for line in err), err
+    expect_error(capsys, tiny_gqa[1], "-n", "2", "--ctx", str(10 ** 11), match=f"no memory for a cache of {10 ** 11}")
+    import xqrt.engine
+
+    def no_room(*args):
+        raise MemoryError("Unable to allocate 1 TiB")
+    monkeypatch.setattr(xqrt.engine.Engine, "forward", no_room)
+    expect_error(capsys, tiny_gqa[1], "-n", "2", match="out of memory (Unable to allocate 1 TiB)")
+
+
+@pytest.mark.parametrize("flags,match", [(["--ctx", "1"], "--ctx 1: a window needs 2 tokens or more"),
+                                         (["--chunks", "0"], "--chunks 0 must be 1 or more")])
+def test_bad_perplexity_windows(capsys, tmp_path, flags, match):
+    from xqrt.perplexity import main as ppl_main
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat")
+    assert ppl_main([str(tmp_path / "missing.gguf"), "-f", str(text), *flags]) == 1  # before the model is read
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("xqrt: error:") and match in err[-1], err
+
+
 def test_perplexity_cli(capsys, tiny_gqa, tmp_path):
     from xqrt.perplexity import main as ppl_main
     text = tmp_path / "t.txt"

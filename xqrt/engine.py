@@ -90,9 +90,11 @@ class Engine:
         self.model = model if isinstance(model, Model) else load_model(str(model))
         self.config = c = self.model.config
         self.tokenizer = Tokenizer(self.model.metadata)
-        self.n_ctx = int(ctx or min(c.ctx_train, 4096))
+        self.n_ctx = int(min(c.ctx_train, 4096) if ctx is None else ctx)
         if self.n_ctx <= 0:
-            raise XQError(f"invalid context size {self.n_ctx}")
+            raise XQError(f"context size {self.n_ctx} must be positive")
+        if self.n_ctx > c.ctx_train and verbose:
+            stderr_log(f"xqrt: warning: a context of {self.n_ctx} tokens is past the {c.ctx_train} the model was trained on")
         given = dict(mode=cache, bits=bits, group=group, residual=residual, base_layers=base_layers,
                      value_bits=value_bits, value_group=value_group,
                      layer_bits=None if layer_bits is None else tuple(layer_bits), sinks=sinks, rotate=rotate,
@@ -164,7 +166,10 @@ class Engine:
                 raise XQError(f"this engine runs on the GPU, where {why_not}")
             with device_memory(f"a cache of {self.n_ctx} tokens"):
                 return new_device_cache(mode or self.cache_mode, self.model, self.n_ctx, opts, self._log)
-        return make_cache(mode or self.cache_mode, self.model, self.n_ctx, opts, self._log)
+        try:
+            return make_cache(mode or self.cache_mode, self.model, self.n_ctx, opts, self._log)
+        except MemoryError as e:  # NumPy's, for a context too long for this machine
+            raise XQError(f"no memory for a cache of {self.n_ctx} tokens ({e}): a smaller --ctx") from None
 
     def _dense(self, m: QMatrix) -> np.ndarray:
         """W as float32 (rows × cols) in a reused buffer: prefill reuses each weight across tokens."""

@@ -19,6 +19,9 @@ def cli_exit_code(body: Callable[[], int], prog: str = "xqrt") -> int:
     except OSError as e:
         print(f"{prog}: error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
         return 1
+    except MemoryError as e:  # an allocation no check foresaw: still one line
+        print(f"{prog}: error: out of memory ({e or 'no detail'})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130

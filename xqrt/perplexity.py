@@ -63,7 +63,16 @@ class Result:
                 f"({versus_fp16(self.ratio)})")
 
 
+def check_windows(n_ctx: int, n_chunks: int | None):
+    """The window flags' ranges, before a model is loaded: a window's first token is not scored."""
+    if n_ctx < 2:
+        raise XQError(f"--ctx {n_ctx}: a window needs 2 tokens or more (its first is not scored)")
+    if n_chunks is not None and n_chunks < 1:
+        raise XQError(f"--chunks {n_chunks} must be 1 or more")
+
+
 def windows(tokens: list[int], n_ctx: int, n_chunks: int | None) -> list[list[int]]:
+    check_windows(n_ctx, n_chunks)
     n = len(tokens) // n_ctx
     if n == 0:
         raise XQError(f"the text has {len(tokens)} tokens, fewer than one window of {n_ctx}")
@@ -149,6 +158,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from .run import engine_from_args
+    check_windows(args.ctx, args.chunks)
     engine = engine_from_args(args, args.ctx)
     tokens = engine.tokenizer.encode(open(args.file, encoding="utf-8").read())
     wins = windows(tokens, args.ctx, args.chunks)
