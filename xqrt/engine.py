@@ -93,8 +93,6 @@ class Engine:
         self.n_ctx = int(min(c.ctx_train, 4096) if ctx is None else ctx)
         if self.n_ctx <= 0:
             raise XQError(f"context size {self.n_ctx} must be positive")
-        if self.n_ctx > c.ctx_train and verbose:
-            stderr_log(f"xqrt: warning: a context of {self.n_ctx} tokens is past the {c.ctx_train} the model was trained on")
         given = dict(mode=cache, bits=bits, group=group, residual=residual, base_layers=base_layers,
                      value_bits=value_bits, value_group=value_group,
                      layer_bits=None if layer_bits is None else tuple(layer_bits), sinks=sinks, rotate=rotate,
@@ -106,6 +104,8 @@ class Engine:
         self.cache_options = CacheOptions(kv_budget=int(kv_budget),
                                           **{k: v for k, v in chosen.items() if k not in unset})
         self._log = stderr_log if verbose else None
+        if self.n_ctx > c.ctx_train and self._log:
+            self._log(f"xqrt: warning: a context of {self.n_ctx} tokens is past the {c.ctx_train} the model was trained on")
         self.device = pick_device(device, self.cache_mode, c, self.cache_options,
                                   stderr_log if verbose and device == "auto" else None)
         if rebuild not in REBUILDS:

@@ -120,10 +120,10 @@ def _generate(engine, args, prompt, chat=False):
 
 
 def _summary(engine):
-    lines = [f"xqrt: {engine.stats.summary(engine.cache.describe(), engine.fp16_bytes_per_token())}"]
-    if engine.stats.context_full:
-        lines.insert(0, f"xqrt: the context of {engine.n_ctx} tokens is full: generation stopped (raise --ctx)")
-    print("\n" + "\n".join(lines), file=sys.stderr)
+    full = f"xqrt: the context of {engine.n_ctx} tokens is full: generation stopped (raise --ctx)\n" \
+        if engine.stats.context_full else ""
+    print(f"\n{full}xqrt: {engine.stats.summary(engine.cache.describe(), engine.fp16_bytes_per_token())}",
+          file=sys.stderr)
 
 
 def engine_from_args(args, ctx):

@@ -42,8 +42,8 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
         p = self.p
         logits = logits.astype(np.float64)
-        recent = history if p.repeat_last_n < 0 else history[len(history) - p.repeat_last_n:]
-        if p.repeat_penalty != 1.0 and p.repeat_last_n and recent:
+        if p.repeat_penalty != 1.0 and p.repeat_last_n and history:
+            recent = history if p.repeat_last_n < 0 else history[-p.repeat_last_n:]
             seen = np.unique(np.asarray(recent, dtype=np.int64))
             vals = logits[seen]
             logits[seen] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
