@@ -82,6 +82,36 @@ def test_unsupported_tensor_type(capsys, tmp_path):
     expect_error(capsys, str(tmp_path / "i8.gguf"), match="unsupported type")
 
 
+def patched(src, dst, old: bytes, new: bytes, after: int = 0) -> str:
+    """src with the first `old` at or after byte `after` replaced by `new` (of the same length)."""
+    data = bytearray(open(src, "rb").read())
+    at = data.index(old, after)
+    data[at:at + len(old)] = new
+    dst.write_bytes(bytes(data))
+    return str(dst)
+
+
+def test_malformed_merges(capsys, tmp_path, tiny_gqa):
+    """A BPE merge that is not two tokens and a space (the `tokenizers` library's own error was a
+    traceback)."""
+    from gguf import GGUFReader
+    merges_at = GGUFReader(tiny_gqa[1]).fields["tokenizer.ggml.merges"].offset
+    p = patched(tiny_gqa[1], tmp_path / "m.gguf", b"h e", b"h_e", merges_at)
+    expect_error(capsys, p, match="tokenizer.ggml.merges[1] is not two tokens and a space: 'h_e'")
+
+
+def test_non_finite_logits(capsys, tmp_path, tiny_gqa):
+    """Weights that make NaN logits stop generation with one line, not sample noise or raise
+    ZeroDivisionError from a kernel."""
+    from gguf import GGUFReader
+    norm = next(t for t in GGUFReader(tiny_gqa[1]).tensors if t.name == "output_norm.weight")
+    data = bytearray(open(tiny_gqa[1], "rb").read())
+    data[norm.data_offset:norm.data_offset + 4] = np.float32(np.nan).tobytes()
+    p = tmp_path / "nan.gguf"
+    p.write_bytes(bytes(data))
+    expect_error(capsys, str(p), "-p", "the", "-n", "3", match="are not finite (NaN or inf)")
+
+
 def test_prompt_longer_than_context(capsys, tiny_gqa):
     expect_error(capsys, tiny_gqa[1], "-p", "the " * 200, "--ctx", "32", "-n", "4", match="does not fit the context")
 

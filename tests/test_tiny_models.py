@@ -59,3 +59,17 @@ def test_quantized_files_match_their_dequantized_weights(outtype, tmp_path):
     ref = hf_logits(model, ids)
     ours = Engine(path, ctx=64).logits(ids)
     np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("mode", ["fp16", "xquant"])
+def test_warmup_leaves_no_trace(tiny_gqa, mode):
+    """The start-up step (`--warmup`, llama.cpp's) is forgotten: the same greedy text, the same cache."""
+    _, path = tiny_gqa
+    runs = []
+    for warm in (False, True):
+        eng = Engine(path, ctx=96, cache=mode, bits=4, group=16)
+        if warm:
+            eng.warmup()
+        text = "".join(eng.generate("the cat", max_tokens=20, temperature=0))
+        runs.append((text, eng.stats.prompt_tokens, eng.stats.cache_tokens, eng.stats.cache_bytes))
+    assert runs[0] == runs[1]

@@ -277,6 +277,14 @@ class Engine:
                 return out[-1]
         return np.concatenate(chunks)
 
+    def warmup(self) -> None:
+        """One decode step on the session cache, then forgotten, as llama.cpp does at start-up: the
+        first step loads the compiled kernels and faults in the weights' pages, which would
+        otherwise count against the first prompt's tokens/s."""
+        self.forward([int(self.tokenizer.bos_id or 0)], self.cache)
+        self.cache.truncate(0)
+        self._cached_ids = []
+
     def logits(self, tokens, cache_mode: str | None = None, **options) -> np.ndarray:
         """Logits for every position of `tokens`, on a fresh cache: (n, vocab)."""
         return self.forward(tokens, self.new_cache(cache_mode, **options), all_logits=True)
@@ -324,6 +332,9 @@ class Engine:
         t0 = time.perf_counter()
         try:
             while max_tokens < 0 or len(out_ids) < max_tokens:
+                if not np.isfinite(logits).all():  # broken weights or an fp16 overflow: say so, not sample noise
+                    raise XQError(f"the model's logits at position {cache.n_tokens - 1} are not finite (NaN or inf): "
+                                  "its weights are broken or overflow")
                 tok = sampler(logits, self._cached_ids)
                 if tok in self.tokenizer.end_ids:
                     break

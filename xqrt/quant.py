@@ -20,7 +20,7 @@ from numba import njit, prange
 from .kernels.bits import f16_to_f32, f32_as_u32, f32_to_f16, u32_as_f32
 from .kernels.simd import unpack8
 
-_OPT = dict(cache=True, fastmath=False, nogil=True)  # rounding must not depend on reassociation
+_OPT = dict(cache=True, fastmath=False, nogil=True, error_model="numpy")  # rounding must not depend on reassociation
 BITS = (2, 3, 4, 8, 16, 32)
 QUANT_BITS = (2, 3, 4, 8)
 CHANNEL_BITS = (1, 2, 3, 4)  # the widths a per-channel stream gives its channels one by one

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                     help="on the GPU, replay the fp16-KV decode step as one CUDA graph instead of launching its "
                          "kernels one by one (torch's capture, a CUDA build of it) [where torch finds the GPU]")
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                    help="one decode step before the prompt, then forgotten, as llama.cpp: the kernels load and the "
+                         "weights page in outside the prompt's time [on]")
     add_cache_args(ap)
     ap.add_argument("--chat", action="store_true", help="interactive chat with the model's template")
     ap.add_argument("--system", default=None, help="system message for --chat")
@@ -148,6 +151,8 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     engine = engine_from_args(args, args.ctx)
+    if args.warmup:
+        engine.warmup()
     if not args.chat:
         prompt = open(args.file, encoding="utf-8").read() if args.file else args.prompt
         for _ in _generate(engine, args, prompt):

@@ -55,7 +55,11 @@ def _byte_level(tokens, merges, pre):
         print(f"xqrt: unknown pre-tokenizer {pre!r}, using GPT-2's", file=sys.stderr)
     split, digits, ignore_merges = _PRE_TOKENIZERS.get(pre, _PRE_TOKENIZERS["default"])
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
+    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else () for m in merges]
+    broken = next((i for i, pair in enumerate(pairs) if len(pair) != 2), None)
+    if broken is not None:
+        raise XQError(f"GGUF's tokenizer.ggml.merges[{broken}] is not two tokens and a space: {merges[broken]!r}")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs,
                                ignore_merges=ignore_merges))
     steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
     if split is None:
@@ -100,16 +104,20 @@ class Tokenizer:
         if kind is None or not tokens:
             raise XQError("GGUF has no tokenizer vocabulary (tokenizer.ggml.model / tokens)")
         types = list(metadata.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-        if kind == "gpt2":
-            self._tok = _byte_level(tokens, metadata.get("tokenizer.ggml.merges", []),
-                                    metadata.get("tokenizer.ggml.pre", "default"))
-            default_bos = False
-        elif kind == "llama":
-            scores = list(metadata.get("tokenizer.ggml.scores", [0.0] * len(tokens)))
-            self._tok = _sentencepiece(tokens, scores, bool(metadata.get("tokenizer.ggml.add_space_prefix", True)))
-            default_bos = True
-        else:
+        if kind not in ("gpt2", "llama"):
             raise XQError(f"unsupported tokenizer model {kind!r} (supported: gpt2, llama)")
+        try:
+            if kind == "gpt2":
+                self._tok = _byte_level(tokens, metadata.get("tokenizer.ggml.merges", []),
+                                        metadata.get("tokenizer.ggml.pre", "default"))
+            else:
+                scores = list(metadata.get("tokenizer.ggml.scores", [0.0] * len(tokens)))
+                self._tok = _sentencepiece(tokens, scores, bool(metadata.get("tokenizer.ggml.add_space_prefix", True)))
+        except XQError:
+            raise
+        except Exception as e:  # noqa: BLE001 — `tokenizers` raises bare Exceptions on a bad vocabulary
+            raise XQError(f"GGUF's tokenizer is malformed: {str(e).splitlines()[0]}") from None
+        default_bos = kind == "llama"
         special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL]
         user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
         self._tok.add_special_tokens(special)
