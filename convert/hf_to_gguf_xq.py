@@ -107,9 +107,8 @@ def read_config(hf_dir: Path) -> HFModel:
             name=str(hp.get("_name_or_path") or hp.get("_model_name_or_path") or hf_dir.name))
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise XQError(f"{path}: missing or bad hyperparameter ({type(e).__name__}: {e})") from None
-    dims = (cfg.n_layer, cfg.d_model, cfg.n_ff, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.vocab_size)
-    if min(dims) <= 0 or cfg.n_head % cfg.n_kv_head or cfg.head_dim % 2:
-        raise XQError(f"{path}: inconsistent hyperparameters {cfg}")
+    if cfg.problem():
+        raise XQError(f"{path}: the hyperparameters do not fit together: {cfg.problem()}")
     kind = rope.get("rope_type", rope.get("type", "default"))
     factors = None
     if kind == "linear":

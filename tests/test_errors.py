@@ -82,6 +82,17 @@ def test_unsupported_tensor_type(capsys, tmp_path):
     expect_error(capsys, str(tmp_path / "i8.gguf"), match="unsupported type")
 
 
+def test_hyperparameters_that_do_not_fit(capsys, tmp_path):
+    import gguf
+    w = gguf.GGUFWriter(str(tmp_path / "h.gguf"), "llama")
+    for k, v in [("block_count", 1), ("embedding_length", 96), ("feed_forward_length", 32),
+                 ("attention.head_count", 3), ("attention.head_count_kv", 2), ("context_length", 64)]:
+        w.add_uint32(f"llama.{k}", v)
+    w.add_token_list(["a", "b"])
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    expect_error(capsys, str(tmp_path / "h.gguf"), match="n_head 3 is not a multiple of n_kv_head 2")
+
+
 def patched(src, dst, old: bytes, new: bytes, after: int = 0) -> str:
     """src with the first `old` at or after byte `after` replaced by `new` (of the same length)."""
     data = bytearray(open(src, "rb").read())

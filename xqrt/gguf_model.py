@@ -48,6 +48,19 @@ class ModelConfig:
     def q_dim(self) -> int:
         return self.n_head * self.head_dim
 
+    def problem(self) -> str | None:
+        """What makes these hyperparameters unusable, in words, or None."""
+        sizes = dict(n_layer=self.n_layer, d_model=self.d_model, n_ff=self.n_ff, n_head=self.n_head,
+                     n_kv_head=self.n_kv_head, head_dim=self.head_dim, vocab_size=self.vocab_size)
+        for name, v in sizes.items():
+            if not 0 < v <= 1 << 20:
+                return f"{name} {v} is not in [1, 2^20]"
+        if self.n_head % self.n_kv_head:
+            return f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}"
+        if self.rope_dim > self.head_dim or self.rope_dim % 2:
+            return f"rope_dim {self.rope_dim} is not even and at most head_dim {self.head_dim}"
+        return None
+
 
 @dataclass
 class QMatrix:
@@ -182,10 +195,8 @@ def parse_config(md: dict) -> ModelConfig:
         ctx_train=int(_get(md, p + "context_length", 4096)),
         name=str(md.get("general.name", "")),
     )
-    dims = (cfg.n_layer, cfg.d_model, cfg.n_ff, cfg.n_head, cfg.n_kv_head, cfg.head_dim)
-    if min(dims) <= 0 or max(dims) > 1 << 20 or cfg.n_head % cfg.n_kv_head or cfg.rope_dim > cfg.head_dim \
-            or cfg.rope_dim % 2:
-        raise XQError(f"inconsistent model hyperparameters in GGUF: {cfg}")
+    if cfg.problem():
+        raise XQError(f"GGUF's hyperparameters do not fit together: {cfg.problem()}")
     return cfg
 
 
