@@ -194,6 +194,18 @@ def test_bad_perplexity_windows(capsys, tmp_path, flags, match):
     assert err[-1].startswith("xqrt: error:") and match in err[-1], err
 
 
+@pytest.mark.parametrize("flags,match", [(["--ratio", "nan"], "--ratio nan must be above 1"),
+                                         (["--ratio", "5", "--windows", "0"], "at least one window, not 0"),
+                                         (["--ratio", "5", "--ctx", "1"], "--ctx 1: a window needs 2 tokens")])
+def test_bad_calibration_flags(capsys, tmp_path, flags, match):
+    from xqrt.calibrate import main as calibrate_main
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat")
+    assert calibrate_main([str(tmp_path / "missing.gguf"), "-f", str(text), *flags]) == 1  # before the model is read
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("xqrt: error:") and match in err[-1], err
+
+
 def test_perplexity_cli(capsys, tiny_gqa, tmp_path):
     from xqrt.perplexity import main as ppl_main
     text = tmp_path / "t.txt"

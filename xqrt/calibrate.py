@@ -19,7 +19,7 @@ import numpy as np
 
 from .cache import CacheOptions, XQuant
 from .errors import XQError
-from .perplexity import log_softmax, windows
+from .perplexity import check_windows, log_softmax, windows
 
 NARROWER = {8: 4, 4: 3, 3: 2}  # the width a layer is demoted to
 
@@ -112,14 +112,20 @@ def allocate_bits(engine, wins, mode: str, budget: float, high: int = 3, low: in
     return tuple(bits), sensitivity
 
 
+def check_args(ratio: float, n_windows: int, ctx: int) -> None:
+    """The flags' ranges, before a model is loaded."""
+    if not ratio > 1:
+        raise XQError(f"--ratio {ratio} must be above 1 (times smaller than fp16 KV)")
+    if n_windows < 1:
+        raise XQError(f"calibration needs at least one window, not {n_windows}")
+    check_windows(ctx, None)
+
+
 def calibrate(engine, text: str, ratio: float, n_windows: int = 2, ctx: int = 1024, from_end: bool = False,
               high: int | None = None, low: int | None = None, progress=True) -> tuple[int, ...]:
     """Bits per layer that make the engine's latent cache `ratio`× smaller than fp16 KV, measured
     on windows of `text` (high: the recipe's bits; low: the next narrower width)."""
-    if ratio <= 1:
-        raise XQError(f"--ratio {ratio} must be above 1 (times smaller than fp16 KV)")
-    if n_windows < 1:
-        raise XQError(f"calibration needs at least one window, not {n_windows}")
+    check_args(ratio, n_windows, ctx)
     mode = engine.cache_mode if engine.cache_mode != "fp16" else "xquant"
     high = engine.cache_options.bits if high is None else high
     low = NARROWER.get(high) if low is None else low
@@ -158,9 +164,10 @@ def main(argv=None) -> int:
 
     def run() -> int:
         from .run import engine_from_args
-        engine = engine_from_args(args, args.ctx)
+        check_args(args.ratio, args.windows, args.ctx)
         with open(args.file, encoding="utf-8") as f:
             text = f.read()
+        engine = engine_from_args(args, args.ctx)
         bits = calibrate(engine, text, args.ratio, args.windows, args.ctx, args.from_end, args.high, args.low)
         print(f"--layer-bits {','.join(map(str, bits))}")
         return 0

@@ -159,8 +159,10 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     from .run import engine_from_args
     check_windows(args.ctx, args.chunks)
+    with open(args.file, encoding="utf-8") as f:
+        text = f.read()
     engine = engine_from_args(args, args.ctx)
-    tokens = engine.tokenizer.encode(open(args.file, encoding="utf-8").read())
+    tokens = engine.tokenizer.encode(text)
     wins = windows(tokens, args.ctx, args.chunks)
     print(f"xqrt perplexity: {len(tokens)} tokens in {args.file}; {len(wins)} windows of {args.ctx} "
           f"(non-overlapping, from the start), {len(wins) * (args.ctx - 1)} scored tokens; "
