@@ -75,6 +75,17 @@ def test_8_bit_activations_pick_the_reference_token_unless_nearly_tied(prompt, e
     assert agree[margin >= 0.5].all() and agree.mean() >= 0.9, (np.flatnonzero(~agree), margin[~agree])
 
 
+def test_a_chat_reply_starts_with_the_reference_token(engine, hf_model):
+    """The prompt's own last logits come from the output head alone after the float prefill: its
+    16-bit codes keep a near-tie (0.08 apart here) as the reference has it, where int8 codes
+    answered "L'Étoile…" instead of "The capital of France is Paris." """
+    ids = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}]))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0, -1].numpy()
+    assert int(engine.forward(ids, engine.new_cache()).argmax()) == int(ref.argmax())
+
+
 def test_perplexity_first_1024_tokens_within_half_percent(engine, hf_model):
     text = open(WIKITEXT, encoding="utf-8").read()
     ids = engine.tokenizer.encode(text[:20000])[:1024]

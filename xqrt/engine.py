@@ -84,7 +84,7 @@ class Engine:
         act_bits: the decode step multiplies quantized weights by activations rounded to integer
         codes per block of 32: 8 as llama.cpp does (fastest; products within ~1e-3 of float), or
         16 (about 1.3× slower matrix products, within ~1e-5: greedy text follows a float reference
-        through near-ties)."""
+        through near-ties). The output head takes 16-bit codes either way."""
         if act_bits not in (8, 16):
             raise XQError(f"act_bits must be 8 or 16, not {act_bits}")
         self.model = model if isinstance(model, Model) else load_model(str(model))
@@ -134,6 +134,9 @@ class Engine:
         self._act = cpu.new_act(d, act_bits)  # activation codes for the block products, one per input width
         self._act_attn = cpu.new_act(c.q_dim, act_bits)
         self._act_ff = cpu.new_act(c.n_ff, act_bits)
+        # The output head takes 16-bit codes whatever act_bits says: int8 there moved the logits by
+        # up to 0.25 on SmolLM2 and flipped near-ties in the first token of a reply, for 1% of a step.
+        self._act_head = cpu.new_act(d, 16)
         self._proj = np.zeros(d, np.float32)
         self._gate = np.zeros(c.n_ff, np.float32)
         self._up = np.zeros(c.n_ff, np.float32)
@@ -195,7 +198,7 @@ class Engine:
                             m.out_norm, m.output.data, m.output.qtype, m.rope_freqs, c.n_head, c.n_kv_head,
                             c.head_dim, c.norm_eps, cache.k, cache.v, cache.scores,
                             (x, xn, q, k, v, self._k_rot, self._proj, self._gate, self._up, self._hidden, self._attn),
-                            (self._act, self._act_attn, self._act_ff), self._logits)
+                            (self._act, self._act_attn, self._act_ff, self._act_head), self._logits)
             cache.advance(1)
             return self._logits
         cpu.dequantize_row(m.tok_embd.data, m.tok_embd.qtype, token, x)
@@ -208,7 +211,7 @@ class Engine:
                              self._act, self._act_attn, self._act_ff, self._proj, self._gate, self._up,
                              self._hidden)
         cache.advance(1)
-        cpu.lm_head(x, m.out_norm, c.norm_eps, m.output.data, m.output.qtype, xn, self._act, self._logits)
+        cpu.lm_head(x, m.out_norm, c.norm_eps, m.output.data, m.output.qtype, xn, self._act_head, self._logits)
         return self._logits
 
     def _prefill(self, tokens: np.ndarray, pos0: int, cache: Cache, all_logits: bool) -> np.ndarray:
@@ -237,7 +240,7 @@ class Engine:
             x += self._matmul(gate, L.w_down)
         cache.advance(n)
         if not all_logits:
-            cpu.lm_head(x[-1], m.out_norm, c.norm_eps, m.output.data, m.output.qtype, self._xn, self._act,
+            cpu.lm_head(x[-1], m.out_norm, c.norm_eps, m.output.data, m.output.qtype, self._xn, self._act_head,
                         self._logits)
             return self._logits[None].copy()
         cpu.rmsnorm_rows(x, m.out_norm, c.norm_eps, xn)

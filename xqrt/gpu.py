@@ -642,7 +642,7 @@ class GpuStep:
             self.product(L["w_down"], self.gate, self.proj, up=self.up)  # silu(gate)·up on the way
             residual = self.proj_row
         kc.rmsnorm[1, T, st](self.x_row, residual, self.out_norm, self.eps, self.xn)
-        self.product(self.output, xn, self.logits_dev)
+        self.head(xn)
 
     def prefill(self, tokens, pos0: int, cache: DeviceCache, all_logits: bool) -> np.ndarray:
         """Logits of a prompt's tokens at positions pos0…, stored into the cache: the last one's
@@ -676,12 +676,17 @@ class GpuStep:
             residual = proj
         if not all_logits:  # the last position only, through the decode step's own lm head
             kc.rmsnorm[1, T](x[n - 1:], residual[n - 1:], self.out_norm, self.eps, self.xn)
-            self.product(self.output, self.xn_vec, self.logits_dev)
+            self.head(self.xn_vec)
             return self.logits_dev.copy_to_host()[None]
         kc.rmsnorm[n, T](x, residual, self.out_norm, self.eps, xn)
         logits = rows(c.vocab_size)
         kc.product_rows(self.output, xn, logits)
         return logits.copy_to_host()
+
+    def head(self, xn):
+        """The logits: the output matrix meets float x whatever act_bits says, as the CPU's head
+        takes 16-bit codes — int8 there flipped near-ties at a cost of 1% of the step."""
+        self.kc.product(self.output, xn, self.xp, self.logits_dev, self.stream)
 
     def product(self, w, x, out, again=False, up=None):
         """out = w·x (or w·(silu(x)·up)); again: the product before read this same x alike, so its

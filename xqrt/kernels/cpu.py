@@ -344,7 +344,7 @@ def decode_fp16(token, pos, tok_embd, tok_type, mats, qtypes, norms, out_norm, w
     """A whole decode step over an fp16 KV cache in one compiled call (no Python between layers).
     mats: per layer Wq, Wk, Wv, Wo, W_gate, W_up, W_down (7·i + j), their types in qtypes[i, j]."""
     x, xn, q, k, v, k_rot, proj, gate, up, hidden, attn = bufs
-    act, act_attn, act_ff = acts
+    act, act_attn, act_ff, act_head = acts
     dequantize_row(tok_embd, tok_type, token, x)
     for i in range(qtypes.shape[0]):
         t, j = qtypes[i], 7 * i
@@ -354,7 +354,7 @@ def decode_fp16(token, pos, tok_embd, tok_type, mats, qtypes, norms, out_norm, w
                         attn)
         attn_out_ffn(x, attn, mats[j + 3], t[3], norms[i, 1], eps, mats[j + 4], t[4], mats[j + 5], t[5],
                      mats[j + 6], t[6], xn, act, act_attn, act_ff, proj, gate, up, hidden)
-    lm_head(x, out_norm, eps, w_out, t_out, xn, act, logits)
+    lm_head(x, out_norm, eps, w_out, t_out, xn, act_head, logits)
 
 
 @njit(**_OPT)
