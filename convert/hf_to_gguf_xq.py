@@ -107,8 +107,8 @@ def read_config(hf_dir: Path) -> HFModel:
             name=str(hp.get("_name_or_path") or hp.get("_model_name_or_path") or hf_dir.name))
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise XQError(f"{path}: missing or bad hyperparameter ({type(e).__name__}: {e})") from None
-    if cfg.problem():
-        raise XQError(f"{path}: the hyperparameters do not fit together: {cfg.problem()}")
+    if problem := cfg.problem():
+        raise XQError(f"{path}: the hyperparameters do not fit together: {problem}")
     kind = rope.get("rope_type", rope.get("type", "default"))
     factors = None
     if kind == "linear":

@@ -195,8 +195,8 @@ def parse_config(md: dict) -> ModelConfig:
         ctx_train=int(_get(md, p + "context_length", 4096)),
         name=str(md.get("general.name", "")),
     )
-    if cfg.problem():
-        raise XQError(f"GGUF's hyperparameters do not fit together: {cfg.problem()}")
+    if problem := cfg.problem():
+        raise XQError(f"GGUF's hyperparameters do not fit together: {problem}")
     return cfg
 
 

@@ -16,7 +16,8 @@ from ..quant import dequantize_row as dequantize_latent, quantize_row as quantiz
 from . import simd
 from .bits import f16_to_f32, f32_to_f16, u32_as_f32
 
-_OPT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")  # a division by zero gives inf/NaN, as in C, not an exception
+# error_model numpy: a division by zero gives inf/NaN, as in C, not a ZeroDivisionError (and no branch)
+_OPT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")
 _BAND = 32  # rows per parallel work item
 _KEY_ROWS = 64  # positions per work item of the key rebuild (a group of G splits into several)
 _VALUE_ROWS = 64  # positions per block of the latent value sums
