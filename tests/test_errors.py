@@ -183,25 +183,19 @@ def test_context_sizes(capsys, tiny_gqa, monkeypatch):
     expect_error(capsys, tiny_gqa[1], "-n", "2", match="out of memory (Unable to allocate 1 TiB)")
 
 
-@pytest.mark.parametrize("flags,match", [(["--ctx", "1"], "--ctx 1: a window needs 2 tokens or more"),
-                                         (["--chunks", "0"], "--chunks 0 must be 1 or more")])
-def test_bad_perplexity_windows(capsys, tmp_path, flags, match):
-    from xqrt.perplexity import main as ppl_main
+@pytest.mark.parametrize("command,flags,match", [
+    ("perplexity", ["--ctx", "1"], "--ctx 1: a window needs 2 tokens or more"),
+    ("perplexity", ["--chunks", "0"], "--chunks 0 must be 1 or more"),
+    ("calibrate", ["--ratio", "nan"], "--ratio nan must be above 1"),
+    ("calibrate", ["--ratio", "5", "--windows", "0"], "at least one window, not 0"),
+    ("calibrate", ["--ratio", "5", "--ctx", "1"], "--ctx 1: a window needs 2 tokens")])
+def test_bad_window_flags(capsys, tmp_path, command, flags, match):
+    """xqrt.perplexity's and xqrt.calibrate's ranges are checked before the model is read."""
+    import importlib
     text = tmp_path / "t.txt"
     text.write_text("the cat sat")
-    assert ppl_main([str(tmp_path / "missing.gguf"), "-f", str(text), *flags]) == 1  # before the model is read
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("xqrt: error:") and match in err[-1], err
-
-
-@pytest.mark.parametrize("flags,match", [(["--ratio", "nan"], "--ratio nan must be above 1"),
-                                         (["--ratio", "5", "--windows", "0"], "at least one window, not 0"),
-                                         (["--ratio", "5", "--ctx", "1"], "--ctx 1: a window needs 2 tokens")])
-def test_bad_calibration_flags(capsys, tmp_path, flags, match):
-    from xqrt.calibrate import main as calibrate_main
-    text = tmp_path / "t.txt"
-    text.write_text("the cat sat")
-    assert calibrate_main([str(tmp_path / "missing.gguf"), "-f", str(text), *flags]) == 1  # before the model is read
+    main_of = importlib.import_module(f"xqrt.{command}").main
+    assert main_of([str(tmp_path / "missing.gguf"), "-f", str(text), *flags]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("xqrt: error:") and match in err[-1], err
 
