@@ -93,11 +93,10 @@ def test_hyperparameters_that_do_not_fit(capsys, tmp_path):
     expect_error(capsys, str(tmp_path / "h.gguf"), match="n_head 3 is not a multiple of n_kv_head 2")
 
 
-def patched(src, dst, old: bytes, new: bytes, after: int = 0) -> str:
-    """src with the first `old` at or after byte `after` replaced by `new` (of the same length)."""
+def patched(src, dst, at: int, new: bytes) -> str:
+    """src with the bytes at offset `at` overwritten by `new`, written to dst."""
     data = bytearray(open(src, "rb").read())
-    at = data.index(old, after)
-    data[at:at + len(old)] = new
+    data[at:at + len(new)] = new
     dst.write_bytes(bytes(data))
     return str(dst)
 
@@ -107,7 +106,8 @@ def test_malformed_merges(capsys, tmp_path, tiny_gqa):
     traceback)."""
     from gguf import GGUFReader
     merges_at = GGUFReader(tiny_gqa[1]).fields["tokenizer.ggml.merges"].offset
-    p = patched(tiny_gqa[1], tmp_path / "m.gguf", b"h e", b"h_e", merges_at)
+    at = open(tiny_gqa[1], "rb").read().index(b"h e", merges_at)
+    p = patched(tiny_gqa[1], tmp_path / "m.gguf", at, b"h_e")
     expect_error(capsys, p, match="tokenizer.ggml.merges[1] is not two tokens and a space: 'h_e'")
 
 
@@ -116,11 +116,8 @@ def test_non_finite_logits(capsys, tmp_path, tiny_gqa):
     ZeroDivisionError from a kernel."""
     from gguf import GGUFReader
     norm = next(t for t in GGUFReader(tiny_gqa[1]).tensors if t.name == "output_norm.weight")
-    data = bytearray(open(tiny_gqa[1], "rb").read())
-    data[norm.data_offset:norm.data_offset + 4] = np.float32(np.nan).tobytes()
-    p = tmp_path / "nan.gguf"
-    p.write_bytes(bytes(data))
-    expect_error(capsys, str(p), "-p", "the", "-n", "3", match="are not finite (NaN or inf)")
+    p = patched(tiny_gqa[1], tmp_path / "nan.gguf", norm.data_offset, np.float32(np.nan).tobytes())
+    expect_error(capsys, p, "-p", "the", "-n", "3", match="are not finite (NaN or inf)")
 
 
 def test_prompt_longer_than_context(capsys, tiny_gqa):
