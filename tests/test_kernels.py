@@ -91,6 +91,26 @@ np.save(sys.argv[1], np.array(outs))
     np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
 
 
+
+def test_a_cached_kernel_calling_a_parallel_one_runs_first_in_a_fresh_process(tmp_path):
+    """numba#8578: compiled against a parallel callee loaded from the cache, a cached kernel
+    forgets to start the thread pool, and called first in a later process it segfaults. Importing
+    xqrt starts the pool."""
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "kernels.py").write_text(
+        "import numpy as np\nfrom numba import njit, prange\n"
+        "@njit(parallel=True, cache=True)\ndef inner(n):\n    out = np.zeros(n)\n"
+        "    for i in prange(n):\n        out[i] = i\n    return out\n"
+        "@njit(cache=True)\ndef outer(n):\n    return inner(n).sum()\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(tmp_path))
+    for call in ("kernels.inner(8)", "kernels.outer(8)", "print(kernels.outer(8))"):  # compile, link, load
+        r = subprocess.run([sys.executable, "-c", f"import xqrt, kernels; {call}"], env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, (call, r.returncode, r.stderr[-500:])
+    assert r.stdout.strip() == "28.0"
+
 def test_quantize_act_codes():
     x = rng.standard_normal(64).astype(np.float32) * np.repeat([1e-3, 50.0], 32).astype(np.float32)
     x[40:48] = 0.0
