@@ -91,7 +91,6 @@ np.save(sys.argv[1], np.array(outs))
     np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
 
 
-
 def test_a_cached_kernel_calling_a_parallel_one_runs_first_in_a_fresh_process(tmp_path):
     """numba#8578: compiled against a parallel callee loaded from the cache, a cached kernel
     forgets to start the thread pool, and called first in a later process it segfaults. Importing
@@ -110,6 +109,7 @@ def test_a_cached_kernel_calling_a_parallel_one_runs_first_in_a_fresh_process(tm
                            text=True, timeout=120)
         assert r.returncode == 0, (call, r.returncode, r.stderr[-500:])
     assert r.stdout.strip() == "28.0"
+
 
 def test_quantize_act_codes():
     x = rng.standard_normal(64).astype(np.float32) * np.repeat([1e-3, 50.0], 32).astype(np.float32)

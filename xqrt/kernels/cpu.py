@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from ..gguf_model import BF16, F16, Q4_0, Q4_1, Q8_0
 from ..quant import dequantize_row as dequantize_latent, quantize_row as quantize_latent
@@ -20,7 +19,7 @@ from .bits import f16_to_f32, f32_to_f16, u32_as_f32
 # Start Numba's thread pool now. A cached kernel compiled against a parallel kernel that was itself
 # loaded from the cache does not record that it needs the pool (numba#8578), and called first in a
 # later process it segfaults; with the pool running every kernel finds it.
-numba.get_num_threads()
+get_num_threads()
 
 # error_model numpy: a division by zero gives inf/NaN, as in C, not a ZeroDivisionError (and no branch)
 _OPT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")
