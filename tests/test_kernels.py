@@ -91,6 +91,26 @@ np.save(sys.argv[1], np.array(outs))
     np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
 
 
+def test_kernels_are_cached_in_the_keyed_folder_when_numba_is_imported_first(tmp_path):
+    """An embedder's script may import numba before xqrt; the kernels still go to
+    ~/.cache/xqrt/numba/<sources digest>/, not to unkeyed __pycache__ folders that outlive a change
+    to the helpers they inline."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    script = ("import numba, numpy as np, xqrt\nfrom xqrt import quant\n"
+              "codes, scale = np.zeros(8, np.uint8), np.zeros(1, np.uint16)\n"
+              "quant.quantize_row(np.ones(16, np.float32), 4, 16, codes, scale, scale.copy())\n"
+              "print(numba.config.CACHE_DIR)")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+    folder = r.stdout.strip()
+    assert folder.startswith(str(tmp_path / "xqrt" / "numba")), folder
+    assert any(name.startswith("quant.quantize_row") for _, _, names in os.walk(folder) for name in names)
+
+
 def test_a_cached_kernel_calling_a_parallel_one_runs_first_in_a_fresh_process(tmp_path):
     """numba#8578: compiled against a parallel callee loaded from the cache, a cached kernel
     forgets to start the thread pool, and called first in a later process it segfaults. Importing

@@ -1,5 +1,6 @@
 """xqrt: a llama.cpp-style inference runtime whose cache stores quantized activations (XQuant)."""
 import os
+import sys
 
 # numpy's OpenBLAS threads spin for ~0.1 s after each call, and libgomp's (numba's parallel kernels)
 # after each parallel region. The prefill alternates the two, so with few cores they steal each other's:
@@ -27,6 +28,11 @@ def _kernel_cache_dir() -> str:
 
 if "NUMBA_CACHE_DIR" not in os.environ:
     os.environ["NUMBA_CACHE_DIR"] = _kernel_cache_dir()
+    if "numba" in sys.modules:
+        # Numba reads its environment when it is imported and picks each cached kernel's folder when
+        # the kernel is defined: imported before xqrt, it would keep the unkeyed __pycache__ folders.
+        from numba.core.config import reload_config
+        reload_config()
 
 from .engine import Engine
 from .errors import XQError
