@@ -111,6 +111,32 @@ def test_kernels_are_cached_in_the_keyed_folder_when_numba_is_imported_first(tmp
     assert any(name.startswith("quant.quantize_row") for _, _, names in os.walk(folder) for name in names)
 
 
+def test_processes_compiling_one_kernels_overloads_at_once_keep_each_its_own(tmp_path):
+    """Two processes save an int64 and a float64 overload of one cached kernel at once, timed so
+    that with Numba's own saving both number theirs 1 and the index left names the other's code (a
+    third process's int64 call then answered 3.0). Saved through jit_cache.LockedCacheFile, both
+    overloads load and answer in their own types."""
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "kernels.py").write_text("from numba import njit\n@njit(cache=True)\ndef f(x):\n    return x * 2 + 1\n")
+    save = ("import os, sys, time\nfrom numba.core.caching import IndexDataCacheFile as F\n"
+            "index_delay, data_delay = map(float, sys.argv[2:])\n"
+            "save_index, save_data = F._save_index, F._save_data\n"
+            "F._save_index = lambda self, o: (time.sleep(index_delay), save_index(self, o))\n"
+            "F._save_data = lambda self, n, d: (time.sleep(data_delay), save_data(self, n, d))\n"
+            "import kernels\nfrom xqrt import jit_cache\njit_cache.lock_saves(kernels)\n"
+            "kernels.f(eval(sys.argv[1]))\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(tmp_path))
+    # the int64 process writes its index last, the float64 one its data last
+    procs = [subprocess.Popen([sys.executable, "-c", save, arg, *delays], env=env)
+             for arg, delays in (("1", ("0.5", "0")), ("1.5", ("0.2", "1.0")))]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    load = "import kernels\nprint(repr(kernels.f(1)), repr(kernels.f(1.5)), sum(kernels.f.stats.cache_hits.values()))"
+    r = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["3", "4.0", "2"], r.stdout + r.stderr[-500:]
+
+
 def test_a_cached_kernel_calling_a_parallel_one_runs_first_in_a_fresh_process(tmp_path):
     """numba#8578: compiled against a parallel callee loaded from the cache, a cached kernel
     forgets to start the thread pool, and called first in a later process it segfaults. Importing
