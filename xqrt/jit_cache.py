@@ -28,10 +28,13 @@ if "NUMBA_CACHE_DIR" not in os.environ:
         from numba.core.config import reload_config
         reload_config()
 
-import fcntl  # noqa: E402
-
 from numba.core.caching import IndexDataCacheFile  # noqa: E402
 from numba.core.dispatcher import Dispatcher  # noqa: E402
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: saves stay Numba's own
+    fcntl = None
 
 
 class LockedCacheFile(IndexDataCacheFile):
@@ -58,6 +61,8 @@ class LockedCacheFile(IndexDataCacheFile):
 
 def lock_saves(*modules) -> None:
     """Every cached Numba kernel defined in `modules` saves through LockedCacheFile."""
+    if fcntl is None:
+        return
     for module in modules:
         for kernel in vars(module).values():
             cache_file = getattr(getattr(kernel, "_cache", None), "_cache_file", None)
