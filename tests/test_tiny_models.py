@@ -73,3 +73,15 @@ def test_warmup_leaves_no_trace(tiny_gqa, mode):
         text = "".join(eng.generate("the cat", max_tokens=20, temperature=0))
         runs.append((text, eng.stats.prompt_tokens, eng.stats.cache_tokens, eng.stats.cache_bytes))
     assert runs[0] == runs[1]
+
+
+def test_bench_latent_step_runs(tiny_gqa):
+    """bench/latent_step.py wraps the engine's kernels by name: it still finds them all."""
+    import os
+    import subprocess
+    import sys
+    bench = os.path.join(os.path.dirname(__file__), "..", "bench", "latent_step.py")
+    r = subprocess.run([sys.executable, bench, tiny_gqa[1], "--ctx", "16", "--steps", "2", "--modes", "fp16", "xquant:3"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert "decode_fp16" in r.stdout and "latent_step" in r.stdout and "after a 64 MB sweep by one" in r.stdout, r.stdout
