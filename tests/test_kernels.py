@@ -272,3 +272,16 @@ def test_block_hadamard_is_orthonormal_and_spreads_an_outlier():
     spike[3] = 8.0
     np.testing.assert_allclose(np.abs(spike @ h)[:8], np.full(8, 8.0 / np.sqrt(8)), rtol=1e-6)
     assert np.all((spike @ h)[8:] == 0)
+
+
+def test_aligned_copies_onto_a_cache_line_only_when_needed():
+    a = rng.standard_normal((7, 24)).astype(np.float32)
+    off = np.empty(a.size + 32, np.float32)
+    start = (-off.ctypes.data % 64) // 4 + 4  # 16 bytes past a line
+    unaligned = off[start:start + a.size].reshape(a.shape)
+    unaligned[...] = a
+    got = cpu.aligned(unaligned)
+    assert got.ctypes.data % 64 == 0 and got.flags.c_contiguous and got.dtype == np.float32
+    np.testing.assert_array_equal(got, a)
+    assert cpu.aligned(got) is got
+    np.testing.assert_array_equal(cpu.aligned(a.T.astype(np.float64)), a.T)

@@ -453,7 +453,7 @@ class LatentCache(Cache):
         if o.rotate and uv is not None and not shared:
             h = block_hadamard(uv.shape[1], self.value_group & -self.value_group)
             uv, mv = uv @ h, h.T @ mv
-        L = _Layer(uk, uv, mk, mv, shared)
+        L = _Layer(*(None if m is None else cpu.aligned(m) for m in (uk, uv, mk, mv)), shared)
         if with_streams:
             wk, wv = self.latent_widths(L)
             channel_bits = None
@@ -741,10 +741,10 @@ class XQuantCL(LatentCache):
                 L.delta = Stream(self.n_ctx, width, bits, self.group, per_channel=False, clip=self.options.clip,
                                  sinks=self.options.sinks)
                 L.seed = i == n_base - 1
-                L.wk, L.wv = F.wk, F.wv
+                L.wk, L.wv = cpu.aligned(F.wk), cpu.aligned(F.wv)
             layers.append(L)
         self.acc = Stream(self.n_ctx, c.d_model, 32 if self.bits == 32 else 16, self.group, per_channel=False)
-        self.ukv_t = [_EMPTY if L.ukv is None else np.ascontiguousarray(L.ukv.T) for L in layers]
+        self.ukv_t = [_EMPTY if L.ukv is None else cpu.aligned(L.ukv.T) for L in layers]
         return layers
 
     def _quantize(self, L, layer, pos0, end, lo, ek, ev, zk, zv):

@@ -45,7 +45,7 @@ class LayerFactors:
 def _dense_t(m) -> np.ndarray:
     w = np.empty((m.n_rows, m.n_cols), np.float32)
     cpu.dequantize(m.data, m.qtype, w)
-    return np.ascontiguousarray(w.T)
+    return _c32(w.T)
 
 
 def thin_svd(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,8 +75,9 @@ def block_hadamard(width: int, group: int) -> np.ndarray:
 
 
 def _c32(a: np.ndarray) -> np.ndarray:
-    """float32, row-major: the kernels' inner loops run along rows and vectorize only there."""
-    return np.ascontiguousarray(a, dtype=np.float32)
+    """float32, row-major (the kernels' inner loops run along rows and vectorize only there), on a
+    cache line (cpu.aligned)."""
+    return cpu.aligned(np.ascontiguousarray(a, dtype=np.float32))
 
 
 def needs_factors(config) -> bool:

@@ -458,112 +458,139 @@ def _latent_rows(codes, scale, zero, bits, group, channel_off, sink, t0, t1, col
         lat[t - t0] = sink[t]
 
 
+_W = simd.WIDE  # floats per vector register of the rebuild's tiles
+_ALIGN = 64  # bytes: a cache line, and a 16-float register
+
+
+def aligned(a: np.ndarray) -> np.ndarray:
+    """a as C-contiguous float32 starting on a cache line (a itself where it already is). The
+    rebuild's tiles load their matrix a register at a time, and a 16-float load that straddles two
+    lines costs two: rebuild of 64 rows by 192 × 192 took 35 µs off the line against 28 on it."""
+    if a.dtype == np.float32 and a.flags.c_contiguous and a.ctypes.data % _ALIGN == 0:
+        return a
+    buf = np.empty(a.size + _ALIGN // 4, np.float32)
+    o = (-buf.ctypes.data % _ALIGN) // 4
+    out = buf[o:o + a.size].reshape(a.shape)
+    out[...] = a
+    return out
+
+
 @njit(inline="always", **_OPT)
-def _tile_6x16(lat, t, m, c0, out):
-    """out[t:t+6, c0:c0+16] = lat[t:t+6] · m[:, c0:c0+16] in twelve vector accumulators: each
+def _aligned_empty(rows, cols):
+    """np.empty((rows, cols), float32) starting on a cache line (Numba's own start on 32 bytes)."""
+    buf = np.empty(rows * cols + _ALIGN // 4, np.float32)
+    o = (-buf.ctypes.data % _ALIGN) // 4
+    return buf[o:o + rows * cols].reshape((rows, cols))
+
+
+@njit(inline="always", **_OPT)
+def _tile_6x2(lat, t, m, c0, out):
+    """out[t:t+6, c0:c0+2W] = lat[t:t+6] · m[:, c0:c0+2W] in twelve vector accumulators: each
     loaded row piece of m feeds six FMAs, and twelve independent chains keep both FMA pipes busy
-    through the FMA latency (the classic AVX2 micro-kernel shape; 4 × 16 and 4 × 24 measured
-    15–20% slower)."""
+    through the FMA latency (the classic AVX2 micro-kernel shape, 6 × 16; 4 × 16 and 4 × 24
+    measured 15–20% slower)."""
     cols, oc = m.shape[1], out.shape[1]
-    a0 = b0 = a1 = b1 = a2 = b2 = a3 = b3 = a4 = b4 = a5 = b5 = simd.lanes_zero()
+    a0 = b0 = a1 = b1 = a2 = b2 = a3 = b3 = a4 = b4 = a5 = b5 = simd.wide_zero()
     for r in range(m.shape[0]):
         o = r * cols + c0
         x0, x1, x2 = lat[t, r], lat[t + 1, r], lat[t + 2, r]
         x3, x4, x5 = lat[t + 3, r], lat[t + 4, r], lat[t + 5, r]
-        a0, b0 = simd.fma_lanes(a0, x0, m, o), simd.fma_lanes(b0, x0, m, o + 8)
-        a1, b1 = simd.fma_lanes(a1, x1, m, o), simd.fma_lanes(b1, x1, m, o + 8)
-        a2, b2 = simd.fma_lanes(a2, x2, m, o), simd.fma_lanes(b2, x2, m, o + 8)
-        a3, b3 = simd.fma_lanes(a3, x3, m, o), simd.fma_lanes(b3, x3, m, o + 8)
-        a4, b4 = simd.fma_lanes(a4, x4, m, o), simd.fma_lanes(b4, x4, m, o + 8)
-        a5, b5 = simd.fma_lanes(a5, x5, m, o), simd.fma_lanes(b5, x5, m, o + 8)
+        a0, b0 = simd.fma_wide(a0, x0, m, o), simd.fma_wide(b0, x0, m, o + _W)
+        a1, b1 = simd.fma_wide(a1, x1, m, o), simd.fma_wide(b1, x1, m, o + _W)
+        a2, b2 = simd.fma_wide(a2, x2, m, o), simd.fma_wide(b2, x2, m, o + _W)
+        a3, b3 = simd.fma_wide(a3, x3, m, o), simd.fma_wide(b3, x3, m, o + _W)
+        a4, b4 = simd.fma_wide(a4, x4, m, o), simd.fma_wide(b4, x4, m, o + _W)
+        a5, b5 = simd.fma_wide(a5, x5, m, o), simd.fma_wide(b5, x5, m, o + _W)
     o = t * oc + c0
     for a, b in ((a0, b0), (a1, b1), (a2, b2), (a3, b3), (a4, b4), (a5, b5)):
-        simd.lanes_store(a, out, o)
-        simd.lanes_store(b, out, o + 8)
+        simd.wide_store(a, out, o)
+        simd.wide_store(b, out, o + _W)
         o += oc
 
 
 @njit(inline="always", **_OPT)
-def _tile_4x16(lat, t, m, c0, out):
+def _tile_4x2(lat, t, m, c0, out):
     cols, oc = m.shape[1], out.shape[1]
-    a0 = b0 = a1 = b1 = a2 = b2 = a3 = b3 = simd.lanes_zero()
+    a0 = b0 = a1 = b1 = a2 = b2 = a3 = b3 = simd.wide_zero()
     for r in range(m.shape[0]):
         o = r * cols + c0
         x0, x1, x2, x3 = lat[t, r], lat[t + 1, r], lat[t + 2, r], lat[t + 3, r]
-        a0, b0 = simd.fma_lanes(a0, x0, m, o), simd.fma_lanes(b0, x0, m, o + 8)
-        a1, b1 = simd.fma_lanes(a1, x1, m, o), simd.fma_lanes(b1, x1, m, o + 8)
-        a2, b2 = simd.fma_lanes(a2, x2, m, o), simd.fma_lanes(b2, x2, m, o + 8)
-        a3, b3 = simd.fma_lanes(a3, x3, m, o), simd.fma_lanes(b3, x3, m, o + 8)
+        a0, b0 = simd.fma_wide(a0, x0, m, o), simd.fma_wide(b0, x0, m, o + _W)
+        a1, b1 = simd.fma_wide(a1, x1, m, o), simd.fma_wide(b1, x1, m, o + _W)
+        a2, b2 = simd.fma_wide(a2, x2, m, o), simd.fma_wide(b2, x2, m, o + _W)
+        a3, b3 = simd.fma_wide(a3, x3, m, o), simd.fma_wide(b3, x3, m, o + _W)
     o = t * oc + c0
     for a, b in ((a0, b0), (a1, b1), (a2, b2), (a3, b3)):
-        simd.lanes_store(a, out, o)
-        simd.lanes_store(b, out, o + 8)
+        simd.wide_store(a, out, o)
+        simd.wide_store(b, out, o + _W)
         o += oc
 
 
 @njit(inline="always", **_OPT)
-def _tile_1x48(lat, t, m, c0, out):
-    """One row, 48 columns: six chains (a decode step's x·U is a single row)."""
+def _tile_1x6(lat, t, m, c0, out):
+    """One row, 6W columns: six chains (a decode step's x·U is a single row)."""
     cols = m.shape[1]
-    a0 = a1 = a2 = a3 = a4 = a5 = simd.lanes_zero()
+    a0 = a1 = a2 = a3 = a4 = a5 = simd.wide_zero()
     for r in range(m.shape[0]):
         o = r * cols + c0
         x = lat[t, r]
-        a0, a1, a2 = simd.fma_lanes(a0, x, m, o), simd.fma_lanes(a1, x, m, o + 8), simd.fma_lanes(a2, x, m, o + 16)
-        a3, a4, a5 = simd.fma_lanes(a3, x, m, o + 24), simd.fma_lanes(a4, x, m, o + 32), simd.fma_lanes(a5, x, m, o + 40)
+        a0, a1, a2 = simd.fma_wide(a0, x, m, o), simd.fma_wide(a1, x, m, o + _W), simd.fma_wide(a2, x, m, o + 2 * _W)
+        a3, a4 = simd.fma_wide(a3, x, m, o + 3 * _W), simd.fma_wide(a4, x, m, o + 4 * _W)
+        a5 = simd.fma_wide(a5, x, m, o + 5 * _W)
     o = t * out.shape[1] + c0
     for a in (a0, a1, a2, a3, a4, a5):
-        simd.lanes_store(a, out, o)
-        o += 8
+        simd.wide_store(a, out, o)
+        o += _W
 
 
 @njit(inline="always", **_OPT)
-def _tile_1x8(lat, t, m, c0, out):
-    a = simd.lanes_zero()
+def _tile_1x1(lat, t, m, c0, out):
+    a = simd.wide_zero()
     for r in range(m.shape[0]):
-        a = simd.fma_lanes(a, lat[t, r], m, r * m.shape[1] + c0)
-    simd.lanes_store(a, out, t * out.shape[1] + c0)
+        a = simd.fma_wide(a, lat[t, r], m, r * m.shape[1] + c0)
+    simd.wide_store(a, out, t * out.shape[1] + c0)
 
 
 @njit(**_OPT)
-def _rows_6x16(lat, n6, m, c16, out):
+def _rows_6x2(lat, n6, m, c2, out):
     """The bulk of rebuild in a function of its own: inlined among the edge cases, LLVM
     allocates its registers worse (measured 8% slower)."""
     for t in range(0, n6, 6):
-        for c0 in range(0, c16, 16):
-            _tile_6x16(lat, t, m, c0, out)
+        for c0 in range(0, c2, 2 * _W):
+            _tile_6x2(lat, t, m, c0, out)
 
 
 @njit(**_OPT)
 def rebuild(lat, n, m, out):
     """out[:n] = lat[:n] · m (or lat itself when m is empty; m and out C-contiguous).
 
-    Register-blocked: a 6-row × 16-column tile of out lives in vector accumulators while the
-    shared dimension streams past, and nothing is stored until the tile is done (a row at a time,
-    the stores would bound it at one FMA per cycle). Smaller tiles take the edges."""
+    Register-blocked: a tile of 6 rows × 2 vector registers of out (tiles named in rows × registers
+    of W = simd.WIDE floats) lives in accumulators while the shared dimension streams past, and
+    nothing is stored until the tile is done (a row at a time, the stores would bound it at one FMA
+    per cycle). Smaller tiles take the edges."""
     if m.shape[0] == 0:
         for t in range(n):
             for c in range(out.shape[1]):
                 out[t, c] = lat[t, c]
         return
     cols = m.shape[1]
-    c16, c8 = cols - cols % 16, cols - cols % 8
+    c2, c1 = cols - cols % (2 * _W), cols - cols % _W
     n6 = n - n % 6
     n4 = n6 + (n - n6) // 4 * 4
-    _rows_6x16(lat, n6, m, c16, out)
+    _rows_6x2(lat, n6, m, c2, out)
     for t in range(n6, n4, 4):
-        for c0 in range(0, c16, 16):
-            _tile_4x16(lat, t, m, c0, out)
-    c48 = cols - cols % 48
+        for c0 in range(0, c2, 2 * _W):
+            _tile_4x2(lat, t, m, c0, out)
+    c6 = cols - cols % (6 * _W)
     for t in range(n4, n):
-        for c0 in range(0, c48, 48):
-            _tile_1x48(lat, t, m, c0, out)
-        for c0 in range(c48, c16, 8):
-            _tile_1x8(lat, t, m, c0, out)
+        for c0 in range(0, c6, 6 * _W):
+            _tile_1x6(lat, t, m, c0, out)
+        for c0 in range(c6, c2, _W):
+            _tile_1x1(lat, t, m, c0, out)
     for t in range(n):
-        for c0 in range(c16, c8, 8):
-            _tile_1x8(lat, t, m, c0, out)
-        for c in range(c8, cols):
+        for c0 in range(c2, c1, _W):
+            _tile_1x1(lat, t, m, c0, out)
+        for c in range(c1, cols):
             acc = np.float32(0.0)
             for r in range(m.shape[0]):
                 acc += lat[t, r] * m[r, c]
@@ -688,7 +715,7 @@ def attend_latent(q, pos, kc, ks, kz, k_bits, k_channel_off, k_width, k_sink, mk
     n_parts = max(1, min(n_threads, n_blocks))
     parts = np.zeros((n_parts, n_head, v_width), np.float32)
     for p in prange(n_parts):
-        lat = np.empty((rows, v_width), np.float32)
+        lat = _aligned_empty(rows, v_width)  # the matrix of the weights' product below
         column = np.empty(rows, np.float32)
         weights = np.zeros((n_head, rows), np.float32)
         u = np.empty((n_head, v_width), np.float32)
