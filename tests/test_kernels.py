@@ -91,6 +91,46 @@ np.save(sys.argv[1], np.array(outs))
     np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
 
 
+def test_version_folders_unused_for_a_month_are_removed(tmp_path):
+    """Every change of the kernel sources starts a new ~15 MB cache folder; importing xqrt removes
+    the sibling folders whose last use (their stamp, else their own mtime) is older than
+    jit_cache.STALE_DAYS, keeps recent ones and anything that is not a version folder, and stamps
+    its own."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from xqrt import jit_cache
+    base = tmp_path / "xqrt" / "numba"
+    day = 86400
+    now = 1e9
+    folders = {"0123456789abcdef": 40, "1111111111111111": 10, "2222222222222222": 40, "notes": 40}
+    for name, age in folders.items():
+        (base / name / "sub").mkdir(parents=True)
+        os.utime(base / name, (now - age * day,) * 2)
+    (base / "2222222222222222" / "last-used").touch()
+    os.utime(base / "2222222222222222" / "last-used", (now - 5 * day,) * 2)  # used 5 days ago
+    (base / "3333333333333333.stale.77" / "sub").mkdir(parents=True)  # an interrupted removal
+    current = base / "ffffffffffffffff"
+    jit_cache.prune_stale(str(current), now=now)
+    assert sorted(os.listdir(base)) == ["1111111111111111", "2222222222222222", "ffffffffffffffff", "notes"]
+    assert os.path.getmtime(current / "last-used") == now
+
+    # and on import, against the clock
+    home = tmp_path / "home"
+    for name, age in (("4444444444444444", 40), ("5555555555555555", 10)):
+        (home / "xqrt" / "numba" / name).mkdir(parents=True)
+        os.utime(home / "xqrt" / "numba" / name, (time.time() - age * day,) * 2)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(home)
+    script = "import os, xqrt, numba\nprint(numba.config.CACHE_DIR)"
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+    own = r.stdout.strip()
+    assert sorted(os.listdir(home / "xqrt" / "numba")) == sorted(["5555555555555555", os.path.basename(own)])
+    assert os.path.exists(os.path.join(own, "last-used"))
+
+
 def test_kernels_are_cached_in_the_keyed_folder_when_numba_is_imported_first(tmp_path):
     """An embedder's script may import numba before xqrt; the kernels still go to
     ~/.cache/xqrt/numba/<sources digest>/, not to unkeyed __pycache__ folders that outlive a change

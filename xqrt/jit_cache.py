@@ -1,9 +1,16 @@
 """Numba's on-disk kernel cache: one folder per version of the compiled sources, saved into safely
-by processes that compile at the same time."""
+by processes that compile at the same time, and the folders of versions no longer run removed."""
 import hashlib
 import itertools
 import os
+import re
+import shutil
 import sys
+import time
+
+STALE_DAYS = 30  # a version's folder unused this long is removed
+_STAMP = "last-used"
+_DIGEST = re.compile(r"[0-9a-f]{16}")
 
 
 def kernel_cache_dir() -> str:
@@ -20,8 +27,45 @@ def kernel_cache_dir() -> str:
     return os.path.join(base, "xqrt", "numba", digest.hexdigest()[:16])
 
 
+def prune_stale(folder: str, now: float | None = None) -> None:
+    """Mark `folder` used, and remove its sibling version folders unused for STALE_DAYS. Each
+    version compiles some 15 MB of kernels, and every upgrade or edit of the kernel sources starts a
+    new folder. A folder's use is the mtime of its stamp file (touched at most daily), or of the
+    folder itself where an older xqrt left no stamp; another install still run within the window
+    keeps its folder. A folder is renamed before it is deleted, so no two processes delete one."""
+    now = time.time() if now is None else now
+    stamp = os.path.join(folder, _STAMP)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.path.exists(stamp) or now - os.path.getmtime(stamp) > 86400:
+            with open(stamp, "a"):
+                pass
+            os.utime(stamp, (now, now))
+        parent = os.path.dirname(folder)
+        names = os.listdir(parent)
+    except OSError:  # a read-only or vanished cache: nothing to tidy
+        return
+    for name in names:
+        path = os.path.join(parent, name)
+        leftover = ".stale." in name  # a removal an earlier process did not finish
+        if path == folder or not (leftover or _DIGEST.fullmatch(name)):
+            continue
+        try:
+            its_stamp = os.path.join(path, _STAMP)
+            used = os.path.getmtime(its_stamp if os.path.exists(its_stamp) else path)
+            if not leftover and now - used < STALE_DAYS * 86400:
+                continue
+            doomed = path if leftover else f"{path}.stale.{os.getpid()}"
+            if not leftover:
+                os.rename(path, doomed)
+        except OSError:  # another process got there first
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
 if "NUMBA_CACHE_DIR" not in os.environ:
     os.environ["NUMBA_CACHE_DIR"] = kernel_cache_dir()
+    prune_stale(os.environ["NUMBA_CACHE_DIR"])
     if "numba" in sys.modules:
         # Numba reads its environment when it is imported and picks each cached kernel's folder when
         # the kernel is defined: imported before xqrt, it would keep the unkeyed __pycache__ folders.
