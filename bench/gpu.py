@@ -5,7 +5,7 @@
 One run on one GPU prints and writes `docs/performance-gpu.md`:
 - the two ceilings, measured: a device-to-device copy (bytes read + written per second) and an
   fp32 FMA-bound kernel (FLOP/s);
-- the weight matrix-vector product's GB/s per block format and rows per block, rotating over more
+- the weight matrix-vector product's GB/s per block format and rows per warp, rotating over more
   matrices than the L2 cache holds;
 - the prompt's matrix-matrix product (512 rows) in TFLOP/s, next to cuBLAS fp32 and fp16 on the
   same weights;
@@ -119,25 +119,25 @@ def matrix_bytes(w: kc.DeviceMatrix) -> int:
     return w.qs.nbytes + w.d.nbytes + (w.m.nbytes if w.qtype == Q4_1 else 0)
 
 
-XP = []  # matvec's permuted-input scratch, big enough for any row
+XP = []  # matvec's scratch (silu(x)·up, int8 codes), big enough for any row
 
 
 INT8 = [True]  # x as int8 codes (the engine's act_bits 8, its default) or float (act_bits 16)
 
 
-def matvec(w: kc.DeviceMatrix, x, out, rows=kc.ROWS, permuted=False, up=None, int8=None):
-    """The engine's product on shared scratch (permuted: the product before read the same x alike,
-    so its permutation or int8 codes stand)."""
+def matvec(w: kc.DeviceMatrix, x, out, rows=kc.ROWS, quantized=False, up=None, int8=None):
+    """The engine's product on shared scratch (quantized: the product before quantized the same x,
+    so its int8 codes stand)."""
     if not XP:
-        n = kc.permuted_size(LLAMA3_8B["n_ff"])
+        n = LLAMA3_8B["n_ff"]
         XP.extend([cuda.device_array(n, np.float32), kc.Int8X.empty(n)])
     if INT8[0] if int8 is None else int8:
-        kc.product_int8(w, x, XP[1], out, STREAM[0], rows, permuted, up)
+        kc.product_int8(w, x, XP[1], out, STREAM[0], rows, quantized, up)
     else:
-        kc.product(w, x, XP[0], out, STREAM[0], rows, permuted, up)
+        kc.product(w, x, XP[0], out, STREAM[0], rows, up)
 
 
-ROWS_PER_BLOCK = (4, 8, 16)  # the product's rows per block, measured side by side (the engine's: kc.ROWS)
+ROWS_PER_WARP = (1, 2, 4)  # the product's rows per warp, measured side by side (the engine's: kc.ROWS)
 
 
 def rotating_seconds(mats, x, out, rows, int8):
@@ -150,7 +150,7 @@ def rotating_seconds(mats, x, out, rows, int8):
 
 
 def matvec_bandwidth(s, qtype):
-    """(shape, x, rows per block, bytes, seconds) of the product over the model's matrix shapes,
+    """(shape, x, rows per warp, bytes, seconds) of the product over the model's matrix shapes,
     cycling through 256 MiB of matrices (five times H100's L2)."""
     out = []
     for r, c in ((s["d"], s["d"]), (s["n_ff"], s["d"]), (s["d"], s["n_ff"])):
@@ -158,7 +158,7 @@ def matvec_bandwidth(s, qtype):
         mats = [random_matrix(r, c, qtype) for _ in range(max(2, -(-256 * 2 ** 20 // one)))]
         x = cuda.to_device(np.random.default_rng(0).standard_normal(c).astype(np.float32))
         for int8 in (False, True):
-            for rows in ROWS_PER_BLOCK:
+            for rows in ROWS_PER_WARP:
                 t = rotating_seconds(mats, x, cuda.device_array(r, np.float32), rows, int8)
                 out.append((f"{r}×{c}", "int8" if int8 else "float", rows, matrix_bytes(mats[0]), t))
         del mats
@@ -397,9 +397,9 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
                              model.attn, STREAM[0], cublas=cublas)
 
         def attend(i, L, xn):
-            if mode == "xquant":  # the factors are Q8_0, which reads x in another order than wq's Q4_0
+            if mode == "xquant":  # the factors are Q8_0: int8 codes as wq's Q4_0, quantized again
                 matvec(L["uk"], xn, model.k)
-                matvec(L["uv"], xn, model.v, permuted=True)
+                matvec(L["uv"], xn, model.v, quantized=True)
             store(streams[i][0], model.k_row, n - 1, True)
             store(streams[i][1], model.v_row, n - 1, False)
             one_layer(i)
@@ -495,10 +495,10 @@ def main():
     say(f"- one Numba kernel launch from Python: {launch_s * 1e6:.1f} µs")
     say()
     say("## Weight matrix-vector product")
-    say("x: float (permuted for the lanes), or int8 codes with dp4a (quantize_x's launch included). "
-        f"The engine's rows per block: {kc.ROWS}.")
+    say("x: float, or int8 codes with dp4a (quantize_x's launch included). "
+        f"The engine's rows per warp: {kc.ROWS}.")
     say()
-    say("| format | shape | x | rows per block | bytes | µs | GB/s | of copy bandwidth |")
+    say("| format | shape | x | rows per warp | bytes | µs | GB/s | of copy bandwidth |")
     say("|---|---|---|---|---|---|---|---|")
     for qtype, label in ((Q4_0, "Q4_0"), (Q4_1, "Q4_1"), (Q8_0, "Q8_0")):
         for shape, x_kind, rows, nbytes, t in matvec_bandwidth(s, qtype):

@@ -26,6 +26,7 @@ if [ ! -f "$model" ]; then
 fi
 export XQRT_SMOLLM2=$model
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import importlib.metadata as m; print('numba-cuda', m.version('numba-cuda'))" | tee -a "$OUT/gpu.txt"  # ≥ 0.14
 
 # Most needed first, each stage under a timeout, about 9 minutes in all: the device time of a
 # task (15 minutes at present, the machine's start included) may not run to the last.

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     from numba import cuda
     records = json.load(open(args.signatures))
     from xqrt.kernels import cuda as kc
-    for module, qualname, closure, arg_types in list(records):  # the simulator's rows per block are not a GPU's
+    for module, qualname, closure, arg_types in list(records):  # the simulator's rows per warp are not a GPU's
         if qualname.startswith("_make_matvec.") and [kc.ROWS] != closure:
             if [module, qualname, [kc.ROWS], arg_types] not in records:
                 records.append([module, qualname, [kc.ROWS], arg_types])
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
                 k = dispatcher(module, qualname, closure)
                 sig = tuple(numba_type(t) for t in arg_types)
                 ptx, _ = cuda.compile_ptx(k.py_func, sig, fastmath=k.targetoptions.get("fastmath", False),
-                                          cc=tuple(int(d) for d in arch.removeprefix("sm_")))
+                                          cc=tuple(int(d) for d in arch.removeprefix("sm_")),
+                                          launch_bounds=k.targetoptions.get("launch_bounds"))
                 ok, what = assemble(ptx, arch)
             except Exception as e:  # noqa: BLE001 — reported in the table, the others still compiled
                 lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]

@@ -118,7 +118,7 @@ def smollm2_hf(smollm2_path, tmp_path_factory):
 def code_path(request, monkeypatch):
     """Which of xqrt.kernels.cuda's two code paths the kernels take (parametrize indirectly; the
     default is the simulator's). "gpu" runs a GPU's — warp-shuffle reductions, libdevice's
-    round-to-nearest product — in the simulator, which has neither: NumPy's float32 product, and
+    round-to-nearest product, aligned shared arrays — in the simulator, which has none of them: NumPy's float32 product, and
     lanes that swap values through a barrier of their warp's own, so that a shuffle a lane of the
     warp does not reach (undefined on a GPU) fails the test, not a GPU run."""
     path = getattr(request, "param", "simulator")
@@ -127,9 +127,12 @@ def code_path(request, monkeypatch):
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         pytest.skip("on a GPU every test takes the GPU's path")
     import threading
+    import traceback
 
+    from numba.core.types import Type
     from numba.cuda import libdevice
-    from numba.cuda.simulator.kernelapi import FakeCUDAModule
+    from numba.cuda.simulator.kernelapi import FakeCUDAModule, FakeCUDAShared
+    from numba.np import numpy_support
 
     from xqrt.kernels import cuda as kc
     lock = threading.Lock()
@@ -153,7 +156,16 @@ def code_path(request, monkeypatch):
         barrier.wait()  # BrokenBarrierError after a minute: a lane of the warp never came
         return type(value)(buf[lane ^ lane_mask])
 
+    def shared_array(self, shape, dtype, alignment=None):  # the simulator's takes no alignment
+        """One array per line of the kernel that asks for it, as the simulator's own (which keys on
+        its caller's line, so it cannot be wrapped)."""
+        caller = traceback.extract_stack(sys._getframe())[-2][0:2]
+        if caller not in self._allocations:
+            self._allocations[caller] = np.empty(shape, numpy_support.as_dtype(dtype) if isinstance(dtype, Type) else dtype)
+        return self._allocations[caller]
+
     monkeypatch.setattr(FakeCUDAModule, "shfl_xor_sync", shfl_xor_sync, raising=False)
+    monkeypatch.setattr(FakeCUDAShared, "array", shared_array)
     monkeypatch.setattr(libdevice, "fmul_rn", lambda a, b: np.float32(a) * np.float32(b))
     monkeypatch.setattr(kc, "SHUFFLE", True)
     return path

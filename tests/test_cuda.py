@@ -45,30 +45,37 @@ def test_matvec_and_embed(qtype, cols):
     w, dense = device_weights(qtype, rows, cols)
     x = rng.standard_normal(cols).astype(np.float32)
     out = cuda.device_array(rows, np.float32)
-    kc.product(w, cuda.to_device(x), cuda.device_array(kc.permuted_size(cols), np.float32), out)
+    kc.product(w, cuda.to_device(x), cuda.device_array(cols, np.float32), out)
     np.testing.assert_allclose(out.copy_to_host(), dense @ x, rtol=1e-4, atol=1e-4)
     rows = cuda.device_array((2, cols), np.float32)
     kc.embed[(1, 2), kc.THREADS](*w.args, cuda.to_device(np.array([7, 2])), rows)
     np.testing.assert_allclose(rows.copy_to_host(), dense[[7, 2]], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows_per_block, code_path", [(4, "simulator"), (16, "simulator"), (4, "gpu")],
+@pytest.mark.parametrize("rows_per_warp, code_path", [(1, "simulator"), (4, "simulator"), (2, "gpu")],
                          indirect=["code_path"])
-def test_matvec_rows_per_block(rows_per_block, code_path):
-    """The rows-per-block variants bench/gpu.py measures compute the same product."""
-    for qtype in (Q4_0, Q8_0):
-        data, dense = blocks(qtype, 19, 256)
-        x = rng.standard_normal(256).astype(np.float32)
-        out = cuda.device_array(19, np.float32)
-        kc.product(kc.upload_matrix(qtype, data, 256), cuda.to_device(x), cuda.device_array(256, np.float32), out,
-                   rows=rows_per_block)
+def test_matvec_rows_per_warp(rows_per_warp, code_path):
+    """The rows-per-warp variants bench/gpu.py measures compute the same product, float x and int8
+    codes alike — over a part-filled last block of rows and of the lanes' blocks (73 = 64 + 9)."""
+    rows, cols = 19, 2336
+    for qtype in (Q4_0, Q4_1, Q8_0):
+        data, dense = blocks(qtype, rows, cols)
+        w = kc.upload_matrix(qtype, data, cols)
+        x = rng.standard_normal(cols).astype(np.float32)
+        out = cuda.device_array(rows, np.float32)
+        kc.product(w, cuda.to_device(x), cuda.device_array(cols, np.float32), out, rows=rows_per_warp)
         np.testing.assert_allclose(out.copy_to_host(), dense @ x, rtol=1e-4, atol=1e-4)
+        ref = np.empty(rows, np.float32)
+        act = cpu.new_act(cols, 8)
+        cpu.quantize_act(x, act)
+        cpu.matvec(data, qtype, x, act, ref)
+        kc.product_int8(w, cuda.to_device(x), kc.Int8X.empty(cols), out, rows=rows_per_warp)
+        np.testing.assert_allclose(out.copy_to_host(), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("qtype", [Q4_1, None])
 def test_product_of_swiglu(qtype):
-    """product(..., up=u) multiplies silu(x)·u: fused into the permutation, or (float weights)
-    applied to x first."""
+    """product(..., up=u) multiplies silu(x)·u, written to the scratch first."""
     cols = 256
     w, dense = device_weights(qtype, 19, cols)
     x, u = rng.standard_normal((2, cols)).astype(np.float32)
@@ -111,13 +118,10 @@ def test_matmat(qtype):
 
 
 def test_which_products_reuse_x():
-    """int8 codes serve any block format after any other; a float permutation only formats that
-    read x alike; float weights never leave prepared x behind."""
+    """int8 codes serve any block format after any other; float weights take float x."""
     D = kc.DENSE
-    assert kc.reuses_x(Q4_0, Q8_0, True) and kc.reuses_x(Q8_0, Q4_1, True)
-    assert not kc.reuses_x(D, Q4_0, True) and not kc.reuses_x(Q4_0, D, True)
-    assert kc.reuses_x(Q4_0, Q4_1, False) and kc.reuses_x(Q8_0, Q8_0, False)
-    assert not kc.reuses_x(Q4_0, Q8_0, False) and not kc.reuses_x(D, Q4_1, False)
+    assert kc.reuses_codes(Q4_0, Q8_0) and kc.reuses_codes(Q8_0, Q4_1)
+    assert not kc.reuses_codes(D, Q4_0) and not kc.reuses_codes(Q4_0, D)
 
 
 @pytest.mark.parametrize("code_path", ["simulator", "gpu"], indirect=True)
@@ -385,7 +389,7 @@ def device_step(model, n_ctx, tensor_cores=False):
     xn, k, v = (cuda.device_array((1, w), np.float32) for w in (c.d_model, c.kv_dim, c.kv_dim))
     return SimpleNamespace(kc=kc, xn=xn, xn_vec=xn.reshape(-1), k_row=k, k=k.reshape(-1), v_row=v, v=v.reshape(-1),
                            q=cuda.device_array(c.q_dim, np.float32),
-                           xp=cuda.device_array(kc.permuted_size(c.d_model), np.float32), cos=cuda.to_device(cos),
+                           xp=cuda.device_array(c.d_model, np.float32), cos=cuda.to_device(cos),
                            sin=cuda.to_device(sin), attn=cuda.device_array(c.q_dim, np.float32),
                            pos_at=cuda.device_array(1, np.int64), stream=0,
                            cublas=kc.Cublas(n_ctx) if tensor_cores else None)
@@ -466,7 +470,7 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
 
     from xqrt import Engine
     from xqrt.errors import XQError
-    # Q4_0 layers (embedding and output Q8_0): products of one x share its permutation
+    # Q4_0 layers (embedding and output Q8_0): products of one x share its int8 codes
     path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=1, ff=128), "q4_0")
     ids = [5, 17]
     for mode, act_bits, stacked, rebuild in (("fp16", 16, True, "fused"), ("fp16", 8, False, "fused"),

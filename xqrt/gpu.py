@@ -68,7 +68,7 @@ def pick_device(device: str, cache_mode: str, config: ModelConfig, options: Cach
     why_not = unsupported(cache_mode, config, options)
     if device == "cuda":
         if not found:
-            raise XQError("--device cuda: numba-cuda finds no CUDA GPU (a driver and numba-cuda are needed; "
+            raise XQError("--device cuda: numba-cuda finds no CUDA GPU (a driver and numba-cuda ≥ 0.14 are needed; "
                           "--device cpu runs without)")
         if why_not:
             raise XQError(f"--device cuda: {why_not} (use --device cpu)")
@@ -560,8 +560,8 @@ class GpuStep:
                                     w_down=up(L.w_down)))
         # act_bits 8: block formats meet x as int8 codes (dp4a), the CPU's integer sums; 16: float x
         self.int8 = act_bits == 8
-        same = lambda a, b: kc.reuses_x(a.qtype, b.qtype, self.int8)  # noqa: E731
-        for L in self.layers:  # products of one x quantize or permute it once
+        same = lambda a, b: kc.reuses_codes(a.qtype, b.qtype)  # noqa: E731
+        for L in self.layers:  # products of one x quantize it once
             L["same_x"] = (same(L["wk"], L["wq"]), same(L["wv"], L["wk"]), same(L["w_up"], L["w_gate"]))
         self.out_norm = vec(model.out_norm)
         cos, sin = cpu.rope_table(model.rope_freqs, n_ctx)
@@ -578,7 +578,7 @@ class GpuStep:
         self.proj_row, self.no_rows = self.proj.reshape(1, -1), cuda.device_array((0, c.d_model), np.float32)
         self.logits_dev = zeros(c.vocab_size)
         self.logits = np.zeros(c.vocab_size, np.float32)
-        self.xp = zeros(kc.permuted_size(max(c.d_model, c.n_ff, c.q_dim)))
+        self.xp = zeros(max(c.d_model, c.n_ff, c.q_dim))  # silu(gate)·up for a float product
         self.act = kc.Int8X.empty(-(-max(c.d_model, c.n_ff, c.q_dim) // 32) * 32)
         self.eps = np.float32(c.norm_eps)
 
@@ -689,12 +689,12 @@ class GpuStep:
         self.kc.product(self.output, xn, self.xp, self.logits_dev, self.stream)
 
     def product(self, w, x, out, again=False, up=None):
-        """out = w·x (or w·(silu(x)·up)); again: the product before read this same x alike, so its
-        int8 codes or permutation stand."""
+        """out = w·x (or w·(silu(x)·up)); again: the product before quantized this same x, so its
+        int8 codes stand."""
         if self.int8 and w.qtype != self.kc.DENSE:
             self.kc.product_int8(w, x, self.act, out, self.stream, quantized=again, up=up)
         else:
-            self.kc.product(w, x, self.xp, out, self.stream, permuted=again, up=up)
+            self.kc.product(w, x, self.xp, out, self.stream, up=up)
 
 
 def device_name() -> str:

@@ -1,8 +1,8 @@
 """Numba CUDA kernels: the decode step on a GPU, one kernel per stage.
 
 Weights go up once in a split layout (`upload_matrix`): a block format keeps its codes as 32-bit
-words and its fp16 scales in arrays of their own, so the lanes of a warp read consecutive
-16-byte pieces of a row. Latent streams go up as xqrt.quant packs them (xqrt.kernels.cpu's
+words and its fp16 scales in arrays of their own, so that a lane reads a block's codes in one
+16-byte load. Latent streams go up as xqrt.quant packs them (xqrt.kernels.cpu's
 comment describes the layout), their fp16 scales viewed as float16.
 
 Every reduction has two paths, fixed when this module is imported: warp shuffles on a GPU, shared
@@ -12,6 +12,7 @@ All threads of a block reach every reduction, so the shared-memory path's barrie
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -37,12 +38,18 @@ MAX_WIDTH = 8192  # the widest latent the value projection holds in shared memor
 MAX_QUANT_GROUP = 128  # the longest quantization group the cache writes hold in registers
 TILE_T = 64  # positions per block of the rebuild product …
 TILE_R = 32  # … and latent channels staged per step
-LAT_ROW = TILE_R + 1  # a staged latent row, padded: the product reads down a column
-M_AT = TILE_T * LAT_ROW  # where the staged rows of the rebuild matrix start in a kernel's shared floats, …
+LAT_ROW = TILE_T + 4  # a staged channel's positions, padded: 8 channels' 16-byte stores take distinct banks
+M_AT = TILE_R * LAT_ROW  # where the staged rows of the rebuild matrix start in a kernel's shared floats, …
 STAGE = M_AT + TILE_R * HEAD_DIM  # … their end, …
 SCORES_STAGE = max(STAGE, TILE_T * KEY_ROW)  # … and scores_latent's, whose rebuilt keys then take their place
 DENSE = -1  # qtype of a matrix uploaded as float32
 _FAST = dict(fastmath=True)  # lets a·b + c contract to one FMA (without it, a multiply and an add)
+# numba-cuda 0.14 or later: launch bounds (0.14) and aligned shared arrays (0.11); the simulator's
+# jit takes neither, its kernels run as Python
+NEW_ENOUGH = not SHUFFLE or "launch_bounds" in inspect.signature(cuda.jit).parameters
+# The rebuild product's kernels: two blocks per SM (at most 128 registers a thread), so that one
+# block's staging loads overlap the other's FMAs
+_TWO_PER_SM = dict(_FAST, launch_bounds=(THREADS, 2)) if SHUFFLE and NEW_ENOUGH else _FAST
 
 
 # ---- reductions ------------------------------------------------------------------------------
@@ -188,43 +195,25 @@ def upload_dense(w: np.ndarray) -> DeviceMatrix:
                         cuda.to_device(np.ascontiguousarray(w, np.float32)))
 
 
-# Rows per block of the matrix-vector product: on a GPU four (each x value a lane loads meets four
-# rows, and a 4096-row matrix still fills the GPU); in the simulator, where every block costs a
-# round of 256 Python threads and a barrier (about 60 ms), 128: a tiny model's matrices in one or
-# two blocks. bench/gpu.py measures the other choices (`matvec_kernel(rows)`).
-ROWS = 4 if SHUFFLE else 128
+# The matrix-vector product gives each warp `rows` rows; each lane takes one quantization block of
+# them per step, its codes in one 16-byte load, and issues the loads of STEPS steps before it uses
+# any: a decode step's products are too short to hide HBM's latency by occupancy alone, so the
+# bytes in flight that the bandwidth needs (bandwidth × latency: 3 TB/s × ~0.7 µs, 16 KB or more per
+# H100 SM) must come from each warp (docs/performance-gpu.md counts them). Rows per warp on a GPU:
+# 2 (a 4096-row matrix is 256 blocks); in the simulator, where every block costs a round of 256
+# Python threads, 16: a tiny model's matrices in one block. bench/gpu.py measures the other
+# choices (`matvec_kernel(rows)`).
+ROWS = 2 if SHUFFLE else 16
+STEPS = 2  # blocks per lane whose loads are in flight together
 
 
-@cuda.jit(device=True, inline=True)
-def _lane_slot(e, qtype):
-    """Where element e of x goes in `permute_x`'s layout, so that a warp reads it in 128-byte rows.
-    A warp takes 32 code words a step — Q4: 8 blocks × 4 words, Q8_0: 4 blocks × 8 words — and
-    lane l's word holds elements whose values it reads at slot step·span + i·32 + l."""
-    j = e % 32
-    if qtype == Q8_0:  # word w = j // 4 of block b holds elements 4w … 4w + 3
-        return (e // 128) * 128 + (j % 4) * 32 + ((e % 128) // 32) * 8 + j // 4
-    # Q4: byte k of word w holds element 4w + k (low nibble) and 16 + 4w + k (high nibble)
-    jj = j % 16
-    return (e // 256) * 256 + ((j // 16) * 4 + jj % 4) * 32 + ((e % 256) // 32) * 4 + jj // 4
-
-
-@cuda.jit(**_FAST)
-def permute_x(x, up, qtype, n, xp):
-    """xp[:n] = x — or, where `up` has elements, SwiGLU's silu(x)·up — in the lanes' order for
-    `matvec` on a block format (n: len(x) rounded up to 256; the padding zero)."""
-    for e in range(cuda.grid(1), n, cuda.gridsize(1)):
-        v = float32(0.0)
-        if e < x.shape[0]:
-            v = x[e]
-            if up.shape[0]:
-                v = v / (float32(1.0) + math.exp(-v)) * up[e]
-        xp[_lane_slot(e, qtype)] = v
-
-
-# ---- int8 activations: 4-way byte dot products ------------------------------------------------
+# ---- int8 activations (4-way byte dot products) and 16-byte loads ----------------------------
 # x as int8 codes per block of 32 (xqrt.kernels.cpu.quantize_act's, with its exact sums and the
 # codes' error), so that a product is dp4a over whole code words. PTX's dp4a on a GPU; the
-# simulator runs the same sums in Python.
+# simulator runs the same sums in Python. Weight codes and x come in 16-byte loads through the
+# read-only cache (ld.global.nc.v4), and the rebuild product's operands in 16-byte shared loads,
+# which Numba does not emit by itself (its loads are of one element): they need rows that start on
+# 16 bytes, as every block format's and x's do, and a shared array aligned to 16.
 if SHUFFLE:
     from llvmlite import ir
     from numba import types
@@ -242,6 +231,57 @@ if SHUFFLE:
         return dp4a
 
     _dp4a_us, _dp4a_ss = _dp4a_asm("u32.s32"), _dp4a_asm("s32.s32")
+
+    def _load4_codegen(context, builder, sig, args):
+        """The four elements from ary[index…] on in one 16-byte load through the read-only cache,
+        their address from the array's strides."""
+        aryty, (ary, *index) = sig.args[0], args
+        a = context.make_array(aryty)(context, builder, ary)
+        i64 = ir.IntType(64)
+        addr = builder.ptrtoint(a.data, i64)
+        for k, (at, at_type) in enumerate(zip(index, sig.args[1:])):
+            at = context.cast(builder, at, at_type, types.intp)
+            addr = builder.add(addr, builder.mul(at, builder.extract_value(a.strides, k)))
+        kind, reg = ("f32", "f") if aryty.dtype == types.float32 else ("u32", "r")
+        elt = context.get_value_type(aryty.dtype)
+        asm = ir.InlineAsm(ir.FunctionType(ir.LiteralStructType([elt] * 4), [i64]),
+                           f"ld.global.nc.v4.{kind} {{$0, $1, $2, $3}}, [$4];", f"={reg},={reg},={reg},={reg},l")
+        loaded = builder.call(asm, [addr])
+        return context.make_tuple(builder, sig.return_type, [builder.extract_value(loaded, k) for k in range(4)])
+
+    @intrinsic
+    def _load4(typingctx, ary, r, c):
+        """ary[r, c:c + 4] in one 16-byte load."""
+        return types.UniTuple(ary.dtype, 4)(ary, r, c), _load4_codegen
+
+    @intrinsic
+    def _load4_1d(typingctx, ary, i):
+        return types.UniTuple(ary.dtype, 4)(ary, i), _load4_codegen
+
+    @intrinsic
+    def _shared_base(typingctx, ary):
+        """A shared array's address in the shared window, 32 bits (its data pointer is generic)."""
+        def codegen(context, builder, sig, args):
+            data = builder.ptrtoint(context.make_array(sig.args[0])(context, builder, args[0]).data, ir.IntType(64))
+            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [ir.IntType(64)]),
+                               "{ .reg .u64 t; cvta.to.shared.u64 t, $1; cvt.u32.u64 $0, t; }", "=r,l")
+            return builder.call(asm, [data])
+        return types.uint32(ary), codegen
+
+    @intrinsic
+    def _shared4(typingctx, ary, base, i):
+        """ary[i:i + 4] of a float32 shared array aligned to 16 bytes (base: _shared_base(ary)), i a
+        multiple of 4, in one load; its address in 32-bit arithmetic the compiler folds into the
+        load's offset."""
+        def codegen(context, builder, sig, args):
+            i32, f32 = ir.IntType(32), ir.FloatType()
+            at = builder.trunc(context.cast(builder, args[2], sig.args[2], types.intp), i32)
+            addr = builder.add(args[1], builder.shl(at, ir.Constant(i32, 2)))
+            asm = ir.InlineAsm(ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32]),
+                               "ld.shared.v4.f32 {$0, $1, $2, $3}, [$4];", "=f,=f,=f,=f,r")
+            loaded = builder.call(asm, [addr])
+            return context.make_tuple(builder, sig.return_type, [builder.extract_value(loaded, k) for k in range(4)])
+        return types.UniTuple(types.float32, 4)(ary, base, i), codegen
 else:
     def _dp4a(a, b, c, a_signed):
         for k in range(4):
@@ -256,6 +296,19 @@ else:
     def _dp4a_ss(a, b, c):
         """c + Σ signed bytes of a × signed bytes of b."""
         return _dp4a(a, b, c, True)
+
+    def _load4(ary, r, c):
+        """ary[r, c:c + 4] as a tuple (a GPU loads it in one instruction)."""
+        return ary[r, c], ary[r, c + 1], ary[r, c + 2], ary[r, c + 3]
+
+    def _load4_1d(ary, i):
+        return ary[i], ary[i + 1], ary[i + 2], ary[i + 3]
+
+    def _shared_base(ary):
+        return np.uint32(0)
+
+    def _shared4(ary, base, i):
+        return ary[i], ary[i + 1], ary[i + 2], ary[i + 3]
 
 
 @cuda.jit
@@ -311,184 +364,205 @@ def product_int8(w: DeviceMatrix, x, act: Int8X, out, stream=0, rows=ROWS, quant
     if not quantized:
         quantize_x[_blocks(x.shape[0] // 32), THREADS, stream](x, empty((0,), np.float32) if up is None else up, act.codes,
                                                               act.scale, act.sum, act.err)
-    matvec_kernel(rows)[1][-(-w.n_rows // rows), THREADS, stream](w.qs, w.d, w.m, w.qtype, act.codes, act.scale,
-                                                                 act.sum, act.err, out)
+    matvec_kernel(rows)[1][_matvec_blocks(w, rows), THREADS, stream](w.qs, w.d, w.m, w.qtype, act.codes, act.scale,
+                                                                    act.sum, act.err, out)
 
 
 _MATVEC = {}
 
 
 def matvec_kernel(rows: int = ROWS):
-    """The matrix-vector product kernels for `rows` rows per block, (float x, int8 x), compiled
+    """The matrix-vector product kernels for `rows` rows per warp, (float x, int8 x), compiled
     once per choice."""
     if rows not in _MATVEC:
         _MATVEC[rows] = _make_matvec(rows)
     return _MATVEC[rows]
 
 
+def _matvec_blocks(w: DeviceMatrix, rows: int) -> int:
+    return -(-w.n_rows // (WARPS * rows))
+
+
+@cuda.jit(device=True, inline=True)
+def _signed(c):
+    """The low byte of c as a signed code, a float (xor and subtract: no branch)."""
+    return float32(np.int32((c & np.uint32(255)) ^ np.uint32(128)) - np.int32(128))
+
+
 def _make_matvec(rows):
-    part_rows = 1 if SHUFFLE else rows  # the shared-memory reduction's buffer, for the simulator only
+    @cuda.jit(device=True, inline=True)
+    def first_row():
+        return (cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32) * rows
 
     @cuda.jit(device=True, inline=True)
-    def rows_out(acc, out, r0):
-        """out[r0 + i] = the block's sum of every thread's acc[i]: one barrier either way."""
-        buf = cuda.shared.array(THREADS, float32)
-        red = cuda.shared.array((WARPS, rows), float32)
-        part = cuda.shared.array((part_rows, THREADS), float32)
-        tid = cuda.threadIdx.x
-        warp, lane = tid // 32, tid % 32
-        n_rows = out.shape[0]
-        if SHUFFLE:  # each warp's sums by shuffles, then the warps' through shared memory: one barrier
+    def rows_out(acc, out, r0, buf):
+        """out[r0 + i] = the warp's sum of acc[i]: no barrier on a GPU, warps never wait for others."""
+        for i in range(rows):
+            v = _warp_sum(acc[i], buf)
+            if cuda.threadIdx.x % 32 == 0 and r0 + i < out.shape[0]:
+                out[r0 + i] = v
+
+    @cuda.jit(device=True, inline=True)
+    def load_blocks(qs, d, m, qtype, r0, b0, codes, scale, low):
+        """The codes (16 bytes a load), scales and minimums of STEPS blocks of the warp's rows for
+        this lane, all loads issued before any is used. Rows past the end read the last one (their
+        sums are not written), blocks past the end the last one with scale 0: no branch."""
+        lane = cuda.threadIdx.x % 32
+        last_row, n_blocks = d.shape[0] - 1, d.shape[1]
+        for s in range(STEPS):
+            past = b0 + s * 32 + lane >= n_blocks
+            if not SHUFFLE and past:  # the simulator's time: the sums skip these blocks, and rows past the end
+                continue
+            b = min(b0 + s * 32 + lane, n_blocks - 1)
             for i in range(rows):
-                v = _warp_sum(acc[i], buf)
-                if lane == 0:
-                    red[warp, i] = v
-            cuda.syncthreads()
-            if tid < rows and r0 + tid < n_rows:
-                total = float32(0.0)
-                for w in range(WARPS):
-                    total += red[w, tid]
-                out[r0 + tid] = total
-        else:  # every thread's sums through shared memory, also one barrier
-            for i in range(rows):
-                part[i, tid] = acc[i]
-            cuda.syncthreads()
-            if tid < rows and r0 + tid < n_rows:
-                total = float32(0.0)
-                for t in range(THREADS):
-                    total += part[tid, t]
-                out[r0 + tid] = total
+                if not SHUFFLE and r0 + i > last_row:
+                    scale[s, i] = low[s, i] = float32(0.0)
+                    continue
+                r = min(r0 + i, last_row)
+                if qtype == Q8_0:
+                    codes[s, i, 0], codes[s, i, 1], codes[s, i, 2], codes[s, i, 3] = _load4(qs, r, 8 * b)
+                    codes[s, i, 4], codes[s, i, 5], codes[s, i, 6], codes[s, i, 7] = _load4(qs, r, 8 * b + 4)
+                else:
+                    codes[s, i, 0], codes[s, i, 1], codes[s, i, 2], codes[s, i, 3] = _load4(qs, r, 4 * b)
+                scale[s, i] = float32(0.0) if past else float32(d[r, b])
+                if qtype == Q4_1:
+                    low[s, i] = float32(0.0) if past else float32(m[r, b])
 
     @cuda.jit(**_FAST)
-    def matvec(qs, d, m, dense, qtype, xp, out):
-        """out[r] = W[r] · x, `rows` rows per block. Block formats: the warps share out each row's
-        steps of 32 code words (128 contiguous bytes per row), x read from `permute_x`'s xp; float
-        weights: the threads over the row, xp = x. Partial sums meet in shared memory."""
-        xv = cuda.local.array(8, float32)
+    def matvec(qs, d, m, dense, qtype, x, out):
+        """out[r] = W[r] · x, `rows` rows per warp. Block formats: lane l takes blocks l, l + 32, …
+        of the rows, x's 32 values of a block in 16-byte loads (cached: every warp reads them);
+        float weights: the lanes over the row. The simulator skips the sums of blocks and rows past
+        the end, which a GPU computes and drops (no branch; each skipped sum is Python work there)."""
+        buf = cuda.shared.array(THREADS, float32)  # the simulator's reductions
         acc = cuda.local.array(rows, float32)
-        tid = cuda.threadIdx.x
-        warp, lane = tid // 32, tid % 32
-        r0 = cuda.blockIdx.x * rows
+        dot = cuda.local.array(rows, float32)
+        codes = cuda.local.array((STEPS, rows, 8), np.uint32)
+        scale = cuda.local.array((STEPS, rows), float32)
+        low = cuda.local.array((STEPS, rows), float32)
+        lane = cuda.threadIdx.x % 32
+        r0 = first_row()
         n_rows = out.shape[0]
         for i in range(rows):
             acc[i] = float32(0.0)
         if qtype == DENSE:
-            for i in range(rows):
-                if r0 + i < n_rows:
-                    for j in range(tid, dense.shape[1], THREADS):
-                        acc[i] += dense[r0 + i, j] * xp[j]
+            for j in range(lane, dense.shape[1], 32):
+                xj = x[j]
+                for i in range(rows):
+                    if r0 + i < n_rows:
+                        acc[i] += dense[r0 + i, j] * xj
         else:
-            word_shift = 3 if qtype == Q8_0 else 2  # log2 of the words per block
-            span = 32 << (5 - word_shift)  # elements a step's 32 words hold
-            n_words = qs.shape[1]
-            for step in range(warp, (n_words + 31) // 32, WARPS):
-                word = step * 32 + lane
-                if word < n_words:
-                    b = word >> word_shift
-                    sx = float32(0.0)
-                    if qtype == Q8_0:  # literal trip counts: xv stays in registers
-                        for i in range(4):
-                            xv[i] = xp[step * span + i * 32 + lane]
-                    else:
-                        for i in range(8):
-                            xv[i] = xp[step * span + i * 32 + lane]
-                            sx += xv[i]
+            n_blocks = d.shape[1]
+            for b0 in range(0, n_blocks, 32 * STEPS):
+                load_blocks(qs, d, m, qtype, r0, b0, codes, scale, low)
+                for s in range(STEPS):
+                    b = b0 + s * 32 + lane
+                    if not SHUFFLE and b >= n_blocks:
+                        continue
+                    at = min(b, n_blocks - 1) * 32
                     for i in range(rows):
-                        r = r0 + i
-                        if r < n_rows:
-                            wd = qs[r, word]
-                            dot = float32(0.0)
-                            if qtype == Q8_0:
-                                for k in range(4):
-                                    q = np.int32((wd >> np.uint32(8 * k)) & np.uint32(255))
-                                    dot += float32(q - 256 if q > 127 else q) * xv[k]
-                                acc[i] += float32(d[r, b]) * dot
-                            else:
-                                for k in range(4):
-                                    byte = (wd >> np.uint32(8 * k)) & np.uint32(255)
-                                    dot += float32(byte & np.uint32(15)) * xv[k] + float32(byte >> np.uint32(4)) * xv[4 + k]
-                                if qtype == Q4_1:
-                                    acc[i] += float32(d[r, b]) * dot + float32(m[r, b]) * sx
-                                else:
-                                    acc[i] += float32(d[r, b]) * (dot - float32(8.0) * sx)
-        rows_out(acc, out, r0)
+                        dot[i] = float32(0.0)
+                    sx = float32(0.0)
+                    if qtype == Q8_0:  # literal trip counts: codes and x stay in registers
+                        for w in range(8):  # word w: elements 4w … 4w + 3
+                            x0, x1, x2, x3 = _load4_1d(x, at + 4 * w)
+                            for i in range(rows):
+                                if SHUFFLE or r0 + i < n_rows:
+                                    c = codes[s, i, w]
+                                    dot[i] += _signed(c) * x0 + _signed(c >> np.uint32(8)) * x1 + \
+                                        _signed(c >> np.uint32(16)) * x2 + _signed(c >> np.uint32(24)) * x3
+                        for i in range(rows):
+                            acc[i] += scale[s, i] * dot[i]
+                    else:
+                        for w in range(4):  # word w's low nibbles: elements 4w …; its high ones: 16 + 4w …
+                            x0, x1, x2, x3 = _load4_1d(x, at + 4 * w)
+                            y0, y1, y2, y3 = _load4_1d(x, at + 16 + 4 * w)
+                            sx += x0 + x1 + x2 + x3 + y0 + y1 + y2 + y3
+                            for i in range(rows):
+                                if SHUFFLE or r0 + i < n_rows:
+                                    c = codes[s, i, w]
+                                    dot[i] += float32(c & np.uint32(15)) * x0 + float32((c >> np.uint32(8)) & np.uint32(15)) * x1 + \
+                                        float32((c >> np.uint32(16)) & np.uint32(15)) * x2 + float32((c >> np.uint32(24)) & np.uint32(15)) * x3 + \
+                                        float32((c >> np.uint32(4)) & np.uint32(15)) * y0 + float32((c >> np.uint32(12)) & np.uint32(15)) * y1 + \
+                                        float32((c >> np.uint32(20)) & np.uint32(15)) * y2 + float32(c >> np.uint32(28)) * y3
+                        for i in range(rows):
+                            if qtype == Q4_1:
+                                acc[i] += scale[s, i] * dot[i] + low[s, i] * sx
+                            else:  # nibbles hold q + 8
+                                acc[i] += scale[s, i] * (dot[i] - float32(8.0) * sx)
+        rows_out(acc, out, r0, buf)
 
     @cuda.jit(**_FAST)
     def matvec_int8(qs, d, m, qtype, xq, xd, xsum, xerr, out):
-        """out[r] = W[r] · x against x's int8 codes (quantize_x): per 32-bit code word one or two
-        4-way byte dot products (dp4a), the integer sums of xqrt.kernels.cpu's act_bits=8 path.
-        x needs no permutation: a Q4 word's nibbles meet codes 4w…4w+3 and 16+4w…, a Q8_0
-        word's bytes codes 4w…4w+3, both whole words of the codes in their natural order."""
+        """out[r] = W[r] · x against x's int8 codes (quantize_x), `rows` rows per warp, lane l
+        taking blocks l, l + 32, …: per 32-bit code word one or two 4-way byte dot products (dp4a), the integer sums of xqrt.kernels.cpu's act_bits=8 path.
+        A Q4 word's nibbles meet codes 4w…4w+3 and 16+4w…, a Q8_0 word's bytes codes 4w…4w+3:
+        whole words of x's codes, in order."""
+        buf = cuda.shared.array(THREADS, float32)
         acc = cuda.local.array(rows, float32)
-        tid = cuda.threadIdx.x
-        warp, lane = tid // 32, tid % 32
-        r0 = cuda.blockIdx.x * rows
+        codes = cuda.local.array((STEPS, rows, 8), np.uint32)
+        scale = cuda.local.array((STEPS, rows), float32)
+        low = cuda.local.array((STEPS, rows), float32)
+        xc = cuda.local.array(8, np.uint32)
+        lane = cuda.threadIdx.x % 32
+        r0 = first_row()
         n_rows = out.shape[0]
         for i in range(rows):
             acc[i] = float32(0.0)
-        word_shift = 3 if qtype == Q8_0 else 2
-        n_words = qs.shape[1]
-        for step in range(warp, (n_words + 31) // 32, WARPS):
-            word = step * 32 + lane
-            if word < n_words:
-                b = word >> word_shift
-                w = word & ((1 << word_shift) - 1)
-                lo = xq[b * 8 + w]
-                hi = xq[b * 8 + 4 + w] if qtype != Q8_0 else np.uint32(0)
-                n_codes = _dp4a_us(np.uint32(0x01010101), lo, np.int32(0)) + _dp4a_us(np.uint32(0x01010101), hi,
-                                                                                         np.int32(0))
+        n_blocks = d.shape[1]
+        ones = np.uint32(0x01010101)
+        nibbles = np.uint32(0x0F0F0F0F)
+        for b0 in range(0, n_blocks, 32 * STEPS):
+            load_blocks(qs, d, m, qtype, r0, b0, codes, scale, low)
+            for s in range(STEPS):
+                b = b0 + s * 32 + lane
+                if not SHUFFLE and b >= n_blocks:
+                    continue
+                b = min(b, n_blocks - 1)
+                xc[0], xc[1], xc[2], xc[3] = _load4_1d(xq, 8 * b)
+                xc[4], xc[5], xc[6], xc[7] = _load4_1d(xq, 8 * b + 4)
                 scale_x = xd[b]
-                for i in range(rows):
-                    r = r0 + i
-                    if r < n_rows:
-                        wd = qs[r, word]
-                        dw = float32(d[r, b])
-                        if qtype == Q8_0:
-                            acc[i] += dw * scale_x * float32(_dp4a_ss(wd, lo, np.int32(0)))
-                        else:
-                            dot = _dp4a_us(wd & np.uint32(0x0F0F0F0F), lo, np.int32(0))
-                            dot = _dp4a_us((wd >> np.uint32(4)) & np.uint32(0x0F0F0F0F), hi, dot)
+                if qtype == Q8_0:
+                    for i in range(rows):
+                        if SHUFFLE or r0 + i < n_rows:
+                            dot = np.int32(0)
+                            for w in range(8):
+                                dot = _dp4a_ss(codes[s, i, w], xc[w], dot)
+                            acc[i] += scale[s, i] * scale_x * float32(dot)
+                else:
+                    n_codes = np.int32(0)
+                    for w in range(8):
+                        n_codes = _dp4a_us(ones, xc[w], n_codes)
+                    for i in range(rows):
+                        if SHUFFLE or r0 + i < n_rows:
+                            dot = np.int32(0)
+                            for w in range(4):
+                                dot = _dp4a_us(codes[s, i, w] & nibbles, xc[w], dot)
+                                dot = _dp4a_us((codes[s, i, w] >> np.uint32(4)) & nibbles, xc[4 + w], dot)
                             if qtype == Q4_0:  # nibbles hold q + 8
-                                acc[i] += dw * scale_x * float32(dot - 8 * n_codes)
-                            else:  # cpu's Q4_1: d·xd·Σq·c + m·Σx + 8d·xerr, the float terms once per block
-                                acc[i] += dw * scale_x * float32(dot)
-                                if w == 0:
-                                    acc[i] += float32(m[r, b]) * xsum[b] + float32(8.0) * dw * xerr[b]
-        rows_out(acc, out, r0)
+                                acc[i] += scale[s, i] * scale_x * float32(dot - 8 * n_codes)
+                            else:  # cpu's Q4_1: d·xd·Σq·c + m·Σx + 8d·xerr
+                                acc[i] += scale[s, i] * (scale_x * float32(dot) + float32(8.0) * xerr[b]) + \
+                                    low[s, i] * xsum[b]
+        rows_out(acc, out, r0, buf)
 
     return matvec, matvec_int8
 
 
-def permuted_size(n_cols: int) -> int:
-    """Length of `permute_x`'s output for a row of n_cols."""
-    return -(-n_cols // 256) * 256
+def reuses_codes(before: int, after: int) -> bool:
+    """Whether a product of weights in format `after` can take the int8 codes of x its product
+    in `before` made: every block format reads the same codes; float weights take float x."""
+    return before != DENSE and after != DENSE
 
 
-def reuses_x(before: int, after: int, int8: bool) -> bool:
-    """Whether a product of weights in format `after` can take the x its product in `before`
-    prepared: int8 codes serve every block format; a float permutation, formats that read x
-    alike (Q4_0 and Q4_1 share one). Float weights read x itself (always True between them)."""
-    if int8:
-        return before != DENSE and after != DENSE
-    layout = lambda q: DENSE if q == DENSE else Q8_0 if q == Q8_0 else Q4_0  # noqa: E731
-    return layout(before) == layout(after)
-
-
-def product(w: DeviceMatrix, x, xp, out, stream=0, rows=ROWS, permuted=False, up=None):
-    """out = W·x on the device; xp: scratch of permuted_size(len(x)) floats (unused for float
-    weights). permuted: xp already holds this x in w's layout (a product of the same x before).
-    up: the product of SwiGLU's silu(x)·up instead, the activation applied while x is permuted
-    (float weights: in place in x first)."""
-    matvec = matvec_kernel(rows)[0]
-    if w.qtype == DENSE:
-        if up is not None:
-            silu_mul[_blocks(x.shape[0]), THREADS, stream](x, up, x)
-        matvec[-(-w.n_rows // rows), THREADS, stream](*w.args, x, out)
-        return
-    if not permuted:
-        n = permuted_size(w.n_cols)  # xp not sliced: a device-array view costs more host time than a launch
-        permute_x[_blocks(n), THREADS, stream](x, empty((0,), np.float32) if up is None else up, w.qtype, n, xp)
-    matvec[-(-w.n_rows // rows), THREADS, stream](*w.args, xp, out)
+def product(w: DeviceMatrix, x, xp, out, stream=0, rows=ROWS, up=None):
+    """out = W·x on the device, x float (its rows starting on 16 bytes: the kernel's vector loads).
+    up: the product of SwiGLU's silu(x)·up instead, written into the scratch xp (len(x) floats or
+    more) first."""
+    if up is not None:
+        silu_mul[_blocks(x.shape[0]), THREADS, stream](x, up, xp)
+        x = xp
+    matvec_kernel(rows)[0][_matvec_blocks(w, rows), THREADS, stream](*w.args, x, out)
 
 
 @cuda.jit(device=True, inline=True)
@@ -598,7 +672,8 @@ def rmsnorm(x, residual, weight, eps, out):
 
 @cuda.jit(**_FAST)
 def silu_mul(gate, up, out):
-    for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+    """out[:len(gate)] = silu(gate)·up (out may be longer: a scratch)."""
+    for i in range(cuda.grid(1), gate.shape[0], cuda.gridsize(1)):
         g = gate[i]
         out[i] = g / (float32(1.0) + math.exp(-g)) * up[i]
 
@@ -830,12 +905,64 @@ def _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, c):
 
 
 @cuda.jit(device=True, inline=True)
+def _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, width, lat):
+    """lat[r · LAT_ROW + t] = channel r0 + r of position p0 + t (0 past n or width), TILE_R channels
+    × TILE_T positions. Each thread decodes eight latents that share one code word — 8 positions of
+    a channel in a per-channel stream, 8 channels of a position in a per-token one — from that
+    word's bytes and one scale and zero (one by one through _latent where the eight are not all
+    packed in one group: sinks, the exact tail, the ends)."""
+    tid = cuda.threadIdx.x
+    per_channel = cbits.shape[0] > 0
+    if per_channel:  # lanes over channels: a warp's stores hit every bank once
+        r, t = tid % TILE_R, (tid // TILE_R) * 8
+    else:  # lanes over positions
+        r, t = (tid // TILE_T) * 8, tid % TILE_T
+    p, c = p0 + t, r0 + r
+    at, step = r * LAT_ROW + t, 1 if per_channel else LAT_ROW  # where the eight go
+    last_p, last_c = (p + 7, c) if per_channel else (p, c + 7)
+    packed = shift >= 3 and p >= sink.shape[0] and last_p < min(n, n_q) and last_c < width and (
+        p % 8 == 0 if per_channel else c % 8 == 0)
+    if packed:
+        word = np.uint64(0)
+        if per_channel:
+            b = p >> shift
+            cb = cbits[c]
+            o = off[c] + ((p & ((1 << shift) - 1)) >> 3) * cb
+            for k in range(cb):
+                word |= np.uint64(codes[b, 0, o + k]) << np.uint64(8 * k)
+            s, z = float32(scale[b, c, 0]), float32(zero[b, c, 0])
+        else:
+            cb = bits
+            o = (c >> 3) * cb
+            for k in range(cb):
+                word |= np.uint64(codes[p, 0, o + k]) << np.uint64(8 * k)
+            s, z = float32(scale[p, 0, c >> shift]), float32(zero[p, 0, c >> shift])
+        mask = np.uint64((1 << cb) - 1)
+        for j in range(8):
+            lat[at + j * step] = float32((word >> np.uint64(cb * j)) & mask) * s + z
+    else:
+        for j in range(8):
+            pj, cj = (p + j, c) if per_channel else (p, c + j)
+            lat[at + j * step] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, pj, cj) \
+                if pj < n and cj < width else float32(0.0)
+
+
+@cuda.jit(device=True, inline=True)
+def _tile_col(tx, j):
+    """The column of thread (·, tx)'s j-th value (j < 8) in a rebuild tile: two runs of four,
+    HEAD_DIM / 2 apart, so that each is one 16-byte shared load and a warp's loads of a row are
+    one piece."""
+    return (j // 4) * (HEAD_DIM // 2) + 4 * tx + j % 4
+
+
+@cuda.jit(device=True, inline=True)
 def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, m, col0, n_cols, stage, acc):
     """acc (4 × 8 per thread) = latents of positions [p0, p0 + TILE_T) ∩ [0, n) · m[:, col0 : col0 +
     n_cols] (n_cols ≤ HEAD_DIM). The latents are dequantized TILE_R channels at a time into shared
-    memory (stage: TILE_T rows of LAT_ROW floats) beside the matching rows of m (from M_AT: TILE_R
-    rows of HEAD_DIM); thread (ty, tx) then owns positions 4ty … 4ty+3 and columns tx + 16j: twelve
-    shared loads feed 32 FMAs. Flat offsets, not 2-d views: Numba's CUDA target cannot reshape."""
+    memory (stage: TILE_R rows of LAT_ROW floats, position-major) beside the matching rows of m
+    (from M_AT: TILE_R rows of HEAD_DIM); thread (ty, tx) then owns positions 4ty … 4ty+3 and the
+    columns _tile_col: three 16-byte shared loads feed 32 FMAs. Flat offsets, not 2-d views:
+    Numba's CUDA target cannot reshape."""
     tid = cuda.threadIdx.x
     ty, tx = tid // 16, tid % 16
     for i in range(32):
@@ -843,35 +970,36 @@ def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, 
     a = cuda.local.array(4, float32)
     w = cuda.local.array(8, float32)
     width = m.shape[0]
+    base = _shared_base(stage)
+    at_a, at_w = 4 * ty, M_AT + _tile_col(tx, 0)  # this thread's first latent and factor element of a row
     for r0 in range(0, width, TILE_R):
-        for i in range(tid, TILE_T * TILE_R, THREADS):
-            t, r = i % TILE_T, i // TILE_T  # consecutive threads: consecutive positions of one channel
-            p = p0 + t
-            stage[t * LAT_ROW + r] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p,
-                                             r0 + r) if p < n and r0 + r < width else float32(0.0)
+        _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, width, stage)
         for i in range(tid, TILE_R * HEAD_DIM, THREADS):
             r, c = i // HEAD_DIM, i % HEAD_DIM
             stage[M_AT + i] = m[r0 + r, col0 + c] if c < n_cols and r0 + r < width else float32(0.0)
         cuda.syncthreads()
-        for r in range(TILE_R):
-            for i in range(4):
-                a[i] = stage[(4 * ty + i) * LAT_ROW + r]
-            for j in range(8):
-                w[j] = stage[M_AT + r * HEAD_DIM + tx + 16 * j]
-            for i in range(4):
-                for j in range(8):
-                    acc[8 * i + j] = cuda.fma(a[i], w[j], acc[8 * i + j])
+        for r4 in range(0, TILE_R, 4):  # four channels a trip, unrolled: the loads' offsets are constants
+            for r in range(r4, r4 + 4):
+                a[0], a[1], a[2], a[3] = _shared4(stage, base, at_a + r * LAT_ROW)
+                w[0], w[1], w[2], w[3] = _shared4(stage, base, at_w + r * HEAD_DIM)
+                w[4], w[5], w[6], w[7] = _shared4(stage, base, at_w + r * HEAD_DIM + HEAD_DIM // 2)
+                for i in range(4):
+                    for j in range(8):
+                        acc[8 * i + j] = cuda.fma(a[i], w[j], acc[8 * i + j])
         cuda.syncthreads()
 
 
-@cuda.jit(**_FAST)
+@cuda.jit(**_TWO_PER_SM)
 def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, mk, cos, sin, head_dim,
                   scale_qk, scores):
     """Rematerialize-and-score: scores[h, t] = q_h · RoPE_t(z_t · mk)[kv head of h] · scale_qk for
     positions [lo, n) of a latent key stream (mk empty: the latent is the key itself). Block (x, g):
     positions lo + TILE_T·x … and kv head g; the rebuilt keys live in shared memory only, where the
     staged latents and factor rows were (all of it separately would pass the 48 KB a block has)."""
-    stage = cuda.shared.array(SCORES_STAGE, float32)  # the rebuild's staging, then keys of KEY_ROW floats
+    if SHUFFLE:  # 16-byte aligned: the product's shared loads are of four floats (not in the simulator's API)
+        stage = cuda.shared.array(SCORES_STAGE, float32, alignment=16)  # the rebuild's staging, then keys
+    else:
+        stage = cuda.shared.array(SCORES_STAGE, float32)
     q_s = cuda.shared.array((MAX_GROUP, HEAD_DIM), float32)
     acc = cuda.local.array(32, float32)
     tid = cuda.threadIdx.x
@@ -888,7 +1016,7 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
         ty, tx = tid // 16, tid % 16
         for i in range(4):
             for j in range(8):
-                stage[(4 * ty + i) * KEY_ROW + tx + 16 * j] = acc[8 * i + j]
+                stage[(4 * ty + i) * KEY_ROW + _tile_col(tx, j)] = acc[8 * i + j]
     else:
         for t in range(tid // HEAD_DIM, TILE_T, THREADS // HEAD_DIM):
             p = p0 + t
@@ -969,13 +1097,16 @@ def project_values(parts, n_parts, width, mv, head_dim, add, out):
         out[h * head_dim + i] = acc + (out[h * head_dim + i] if add else float32(0.0))
 
 
-@cuda.jit(**_FAST)
+@cuda.jit(**_TWO_PER_SM)
 def rebuild(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, m, out, base, add):
     """out[p − base] (+)= z_p · m for the positions p ∈ [lo, n) of a latent stream (m empty: z_p
     itself) — a prompt's keys and values, rebuilt once for all its queries, and XQuant-CL's
     accumulator Â (add: onto what out holds; an fp16 out rounds each row as the CPU's does).
     Grid: position tiles × column tiles of HEAD_DIM."""
-    stage = cuda.shared.array(STAGE, float32)
+    if SHUFFLE:
+        stage = cuda.shared.array(STAGE, float32, alignment=16)
+    else:
+        stage = cuda.shared.array(STAGE, float32)
     acc = cuda.local.array(32, float32)
     p0, col0 = lo + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y * HEAD_DIM
     n_cols = min(HEAD_DIM, out.shape[1] - col0)
@@ -985,13 +1116,13 @@ def rebuild(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n,
     else:
         for i in range(4):
             for j in range(8):
-                p, c = p0 + 4 * ty + i, tx + 16 * j
+                p, c = p0 + 4 * ty + i, _tile_col(tx, j)
                 acc[8 * i + j] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, col0 + c) \
                     if p < n and c < n_cols else float32(0.0)
     for i in range(4):
         p = p0 + 4 * ty + i
         for j in range(8):
-            c = tx + 16 * j
+            c = _tile_col(tx, j)
             if p < n and c < n_cols:
                 out[p - base, col0 + c] = acc[8 * i + j] + (float32(out[p - base, col0 + c]) if add else float32(0.0))
 
@@ -1144,9 +1275,10 @@ def subtract_rows(x, rows, r0, out):
 
 # ---- launching -------------------------------------------------------------------------------
 def available() -> bool:
-    """Whether numba-cuda sees a GPU (or the simulator stands in for one)."""
+    """Whether numba-cuda sees a GPU (or the simulator stands in for one) and is new enough for
+    these kernels."""
     try:
-        return bool(cuda.is_available())
+        return NEW_ENOUGH and bool(cuda.is_available())
     except Exception:  # a driver that fails to load says so as an exception, not as False
         return False
 
