@@ -390,17 +390,35 @@ def _signed(c):
 
 
 def _make_matvec(rows):
+    part_rows = 1 if SHUFFLE else rows  # the simulator's reduction buffer
+
     @cuda.jit(device=True, inline=True)
     def first_row():
         return (cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32) * rows
 
     @cuda.jit(device=True, inline=True)
-    def rows_out(acc, out, r0, buf):
-        """out[r0 + i] = the warp's sum of acc[i]: no barrier on a GPU, warps never wait for others."""
+    def rows_out(acc, out, r0):
+        """out[r0 + i] = the warp's sum of acc[i]: by shuffles on a GPU, no barrier (warps never
+        wait for others); in the simulator through shared memory, one barrier for all the rows
+        (a barrier is a round of 256 Python threads there)."""
+        tid = cuda.threadIdx.x
+        if SHUFFLE:
+            for i in range(rows):
+                v = _warp_sum(acc[i], acc)  # a buffer only the simulator's path of _warp_sum uses
+                if tid % 32 == 0 and r0 + i < out.shape[0]:
+                    out[r0 + i] = v
+            return
+        part = cuda.shared.array((part_rows, THREADS), float32)
         for i in range(rows):
-            v = _warp_sum(acc[i], buf)
-            if cuda.threadIdx.x % 32 == 0 and r0 + i < out.shape[0]:
-                out[r0 + i] = v
+            part[i, tid] = acc[i]
+        cuda.syncthreads()
+        if tid % 32 == 0:
+            for i in range(rows):
+                if r0 + i < out.shape[0]:
+                    total = float32(0.0)
+                    for k in range(32):
+                        total += part[i, tid + k]
+                    out[r0 + i] = total
 
     @cuda.jit(device=True, inline=True)
     def load_blocks(qs, d, m, qtype, r0, b0, codes, scale, low):
@@ -434,7 +452,6 @@ def _make_matvec(rows):
         of the rows, x's 32 values of a block in 16-byte loads (cached: every warp reads them);
         float weights: the lanes over the row. The simulator skips the sums of blocks and rows past
         the end, which a GPU computes and drops (no branch; each skipped sum is Python work there)."""
-        buf = cuda.shared.array(THREADS, float32)  # the simulator's reductions
         acc = cuda.local.array(rows, float32)
         dot = cuda.local.array(rows, float32)
         codes = cuda.local.array((STEPS, rows, 8), np.uint32)
@@ -490,7 +507,7 @@ def _make_matvec(rows):
                                 acc[i] += scale[s, i] * dot[i] + low[s, i] * sx
                             else:  # nibbles hold q + 8
                                 acc[i] += scale[s, i] * (dot[i] - float32(8.0) * sx)
-        rows_out(acc, out, r0, buf)
+        rows_out(acc, out, r0)
 
     @cuda.jit(**_FAST)
     def matvec_int8(qs, d, m, qtype, xq, xd, xsum, xerr, out):
@@ -498,7 +515,6 @@ def _make_matvec(rows):
         taking blocks l, l + 32, …: per 32-bit code word one or two 4-way byte dot products (dp4a), the integer sums of xqrt.kernels.cpu's act_bits=8 path.
         A Q4 word's nibbles meet codes 4w…4w+3 and 16+4w…, a Q8_0 word's bytes codes 4w…4w+3:
         whole words of x's codes, in order."""
-        buf = cuda.shared.array(THREADS, float32)
         acc = cuda.local.array(rows, float32)
         codes = cuda.local.array((STEPS, rows, 8), np.uint32)
         scale = cuda.local.array((STEPS, rows), float32)
@@ -544,7 +560,7 @@ def _make_matvec(rows):
                             else:  # cpu's Q4_1: d·xd·Σq·c + m·Σx + 8d·xerr
                                 acc[i] += scale[s, i] * (scale_x * float32(dot) + float32(8.0) * xerr[b]) + \
                                     low[s, i] * xsum[b]
-        rows_out(acc, out, r0, buf)
+        rows_out(acc, out, r0)
 
     return matvec, matvec_int8
 
