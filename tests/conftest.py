@@ -118,9 +118,10 @@ def smollm2_hf(smollm2_path, tmp_path_factory):
 def code_path(request, monkeypatch):
     """Which of xqrt.kernels.cuda's two code paths the kernels take (parametrize indirectly; the
     default is the simulator's). "gpu" runs a GPU's — warp-shuffle reductions, libdevice's
-    round-to-nearest product, aligned shared arrays — in the simulator, which has none of them: NumPy's float32 product, and
-    lanes that swap values through a barrier of their warp's own, so that a shuffle a lane of the
-    warp does not reach (undefined on a GPU) fails the test, not a GPU run."""
+    round-to-nearest product, aligned shared arrays — in the simulator, which has none of them:
+    NumPy's float32 product, and lanes that swap values through a barrier of their warp's own, so
+    that a shuffle a lane of the warp does not reach (undefined on a GPU) fails the test, not a GPU
+    run."""
     path = getattr(request, "param", "simulator")
     if path == "simulator":
         return path
@@ -161,7 +162,8 @@ def code_path(request, monkeypatch):
         its caller's line, so it cannot be wrapped)."""
         caller = traceback.extract_stack(sys._getframe())[-2][0:2]
         if caller not in self._allocations:
-            self._allocations[caller] = np.empty(shape, numpy_support.as_dtype(dtype) if isinstance(dtype, Type) else dtype)
+            as_numpy = numpy_support.as_dtype(dtype) if isinstance(dtype, Type) else dtype
+            self._allocations[caller] = np.empty(shape, as_numpy)
         return self._allocations[caller]
 
     monkeypatch.setattr(FakeCUDAModule, "shfl_xor_sync", shfl_xor_sync, raising=False)

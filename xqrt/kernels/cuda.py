@@ -384,6 +384,12 @@ def _matvec_blocks(w: DeviceMatrix, rows: int) -> int:
 
 
 @cuda.jit(device=True, inline=True)
+def _nibble(c, shift):
+    """The 4-bit code at bit `shift` of c, a float."""
+    return float32((c >> np.uint32(shift)) & np.uint32(15))
+
+
+@cuda.jit(device=True, inline=True)
 def _signed(c):
     """The low byte of c as a signed code, a float (xor and subtract: no branch)."""
     return float32(np.int32((c & np.uint32(255)) ^ np.uint32(128)) - np.int32(128))
@@ -491,17 +497,16 @@ def _make_matvec(rows):
                         for i in range(rows):
                             acc[i] += scale[s, i] * dot[i]
                     else:
-                        for w in range(4):  # word w's low nibbles: elements 4w …; its high ones: 16 + 4w …
+                        for w in range(4):  # word w's low nibbles: elements 4w …; high ones 16 + 4w …
                             x0, x1, x2, x3 = _load4_1d(x, at + 4 * w)
                             y0, y1, y2, y3 = _load4_1d(x, at + 16 + 4 * w)
                             sx += x0 + x1 + x2 + x3 + y0 + y1 + y2 + y3
                             for i in range(rows):
                                 if SHUFFLE or r0 + i < n_rows:
                                     c = codes[s, i, w]
-                                    dot[i] += float32(c & np.uint32(15)) * x0 + float32((c >> np.uint32(8)) & np.uint32(15)) * x1 + \
-                                        float32((c >> np.uint32(16)) & np.uint32(15)) * x2 + float32((c >> np.uint32(24)) & np.uint32(15)) * x3 + \
-                                        float32((c >> np.uint32(4)) & np.uint32(15)) * y0 + float32((c >> np.uint32(12)) & np.uint32(15)) * y1 + \
-                                        float32((c >> np.uint32(20)) & np.uint32(15)) * y2 + float32(c >> np.uint32(28)) * y3
+                                    dot[i] += _nibble(c, 0) * x0 + _nibble(c, 8) * x1 + _nibble(c, 16) * x2 + \
+                                        _nibble(c, 24) * x3 + _nibble(c, 4) * y0 + _nibble(c, 12) * y1 + \
+                                        _nibble(c, 20) * y2 + _nibble(c, 28) * y3
                         for i in range(rows):
                             if qtype == Q4_1:
                                 acc[i] += scale[s, i] * dot[i] + low[s, i] * sx
@@ -512,9 +517,9 @@ def _make_matvec(rows):
     @cuda.jit(**_FAST)
     def matvec_int8(qs, d, m, qtype, xq, xd, xsum, xerr, out):
         """out[r] = W[r] · x against x's int8 codes (quantize_x), `rows` rows per warp, lane l
-        taking blocks l, l + 32, …: per 32-bit code word one or two 4-way byte dot products (dp4a), the integer sums of xqrt.kernels.cpu's act_bits=8 path.
-        A Q4 word's nibbles meet codes 4w…4w+3 and 16+4w…, a Q8_0 word's bytes codes 4w…4w+3:
-        whole words of x's codes, in order."""
+        taking blocks l, l + 32, …: per 32-bit code word one or two 4-way byte dot products (dp4a),
+        the integer sums of xqrt.kernels.cpu's act_bits=8 path. A Q4 word's nibbles meet codes
+        4w…4w+3 and 16+4w…, a Q8_0 word's bytes codes 4w…4w+3: whole words of x's codes, in order."""
         acc = cuda.local.array(rows, float32)
         codes = cuda.local.array((STEPS, rows, 8), np.uint32)
         scale = cuda.local.array((STEPS, rows), float32)
