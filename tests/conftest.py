@@ -11,6 +11,9 @@ import pytest
 # No GPU here: the CUDA kernels run in Numba's simulator (set before Numba is first imported).
 if "NUMBA_ENABLE_CUDASIM" not in os.environ and not os.path.exists("/dev/nvidia0"):
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    import cudasim
+    cudasim.install()
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "convert"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
@@ -118,22 +121,18 @@ def smollm2_hf(smollm2_path, tmp_path_factory):
 def code_path(request, monkeypatch):
     """Which of xqrt.kernels.cuda's two code paths the kernels take (parametrize indirectly; the
     default is the simulator's). "gpu" runs a GPU's — warp-shuffle reductions, libdevice's
-    round-to-nearest product, aligned shared arrays — in the simulator, which has none of them:
-    NumPy's float32 product, and lanes that swap values through a barrier of their warp's own, so
-    that a shuffle a lane of the warp does not reach (undefined on a GPU) fails the test, not a GPU
-    run."""
+    round-to-nearest product — in the simulator, which has neither: NumPy's float32 product, and
+    lanes that swap values through a barrier of their warp's own, so that a shuffle a lane of the
+    warp does not reach (undefined on a GPU) fails the test, not a GPU run."""
     path = getattr(request, "param", "simulator")
     if path == "simulator":
         return path
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         pytest.skip("on a GPU every test takes the GPU's path")
     import threading
-    import traceback
 
-    from numba.core.types import Type
     from numba.cuda import libdevice
-    from numba.cuda.simulator.kernelapi import FakeCUDAModule, FakeCUDAShared
-    from numba.np import numpy_support
+    from numba.cuda.simulator.kernelapi import FakeCUDAModule
 
     from xqrt.kernels import cuda as kc
     lock = threading.Lock()
@@ -157,17 +156,7 @@ def code_path(request, monkeypatch):
         barrier.wait()  # BrokenBarrierError after a minute: a lane of the warp never came
         return type(value)(buf[lane ^ lane_mask])
 
-    def shared_array(self, shape, dtype, alignment=None):  # the simulator's takes no alignment
-        """One array per line of the kernel that asks for it, as the simulator's own (which keys on
-        its caller's line, so it cannot be wrapped)."""
-        caller = traceback.extract_stack(sys._getframe())[-2][0:2]
-        if caller not in self._allocations:
-            as_numpy = numpy_support.as_dtype(dtype) if isinstance(dtype, Type) else dtype
-            self._allocations[caller] = np.empty(shape, as_numpy)
-        return self._allocations[caller]
-
     monkeypatch.setattr(FakeCUDAModule, "shfl_xor_sync", shfl_xor_sync, raising=False)
-    monkeypatch.setattr(FakeCUDAShared, "array", shared_array)
     monkeypatch.setattr(libdevice, "fmul_rn", lambda a, b: np.float32(a) * np.float32(b))
     monkeypatch.setattr(kc, "SHUFFLE", True)
     return path
@@ -193,7 +182,7 @@ def pytest_configure(config):
         return str(t).replace("readonly ", "")
 
     def recording(self, *args):
-        if not self._device:
+        if not self._device and self.fn.__module__.startswith(("xqrt.", "bench_gpu")):  # not a test's own
             closure = tuple(c.cell_contents for c in self.fn.__closure__ or () if type(c.cell_contents) is int)
             seen.add((self.fn.__module__, self.fn.__qualname__, closure, tuple(type_name(a) for a in args)))
         return launch(self, *args)

@@ -1,0 +1,44 @@
+"""tests/cudasim.py's barrier and shared arrays run a block as Numba's simulator does."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from numba import cuda, float32
+
+pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="the simulator's")
+
+
+@cuda.jit
+def rotate(out, n_live, fail_at):
+    """Each of the first n_live threads takes its right neighbour's value three times, through
+    shared memory between barriers; the others return at once. Thread fail_at indexes past out
+    before its first barrier."""
+    buf = cuda.shared.array(64, float32)
+    t = cuda.threadIdx.x
+    if t >= n_live:
+        return
+    v = float32(t)
+    for _ in range(3):
+        if t == fail_at:
+            out[out.size] = v
+        buf[t] = v
+        cuda.syncthreads()
+        v = buf[(t + 1) % n_live]
+        cuda.syncthreads()
+    out[t] = v
+
+
+@pytest.mark.parametrize("n_live", [64, 37, 1])
+def test_a_barrier_waits_for_the_live_threads(n_live):
+    out = cuda.to_device(np.full(64, -1.0, np.float32))
+    rotate[2, 64](out, n_live, -1)
+    want = np.full(64, -1.0, np.float32)
+    want[:n_live] = (np.arange(n_live) + 3) % n_live
+    np.testing.assert_array_equal(out.copy_to_host(), want)
+
+
+def test_a_failing_thread_is_the_error_not_a_hang():
+    with pytest.raises(IndexError):
+        rotate[1, 64](cuda.to_device(np.zeros(64, np.float32)), 64, 5)
