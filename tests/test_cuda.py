@@ -633,7 +633,6 @@ def test_device_choice(monkeypatch):
         pick_device("tpu", "fp16", config, plain)
 
 
-@pytest.mark.slow
 def bench_gpu():
     """bench/gpu.py as a module (bench_gpu, the name bench/ptx_check.py finds its kernels by)."""
     import importlib.util
