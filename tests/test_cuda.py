@@ -73,6 +73,16 @@ def test_matvec_rows_per_warp(rows_per_warp, code_path):
         np.testing.assert_allclose(out.copy_to_host(), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
+def test_a_misaligned_x_is_an_error_as_on_a_gpu():
+    """The product's 16-byte loads of x fault on a GPU unless x starts on 16 bytes; the simulator
+    fails too, so a test of every caller's x would catch one that does not."""
+    w, _ = device_weights(Q4_0, 3, 96)
+    x = cuda.to_device(np.zeros(100, np.float32))
+    kc.product(w, x[4:], cuda.device_array(96, np.float32), cuda.device_array(3, np.float32))
+    with pytest.raises(ValueError, match="4 bytes into its allocation: misaligned on a GPU"):
+        kc.product(w, x[1:97], cuda.device_array(96, np.float32), cuda.device_array(3, np.float32))
+
+
 @pytest.mark.parametrize("qtype", [Q4_1, None])
 def test_product_of_swiglu(qtype):
     """product(..., up=u) multiplies silu(x)·u, written to the scratch first."""

@@ -297,17 +297,38 @@ else:
         """c + Σ signed bytes of a × signed bytes of b."""
         return _dp4a(a, b, c, True)
 
+    _OFFSETS = {}  # id(array) → (the array, its start's offset into its allocation, its strides)
+
+    def _check_16(ary, *index):
+        """A GPU's 16-byte load faults unless its address is a multiple of 16: the element's offset
+        into its allocation (a device allocation starts on 256 bytes) must be one."""
+        seen = _OFFSETS.get(id(ary))
+        if seen is None or seen[0] is not ary:  # a launch's threads share its arguments: found once
+            a = ary if isinstance(ary, np.ndarray) else object.__getattribute__(ary, "_item")._ary
+            owner = a
+            while isinstance(owner.base, np.ndarray):
+                owner = owner.base
+            if len(_OFFSETS) > 64:
+                _OFFSETS.clear()
+            seen = _OFFSETS[id(ary)] = ary, a.ctypes.data - owner.ctypes.data, a.strides
+        offset = seen[1] + sum(i * s for i, s in zip(index, seen[2]))
+        if offset % 16:
+            raise ValueError(f"a 16-byte load {offset} bytes into its allocation: misaligned on a GPU")
+
     def _load4(ary, r, c):
         """ary[r, c:c + 4] as a tuple (a GPU loads it in one instruction)."""
+        _check_16(ary, r, c)
         return ary[r, c], ary[r, c + 1], ary[r, c + 2], ary[r, c + 3]
 
     def _load4_1d(ary, i):
+        _check_16(ary, i)
         return ary[i], ary[i + 1], ary[i + 2], ary[i + 3]
 
     def _shared_base(ary):
         return np.uint32(0)
 
     def _shared4(ary, base, i):
+        _check_16(ary, i)
         return ary[i], ary[i + 1], ary[i + 2], ary[i + 3]
 
 
