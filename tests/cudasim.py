@@ -38,33 +38,27 @@ def shared_array(self, shape, dtype, alignment=None):
 
 
 class BlockBarrier:
-    """syncthreads for one block: released when every live thread waits; broken (every waiting
-    thread raises) when a thread fails."""
+    """syncthreads for one block: released when every live thread waits (a thread that returns or
+    fails leaves the count); an error after a minute's wait (on a GPU: a hang)."""
 
     def __init__(self, n_threads):
         self.cond = threading.Condition()
-        self.live, self.waiting, self.generation, self.broken = n_threads, 0, 0, False
+        self.live, self.waiting, self.generation = n_threads, 0, 0
 
     def wait(self):
         with self.cond:
-            if not self.broken:
-                generation = self.generation
-                self.waiting += 1
-                if self.waiting == self.live:
-                    self._release()
-                    return
-                while generation == self.generation and not self.broken:
-                    self.cond.wait()
-            if self.broken:
-                raise RuntimeError("another thread of the block failed")
+            generation = self.generation
+            self.waiting += 1
+            if self.waiting == self.live:
+                self._release()
+            elif not self.cond.wait_for(lambda: generation != self.generation, timeout=60):
+                self.waiting -= 1
+                raise RuntimeError("syncthreads: a live thread of the block has not come for a minute")
 
-    def leave(self, failed):
+    def leave(self):
         with self.cond:
             self.live -= 1
-            if failed:
-                self.broken = True
-                self.cond.notify_all()
-            elif self.waiting and self.waiting == self.live:
+            if self.waiting and self.waiting == self.live:
                 self._release()
 
     def _release(self):
@@ -80,10 +74,8 @@ def run_block(self, grid_point, *args):
     def thread_body():
         try:
             self._f(*args)
-        except BaseException:
-            barrier.leave(failed=True)
-            raise
-        barrier.leave(failed=False)
+        finally:
+            barrier.leave()
 
     threads = [sim_kernel.BlockThread(thread_body, self, grid_point, point, self._debug)
                for point in np.ndindex(*self._block_dim)]
@@ -91,11 +83,9 @@ def run_block(self, grid_point, *args):
         t.start()
     for t in threads:
         t.join()
-    failed = [t for t in threads if t.exception]
-    if failed:  # the thread that failed first, not those its failure broke the barrier for
-        first = next((t for t in failed if "another thread of the block failed" not in str(t.exception[0])),
-                     failed[0])
-        raise first.exception[0].with_traceback(first.exception[1])
+    failed = next((t for t in threads if t.exception), None)
+    if failed:
+        raise failed.exception[0].with_traceback(failed.exception[1])
 
 
 def syncthreads(self):
