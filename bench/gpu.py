@@ -14,7 +14,9 @@ One run on one GPU prints and writes `docs/performance-gpu.md`:
   FLOPs / fp32 peak), plus XQuant and XQuant-CL with the engine's --rebuild cublas (kc.Cublas:
   fp16 latents × fused factors through cuBLAS, via torch on the same device buffers);
 - cache bytes per token and the largest context that fits 16 GB of cache per mode, and of cache
-  plus the step's working memory per position (`working_bytes_per_token`).
+  plus the step's working memory per position (`working_bytes_per_token`);
+- where the time goes at the longest context (3 bits, or the first of --bits): the GPU's own time
+  per kernel of one layer's attention and of the whole step, per mode (torch's profiler).
 
 Weights and cache contents are random (speed does not depend on them). A step writes the new
 token as the engine does — fp16 KV its K/V row, the latent modes their latents into the exact ring
@@ -369,9 +371,9 @@ def attention_cost(mode, bits, s, n):
     return b + 4 * 2 * n * d, 2 * n * 2 * kv * d + 2 * n * d * kv + 4 * n * nh * hd + 2 * n * nh * d
 
 
-def run_mode(model, mode, bits, n, tensor_cores=False):
-    """(step seconds, attention seconds per layer) for one mode at context n; tensor_cores: the
-    engine's --rebuild cublas (kc.Cublas)."""
+def mode_calls(model, mode, bits, n, tensor_cores=False):
+    """(one layer's attention, the whole decode step) of one mode at context n, as calls of no
+    arguments; tensor_cores: the engine's --rebuild cublas (kc.Cublas)."""
     s, kv = model.s, model.s["n_kv_head"] * model.s["head_dim"]
     cublas = kc.Cublas(n + 1) if tensor_cores else None
     model.at.copy_to_device(np.array([n], np.int64))  # the step's position: n positions before it
@@ -419,14 +421,20 @@ def run_mode(model, mode, bits, n, tensor_cores=False):
             store(deltas[i], model.z_row, n - 1, False)
             one_layer(i)
         one = lambda: one_layer(s["n_layer"] - 1)  # noqa: E731 — past the seed, where Â is added to
+    needs_kv = mode in ("fp16", "kivi")
+    return one, lambda: model.step(attend, needs_kv)
+
+
+def run_mode(one, step):
+    """(step seconds launched from Python, as a CUDA graph, attention seconds per layer) of
+    mode_calls' two calls."""
     t_attn = graph_seconds(one)
     if isinstance(t_attn, str):
         t_attn = seconds(one, least=0.3, most=20)
-    needs_kv = mode in ("fp16", "kivi")
-    t_step = seconds(lambda: model.step(attend, needs_kv), least=0.5, most=5)
+    t_step = seconds(step, least=0.5, most=5)
     if t_step > 1.0:  # launch overhead is noise here: spare the device time of a capture
         return t_step, float("nan"), t_attn
-    return t_step, graph_seconds(lambda: model.step(attend, needs_kv)), t_attn
+    return t_step, graph_seconds(step), t_attn
 
 
 def graph_seconds(step):
@@ -452,6 +460,71 @@ def graph_seconds(step):
         STREAM[0] = 0
         torch.cuda.synchronize()
         return f"{type(e).__name__}: {str(e)[:80]}"
+
+
+def kernel_name(name: str) -> str:
+    """A kernel's name without its namespaces, ABI tags and arguments: Numba's mangled names
+    (_ZN6cudapy4xqrt7kernels4cuda13scores_latentB2v1…) as the profiler may demangle them or not."""
+    if name.startswith("_ZN"):
+        parts, i = [], 3
+        while i < len(name) and name[i].isdigit():
+            j = i
+            while name[j].isdigit():
+                j += 1
+            parts.append(name[j:j + int(name[i:j])])
+            i = j + int(name[i:j])
+        return parts[-1] if parts else name[:70]
+    name = name.removeprefix("void ").split("(")[0].split("[")[0]
+    base, template = (name.split("<", 1) + [""])[:2]
+    return (base.rsplit("::", 1)[-1] + ("<" + template if template else ""))[:70]
+
+
+def by_kernel(durations, calls: int):
+    """[(kernel, launches per call, µs per call)] of (name, µs) pairs seen over `calls` calls,
+    the most time first."""
+    total = {}
+    for name, us in durations:
+        launches, sum_us = total.get(kernel_name(name), (0, 0.0))
+        total[kernel_name(name)] = (launches + 1, sum_us + us)
+    rows = [(k, launches / calls, us / calls) for k, (launches, us) in total.items()]
+    return sorted(rows, key=lambda row: -row[2])
+
+
+def kernel_times(fn, calls=5):
+    """by_kernel of `calls` calls of fn: the GPU's own time per kernel, Numba's launches and cuBLAS's
+    alike (CUPTI, through torch's profiler), or the reason there is none."""
+    if DEVICE != "cuda":
+        return "no profiler without a GPU"
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            cuda.synchronize()
+        seen = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    except Exception as e:  # noqa: BLE001 — reported in place of the table
+        return f"{type(e).__name__}: {str(e)[:80]}"
+    return by_kernel(seen, calls) if seen else "the profiler saw no kernels"
+
+
+def profile_section(title: str, one, step) -> list[str]:
+    """Markdown of kernel_times for one layer's attention and for the whole step (printed at once:
+    a run cut off before its end still shows it in its log)."""
+    lines = []
+    for what, fn, calls in (("one layer's attention", one, 5), ("the decode step", step, 2)):
+        lines += ["", f"### {title}: {what}", ""]
+        rows = kernel_times(fn, calls)
+        if isinstance(rows, str):
+            lines.append(f"no table: {rows}")
+            continue
+        total = sum(us for _, _, us in rows)
+        lines += [f"{total:.0f} µs in all.", "", "| kernel | launches | µs | share |", "|---|---|---|---|"]
+        lines += [f"| {name} | {launches:g} | {us:.1f} | {us / total:.0%} |" for name, launches, us in rows]
+    print("\n".join(lines), flush=True)
+    return lines[1:]
 
 
 def main():
@@ -540,10 +613,16 @@ def main():
     say("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     plan = [("fp16", 16, False)] + [(m, b, False) for m in ("kivi", "xquant", "xquant-cl") for b in args.bits] \
         + [(m, b, True) for m in ("xquant", "xquant-cl") for b in args.bits]
+    profiled_bits = 3 if 3 in args.bits else args.bits[0]
+    profiles = []  # a section per mode at the longest context, written after the table
     for mode, bits, tc in plan:
         for n in args.contexts:
+            label = mode + (" (tensor cores)" if tc else "")
             try:
-                t_step, t_graph, t_attn = run_mode(model, mode, bits, n, tc)
+                one, step = mode_calls(model, mode, bits, n, tc)
+                t_step, t_graph, t_attn = run_mode(one, step)
+                if n == n_ctx and bits in (16, profiled_bits):
+                    profiles.append(profile_section(f"{label}, {bits} bits, context {n}", one, step))
             except Exception as e:  # noqa: BLE001 — report and go on: one mode's failure says nothing of the others
                 say(f"| {mode} | {bits} | {n} | failed: {type(e).__name__}: {str(e)[:120]} |")
                 continue
@@ -556,7 +635,6 @@ def main():
             with_working = bpt + working_bytes_per_token(mode, s, tc)
             nbytes, flops = attention_cost(mode, bits, s, n)
             roof = max(nbytes / copy_bw, flops / peak)
-            label = mode + (" (tensor cores)" if tc else "")
             best = t_step if math.isnan(t_graph) else t_graph
             ratio = best / fp16_step[n] if n in fp16_step else float("nan")
             say(f"| {label} | {bits} | {n} | {bpt} | {BUDGET // bpt} | {BUDGET // with_working} | "
@@ -565,6 +643,13 @@ def main():
     say()
     say(f"A step launches 14 (fp16 KV) to about 20 (latent caches) kernels per layer from Python "
         f"({launch_s * 1e6:.0f} µs each when the GPU keeps up): that overhead is part of every step time above.")
+    say()
+    say(f"## Where the time goes, by kernel ({profiled_bits} bits, context {n_ctx})")
+    say("The GPU's own time per kernel (CUPTI, through torch's profiler) over a few calls launched from Python: "
+        "launch gaps are not counted, so the sum can be below the step times above.")
+    for section in profiles:
+        say()
+        say("\n".join(section))
     report.close()
 
 

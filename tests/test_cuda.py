@@ -685,6 +685,42 @@ def test_bench_gpu_runs(monkeypatch):
     assert bench.prompt_seconds(model) == 1.0
     for mode, bits, tensor_cores in (("fp16", 16, False), ("kivi", 2, False), ("xquant", 3, False),
                                      ("xquant-cl", 4, False), ("xquant", 3, True), ("xquant-cl", 2, True)):
-        t_step, t_graph, t_attn = bench.run_mode(model, mode, bits, n, tensor_cores)
+        one, step = bench.mode_calls(model, mode, bits, n, tensor_cores)
+        t_step, t_graph, t_attn = bench.run_mode(one, step)
         assert (t_step, t_attn) == (1.0, 1.0) and t_graph == "no CUDA graphs without a GPU"
         assert np.isfinite(model.attn.copy_to_host()).all(), mode
+    assert bench.profile_section("fp16", one, step)[-1] == "no table: no profiler without a GPU"
+
+
+def test_bench_gpu_kernel_table():
+    """The per-kernel table's names: Numba's mangled names as the profiler gives them, or demangled,
+    and cuBLAS's; summed per kernel over the calls."""
+    bench = bench_gpu()
+    numba = ("_ZN6cudapy4xqrt7kernels4cuda12_make_matvec12_3clocals_3e11matvec_int8B2v1B92cw51cXTLSUwv1sDUaKthqa"
+             "E5ArrayIfLi1E1A7mutable7alignedE")
+    assert bench.kernel_name(numba) == "matvec_int8"
+    assert bench.kernel_name("cudapy::xqrt::kernels::cuda::scores_latent[abi:v1][abi:cw51c](Array<float, 1, A, "
+                             "mutable, aligned>, long long)") == "scores_latent"
+    assert bench.kernel_name("void cutlass::Kernel2<cutlass_80_tensorop_f16_s16816gemm_f16_128x128_32x5_tn_align8>"
+                             "(cutlass_80_tensorop_f16_s16816gemm_f16_128x128_32x5_tn_align8::Params)") \
+        == "Kernel2<cutlass_80_tensorop_f16_s16816gemm_f16_128x128_32x5_tn_align8>"
+    assert bench.kernel_name("sm90_xmma_gemm_f16f16_f16f32_f32_nn_n_kernel") == "sm90_xmma_gemm_f16f16_f16f32_f32_nn_n_kernel"
+    seen = [("cudapy::a::softmax[abi:v1](x)", 1.0), (numba, 4.0), ("cudapy::a::softmax[abi:v1](x)", 2.0), (numba, 6.0)]
+    assert bench.by_kernel(seen, 2) == [("matvec_int8", 1.0, 5.0), ("softmax", 1.0, 1.5)]
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_bench_gpu_kernel_times_reads_the_profiler(monkeypatch):
+    """kernel_times through torch's profiler as on a GPU, with the host's operations standing in
+    for the device's kernels (CPU torch has none): the profiler's API as the bench calls it."""
+    import types
+
+    import torch
+    from torch.autograd import DeviceType
+    bench = bench_gpu()
+    monkeypatch.setattr(bench, "DEVICE", "cuda")
+    monkeypatch.setattr(torch.autograd, "DeviceType", types.SimpleNamespace(CUDA=DeviceType.CPU))
+    a = torch.ones(64, 64)
+    rows = bench.kernel_times(lambda: a @ a, calls=3)
+    assert ("mm", 1.0) in [(name, launches) for name, launches, _ in rows]
+    assert all(us >= 0 for _, _, us in rows)
