@@ -14,7 +14,7 @@ One run on one GPU prints and writes `docs/performance-gpu.md`:
   FLOPs / fp32 peak), plus XQuant and XQuant-CL with the engine's --rebuild cublas (kc.Cublas:
   fp16 latents × fused factors through cuBLAS, via torch on the same device buffers);
 - cache bytes per token and the largest context that fits 16 GB of cache per mode, and of cache
-  plus the step's working memory per position (`working_bytes_per_token`);
+  plus the step's working memory (`working_bytes`);
 - where the time goes at the longest context (3 bits, or the first of --bits): the GPU's own time
   per kernel of one layer's attention and of the whole step, per mode (torch's profiler).
 
@@ -346,14 +346,19 @@ def bytes_per_token(mode, bits, s):
     return per_layer * s["n_layer"]
 
 
-def working_bytes_per_token(mode, s, tensor_cores=False):
-    """Device memory a decode step needs per position beside the cache, one layer's at a time: the
-    latent attention's scores (float32 per query head), XQuant-CL's accumulator Â (fp16, d wide)
-    and --rebuild cublas's rebuilt keys (fp16, kv_dim wide). fp16 KV's flash attention needs none."""
+def working_bytes(mode, s, tensor_cores=False) -> tuple[int, int]:
+    """Device memory a decode step needs beside the cache, one layer's at a time, as (bytes per
+    position, bytes at any context): the latent attention's scores (float32 per query head) and
+    XQuant-CL's accumulator Â (fp16, d wide) per position; --rebuild cublas's fp16 scratch of
+    kc.CUBLAS_CHUNK rows, the rebuilt keys (kv_dim wide) and the dequantized latents they come from
+    (XQuant's key latents, kv_dim wide; XQuant-CL's deltas, 2·kv_dim: its keys come from Â, read in
+    place). fp16 KV's flash attention needs neither."""
     if mode == "fp16":
-        return 0
+        return 0, 0
     kv = s["n_kv_head"] * s["head_dim"]
-    return 4 * s["n_head"] + (2 * s["d"] if mode == "xquant-cl" else 0) + (2 * kv if tensor_cores else 0)
+    per_position = 4 * s["n_head"] + (2 * s["d"] if mode == "xquant-cl" else 0)
+    fixed = 2 * kc.CUBLAS_CHUNK * (kv + (2 * kv if mode == "xquant-cl" else kv)) if tensor_cores else 0
+    return per_position, fixed
 
 
 def attention_cost(mode, bits, s, n):
@@ -605,7 +610,8 @@ def main():
     fp16_step = {}
     say("## Decode step")
     say("Largest context: 16 GB of cache alone, and of cache plus the step's working memory "
-        "(bench/gpu.py's working_bytes_per_token: the scores, XQuant-CL's Â, --rebuild cublas's keys).")
+        "(bench/gpu.py's working_bytes: the scores and XQuant-CL's Â per position, --rebuild cublas's "
+        "scratch of a fixed size).")
     say()
     say("| mode | bits | context | cache B/token | largest context in 16 GB | with working memory "
         "| step ms (launched from Python) | step ms (CUDA graph) | tokens/s | × fp16-KV step | attention ms/layer "
@@ -632,12 +638,12 @@ def main():
             if mode == "fp16":
                 fp16_step[n] = t_step if math.isnan(t_graph) else t_graph
             bpt = bytes_per_token(mode, bits, s)
-            with_working = bpt + working_bytes_per_token(mode, s, tc)
+            per_position, fixed = working_bytes(mode, s, tc)
             nbytes, flops = attention_cost(mode, bits, s, n)
             roof = max(nbytes / copy_bw, flops / peak)
             best = t_step if math.isnan(t_graph) else t_graph
             ratio = best / fp16_step[n] if n in fp16_step else float("nan")
-            say(f"| {label} | {bits} | {n} | {bpt} | {BUDGET // bpt} | {BUDGET // with_working} | "
+            say(f"| {label} | {bits} | {n} | {bpt} | {BUDGET // bpt} | {(BUDGET - fixed) // (bpt + per_position)} | "
                 f"{t_step * 1e3:.2f} | {t_graph * 1e3:.2f} | {1 / best:.1f} | {ratio:.2f} | "
                 f"{t_attn * 1e3:.3f} | {roof * 1e3:.3f} | {t_attn / roof:.1f} |")
     say()

@@ -285,7 +285,7 @@ def value_stream(z, bits, group, n_sink):
 def test_attend_latent(rebuild, tensor_cores, code_path):
     """XQuant's GQA path (latents · fused factors) and KIVI's (the latent is K / V), against
     dequantize → rebuild → RoPE → attention in NumPy; tensor_cores: the keys rebuilt by kc.Cublas
-    (fp16 latents and factors, within fp16's rounding) and read back."""
+    (fp16 latents and factors, within fp16's rounding) and read back, 16 positions at a time."""
     n_head, n_kv, hd, group, n = 4, 2, 16, 32, 45
     kv_dim = n_kv * hd
     width = 32
@@ -304,9 +304,12 @@ def test_attend_latent(rebuild, tensor_cores, code_path):
     ref = attention_ref(q, keys, v_seen @ mv if rebuild else v_seen, n_head, hd)
     ws = kc.Workspace(64, n_head, width)
     out = cuda.device_array(n_head * hd, np.float32)
-    kc.attend_latent(cuda.to_device(q), [(key, cuda.to_device(mk))], [(value, cuda.to_device(mv))],
+    mk_dev = cuda.to_device(mk)
+    # with tensor cores the keys as two runs, the second from position 20: its first chunk starts mid-chunk
+    key_runs = [(replace(key, n=20), mk_dev), (replace(key, lo=20), mk_dev)] if tensor_cores else [(key, mk_dev)]
+    kc.attend_latent(cuda.to_device(q), key_runs, [(value, cuda.to_device(mv))],
                      cuda.to_device(cos), cuda.to_device(sin), n_kv, hd, ws, out,
-                     cublas=kc.Cublas(64) if tensor_cores else None)
+                     cublas=kc.Cublas(64, chunk=16) if tensor_cores else None)
     tol = 2e-2 if tensor_cores else 2e-4
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=tol, atol=tol)
     lat = cuda.device_array((n, width), np.float16)
@@ -318,12 +321,13 @@ def test_attend_latent(rebuild, tensor_cores, code_path):
 def test_rebuild(tensor_cores):
     """z·m rows of a stream's positions [lo, n) at out[p − base]; m empty: z itself; add: XQuant-CL's
     accumulator, acc = Δ̂ · ukvᵀ (the seed), then acc += Δ̂' · ukvᵀ, into fp16 rows; tensor_cores:
-    through kc.Cublas (fp16 latents and factors), whose fp16 Â is also read in place."""
+    through kc.Cublas (fp16 latents and factors), whose fp16 Â is also read in place, 16 positions at
+    a time (from lo = 5: a first chunk of 11)."""
     n, width, d = 70, 32, 136  # two position tiles, two column tiles
     ukv_t = rng.standard_normal((width, d)).astype(np.float32)
     acc = cuda.to_device(np.full((n, d), np.nan, np.float16))
     total = np.zeros((n, d), np.float32)
-    cublas = kc.Cublas(n) if tensor_cores else None
+    cublas = kc.Cublas(n, chunk=16) if tensor_cores else None
     tol = 2e-2 if tensor_cores else 2e-3
     for add in (False, True):
         delta, seen = value_stream(rng.standard_normal((n, width)).astype(np.float32), 2, 16, 0)
@@ -402,7 +406,7 @@ def device_step(model, n_ctx, tensor_cores=False):
                            xp=cuda.device_array(c.d_model, np.float32), cos=cuda.to_device(cos),
                            sin=cuda.to_device(sin), attn=cuda.device_array(c.q_dim, np.float32),
                            pos_at=cuda.device_array(1, np.int64), stream=0,
-                           cublas=kc.Cublas(n_ctx) if tensor_cores else None)
+                           cublas=kc.Cublas(n_ctx, chunk=4) if tensor_cores else None)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numba import config, cuda, float32, float64
@@ -1393,20 +1393,25 @@ def rebuild_rows(stream: DeviceStream, m, out, base: int, add: bool, cublas: Cub
         cublas.rebuild(stream, m, out, base, add, cu_stream)
 
 
+CUBLAS_CHUNK = 16384  # positions per tensor-core rebuild: its fp16 scratch is a fixed size, not per position
+
+
 class Cublas:
     """The rebuild product z·M through cuBLAS, by way of torch on the same device buffers (no
     copies): latents dequantized to fp16 rows by `dequantize_stream` (an fp16 ring of every position,
     XQuant-CL's Â, is read in place), M as an fp16 copy made once, fp32 sums on tensor cores, one
     rounding to the output's type. Unlike the fused kernel it writes what it rebuilds to device
-    memory: a decode step's keys go to one scratch of fp16 rows, which scores_latent then reads as
-    it reads a window (`keys`). Under the simulator torch works on the host arrays behind the
-    simulated ones."""
+    memory: a decode step's keys go to a scratch of fp16 rows, which scores_latent then reads as it
+    reads a window (`keys`). Positions go through `chunk` at a time (chunks aligned to its multiples),
+    so that the scratch is chunk rows at any context — 64 MB for Llama-3-8B's XQuant, where rows of
+    every position would take 4 KB per position — for three more launches per chunk after the first.
+    Under the simulator torch works on the host arrays behind the simulated ones."""
 
-    def __init__(self, n_ctx: int):
+    def __init__(self, n_ctx: int, chunk: int = CUBLAS_CHUNK):
         import torch
-        self.torch, self.n_ctx = torch, n_ctx
+        self.torch, self.chunk = torch, max(1, min(chunk, n_ctx))
         self._half = {}  # id of a factor matrix → (it, its fp16 copy)
-        self._rows = {}  # (name, width) → fp16 scratch (device array, its tensor)
+        self._rows = {}  # (name, width) → fp16 scratch of chunk rows (device array, its tensor)
 
     def tensor(self, a):
         if config.ENABLE_CUDASIM:
@@ -1419,43 +1424,54 @@ class Cublas:
             have = self._half[id(m)] = (m, self.tensor(m).half())
         return have[1]
 
-    def rows(self, name: str, n: int, width: int):
-        """At least n fp16 scratch rows of a width, kept and grown as needed."""
+    def rows(self, name: str, width: int):
+        """The chunk × width fp16 scratch of a name, made once."""
         have = self._rows.get((name, width))
-        if have is None or have[0].shape[0] < n:
-            size = min(max(n, 64, 2 * (0 if have is None else have[0].shape[0])), max(n, self.n_ctx))
-            rows = cuda.device_array((size, width), np.float16)
+        if have is None:
+            rows = cuda.device_array((self.chunk, width), np.float16)
             have = self._rows[name, width] = (rows, self.tensor(rows))
         return have
 
-    def latents(self, stream: DeviceStream, cu_stream=0):
-        """Positions [lo, n) of a stream as an (n − lo) × width fp16 tensor."""
-        lo, n = stream.lo, stream.n
-        tail = stream.tail
-        if not stream.n_q and not stream.sink.shape[0] and tail.shape[0] >= n and tail.dtype == np.float16:
+    def parts(self, stream: DeviceStream):
+        """The stream's positions [lo, n) as streams of one chunk each, in order."""
+        lo = stream.lo
+        while lo < stream.n:
+            hi = min(stream.n, (lo // self.chunk + 1) * self.chunk)
+            yield replace(stream, lo=lo, n=hi)
+            lo = hi
+
+    def latents(self, part: DeviceStream, cu_stream=0):
+        """Positions [lo, n) of a stream, at most a chunk, as an (n − lo) × width fp16 tensor."""
+        lo, n = part.lo, part.n
+        tail = part.tail
+        if not part.n_q and not part.sink.shape[0] and tail.shape[0] >= n and tail.dtype == np.float16:
             return self.tensor(tail)[lo:n]
-        rows, t = self.rows("z", n - lo, stream.width)
-        dequantize_stream[n - lo, THREADS, cu_stream](*stream.args, rows)
+        rows, t = self.rows("z", part.width)
+        dequantize_stream[n - lo, THREADS, cu_stream](*part.args, rows)
         return t[:n - lo]
 
     def rebuild(self, stream: DeviceStream, m, out, base: int, add: bool, cu_stream=0):
-        """rebuild_rows' product; into fp16 rows the sum with what they hold is rounded once (cuBLAS's
-        β = 1), as the CPU rounds XQuant-CL's accumulator."""
-        z, w = self.latents(stream, cu_stream), self.half(m)
-        target = self.tensor(out)[stream.lo - base:stream.n - base]
-        if target.dtype == self.torch.float16:
-            target.addmm_(z, w, beta=1 if add else 0)
-        elif add:
-            target.add_(z @ w)
-        else:
-            target.copy_(z @ w)
+        """rebuild_rows' product, a chunk at a time; into fp16 rows the sum with what they hold is
+        rounded once (cuBLAS's β = 1), as the CPU rounds XQuant-CL's accumulator."""
+        w = self.half(m)
+        for part in self.parts(stream):
+            z = self.latents(part, cu_stream)
+            target = self.tensor(out)[part.lo - base:part.n - base]
+            if target.dtype == self.torch.float16:
+                target.addmm_(z, w, beta=1 if add else 0)
+            elif add:
+                target.add_(z @ w)
+            else:
+                target.copy_(z @ w)
 
-    def keys(self, key: DeviceStream, mk, cu_stream=0) -> DeviceStream:
-        """A run of keys rebuilt (before RoPE) into the key scratch, position p in row p, as a stream
-        with nothing to rebuild."""
-        rows, _ = self.rows("k", key.n, mk.shape[1])
-        self.rebuild(key, mk, rows, 0, False, cu_stream)
-        return exact_stream(rows, key.lo, key.n)
+    def keys(self, key: DeviceStream, mk, cu_stream=0):
+        """A run of keys rebuilt (before RoPE) a chunk at a time into the key scratch (position p in
+        row p mod chunk), each chunk yielded as a stream with nothing to rebuild: the caller scores it
+        before asking for the next, which overwrites it (launches on one stream run in order)."""
+        rows, _ = self.rows("k", mk.shape[1])
+        for part in self.parts(key):
+            self.rebuild(part, mk, rows, part.lo // self.chunk * self.chunk, False, cu_stream)
+            yield exact_stream(rows, part.lo, part.n)
 
 
 @functools.cache
@@ -1534,23 +1550,26 @@ def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace,
     streams of the last run, K (post-RoPE) and V rows of a --kv-budget window, read as they are
     (RoPE tables of no columns rotate nothing). cublas: the keys are rebuilt on tensor cores into
     device memory first, and scored from there (Cublas.keys)."""
-    if cublas is not None:
-        keys = [(cublas.keys(key, mk, stream), ws.empty) if mk.shape[0] and key.n > key.lo else (key, mk)
-                for key, mk in keys]
-    key_runs = [(key, mk, cos, sin) for key, mk in keys]
-    value_runs = list(values)
-    if window is not None:
-        key_runs.append((window[0], ws.empty, ws.empty, ws.empty))
-        value_runs.append((window[1], ws.empty))
-    n = key_runs[-1][0].n
-    n_head = q.shape[0] // head_dim
+    last = window[0] if window is not None else keys[-1][0]
+    n, n_head = last.n, q.shape[0] // head_dim
     if head_dim > HEAD_DIM or n_head // n_kv_head > MAX_GROUP or n_head > MAX_HEADS:
         raise ValueError("attention shape beyond the CUDA kernels' limits")
     scale_qk = np.float32(1.0 / math.sqrt(head_dim))
-    for key, mk, key_cos, key_sin in key_runs:
+
+    def score(key, mk, key_cos, key_sin):
         if key.n > key.lo:
             scores_latent[(-(-(key.n - key.lo) // TILE_T), n_kv_head), THREADS, stream](
                 q, *key.args, mk, key_cos, key_sin, head_dim, scale_qk, ws.scores)
+    for key, mk in keys:
+        if cublas is not None and mk.shape[0]:
+            for part in cublas.keys(key, mk, stream):
+                score(part, ws.empty, cos, sin)
+        else:
+            score(key, mk, cos, sin)
+    value_runs = list(values)
+    if window is not None:  # RoPE tables of no columns rotate nothing
+        score(window[0], ws.empty, ws.empty, ws.empty)
+        value_runs.append((window[1], ws.empty))
     softmax[n_head, THREADS, stream](ws.scores, n)
     first = True
     for value, mv in value_runs:
