@@ -474,10 +474,12 @@ def kernel_name(name: str) -> str:
         parts, i = [], 3
         while i < len(name) and name[i].isdigit():
             j = i
-            while name[j].isdigit():
+            while j < len(name) and name[j].isdigit():
                 j += 1
-            parts.append(name[j:j + int(name[i:j])])
             i = j + int(name[i:j])
+            if i > len(name):
+                break
+            parts.append(name[j:i])
         return parts[-1] if parts else name[:70]
     name = name.removeprefix("void ").split("(")[0].split("[")[0]
     base, template = (name.split("<", 1) + [""])[:2]
@@ -489,8 +491,9 @@ def by_kernel(durations, calls: int):
     the most time first."""
     total = {}
     for name, us in durations:
-        launches, sum_us = total.get(kernel_name(name), (0, 0.0))
-        total[kernel_name(name)] = (launches + 1, sum_us + us)
+        name = kernel_name(name)
+        launches, sum_us = total.get(name, (0, 0.0))
+        total[name] = (launches + 1, sum_us + us)
     rows = [(k, launches / calls, us / calls) for k, (launches, us) in total.items()]
     return sorted(rows, key=lambda row: -row[2])
 
