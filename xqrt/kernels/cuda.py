@@ -1451,27 +1451,32 @@ class Cublas:
         return t[:n - lo]
 
     def rebuild(self, stream: DeviceStream, m, out, base: int, add: bool, cu_stream=0):
-        """rebuild_rows' product, a chunk at a time; into fp16 rows the sum with what they hold is
-        rounded once (cuBLAS's β = 1), as the CPU rounds XQuant-CL's accumulator."""
-        w = self.half(m)
+        """rebuild_rows' product, a chunk at a time."""
+        w, target = self.half(m), self.tensor(out)
         for part in self.parts(stream):
-            z = self.latents(part, cu_stream)
-            target = self.tensor(out)[part.lo - base:part.n - base]
-            if target.dtype == self.torch.float16:
-                target.addmm_(z, w, beta=1 if add else 0)
-            elif add:
-                target.add_(z @ w)
-            else:
-                target.copy_(z @ w)
+            self._product(part, w, target[part.lo - base:part.n - base], add, cu_stream)
 
     def keys(self, key: DeviceStream, mk, cu_stream=0):
         """A run of keys rebuilt (before RoPE) a chunk at a time into the key scratch (position p in
         row p mod chunk), each chunk yielded as a stream with nothing to rebuild: the caller scores it
         before asking for the next, which overwrites it (launches on one stream run in order)."""
-        rows, _ = self.rows("k", mk.shape[1])
+        rows, target = self.rows("k", mk.shape[1])
+        w = self.half(mk)
         for part in self.parts(key):
-            self.rebuild(part, mk, rows, part.lo // self.chunk * self.chunk, False, cu_stream)
+            row = part.lo % self.chunk
+            self._product(part, w, target[row:row + part.n - part.lo], False, cu_stream)
             yield exact_stream(rows, part.lo, part.n)
+
+    def _product(self, part: DeviceStream, w, target, add: bool, cu_stream):
+        """target (+)= one chunk's latents · w; into fp16 rows the sum with what they hold is rounded
+        once (cuBLAS's β = 1), as the CPU rounds XQuant-CL's accumulator."""
+        z = self.latents(part, cu_stream)
+        if target.dtype == self.torch.float16:
+            target.addmm_(z, w, beta=1 if add else 0)
+        elif add:
+            target.add_(z @ w)
+        else:
+            target.copy_(z @ w)
 
 
 @functools.cache
