@@ -17,8 +17,8 @@ needs flash attention, which is then on for every type). Install it from source 
 for this CPU: CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-binary llama-cpp-python llama-cpp-python.
 transformers runs the same GGUF dequantized to float32, its only way to read it.
 
---devices runs each xqrt mode on each device: `cpu`, `cuda` (the engine's GPU step; the fp16-KV
-step replayed as one CUDA graph where torch finds the GPU) and `cuda-launched` (--no-cuda-graphs:
+--devices runs each xqrt mode on each device: `cpu`, `cuda` (the engine's GPU step, replayed as
+one CUDA graph where torch finds the GPU) and `cuda-launched` (--no-cuda-graphs:
 every kernel launched from Python) — what the graph saves, side by side. The other engines run on
 the CPU. A device's first steps (kernel compilation, a graph's capture) are not timed: each context
 takes one untimed step before its timed ones.

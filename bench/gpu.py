@@ -327,14 +327,14 @@ def random_streams(s, n, bits, per_channel_keys: bool, width: int, n_layer: int)
     return out
 
 
-def store(stream, z, pos, per_channel):
-    """The new position's latent (a 1-row z) into its stream as the engine writes it: into the exact
-    ring, and packed at once where the stream is per-token (a per-channel group is packed once per
-    G steps)."""
+def store(stream, z, at, per_channel):
+    """The new position's latent (a 1-row z; its position at[0], in device memory) into its stream as
+    the engine writes it: into the exact ring, and packed at once where the stream is per-token (a
+    per-channel group is packed once per G steps)."""
     group = GROUP if per_channel else 1 << stream.shift
     launch_grid = -(-z.shape[1] // (group * 32))
     kc.store_token[launch_grid, 32, STREAM[0]](z, stream.tail, stream.codes, stream.scale, stream.zero,
-                                               stream.bits, group, stream.sink, pos, not per_channel, False)
+                                               stream.bits, group, stream.sink, at, not per_channel, False)
 
 
 def bytes_per_token(mode, bits, s):
@@ -382,6 +382,7 @@ def mode_calls(model, mode, bits, n, tensor_cores=False):
     s, kv = model.s, model.s["n_kv_head"] * model.s["head_dim"]
     cublas = kc.Cublas(n + 1) if tensor_cores else None
     model.at.copy_to_device(np.array([n], np.int64))  # the step's position: n positions before it
+    last = kc.position(n - 1)  # where the latent modes store the new token (their streams hold n positions)
     nh, hd, nkv = s["n_head"], s["head_dim"], s["n_kv_head"]
     empty = model.ws.empty
     if mode == "fp16":
@@ -407,8 +408,8 @@ def mode_calls(model, mode, bits, n, tensor_cores=False):
             if mode == "xquant":  # the factors are Q8_0: int8 codes as wq's Q4_0, quantized again
                 matvec(L["uk"], xn, model.k)
                 matvec(L["uv"], xn, model.v, quantized=True)
-            store(streams[i][0], model.k_row, n - 1, True)
-            store(streams[i][1], model.v_row, n - 1, False)
+            store(streams[i][0], model.k_row, last, True)
+            store(streams[i][1], model.v_row, last, False)
             one_layer(i)
         one = lambda: one_layer(0)  # noqa: E731
     else:  # xquant-cl
@@ -423,7 +424,7 @@ def mode_calls(model, mode, bits, n, tensor_cores=False):
 
         def attend(i, L, xn):
             matvec(L["ukv"], xn, model.z)
-            store(deltas[i], model.z_row, n - 1, False)
+            store(deltas[i], model.z_row, last, False)
             one_layer(i)
         one = lambda: one_layer(s["n_layer"] - 1)  # noqa: E731 — past the seed, where Â is added to
     needs_kv = mode in ("fp16", "kivi")

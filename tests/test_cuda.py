@@ -285,7 +285,9 @@ def value_stream(z, bits, group, n_sink):
 def test_attend_latent(rebuild, tensor_cores, code_path):
     """XQuant's GQA path (latents · fused factors) and KIVI's (the latent is K / V), against
     dequantize → rebuild → RoPE → attention in NumPy; tensor_cores: the keys rebuilt by kc.Cublas
-    (fp16 latents and factors, within fp16's rounding) and read back, 16 positions at a time."""
+    (fp16 latents and factors, within fp16's rounding) and read back, 16 positions at a time. Then
+    the streams with spans, as a decode step's: the same launches at 45 and at 30 positions, only
+    the spans' device (and host) copies rewritten between them."""
     n_head, n_kv, hd, group, n = 4, 2, 16, 32, 45
     kv_dim = n_kv * hd
     width = 32
@@ -312,6 +314,18 @@ def test_attend_latent(rebuild, tensor_cores, code_path):
                      cublas=kc.Cublas(64, chunk=16) if tensor_cores else None)
     tol = 2e-2 if tensor_cores else 2e-4
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=tol, atol=tol)
+    spans_host = np.zeros((2, 3), np.int64)
+    spans = cuda.to_device(spans_host)
+    with_span = lambda stream, i: replace(stream, span=spans[i], span_host=spans_host[i])  # noqa: E731
+    args = (cuda.to_device(q), [(with_span(key, 0), mk_dev)], [(with_span(value, 1), cuda.to_device(mv))],
+            cuda.to_device(cos), cuda.to_device(sin), n_kv, hd, ws, out)
+    cublas = kc.Cublas(64, chunk=16) if tensor_cores else None
+    for upto in (n, 30):  # packed keys below min(n_q, upto): position 30 is inside the first packed group
+        spans_host[:] = (min(key.n_q, upto), 0, upto), (upto, 0, upto)
+        spans.copy_to_device(spans_host)
+        kc.attend_latent(*args, cublas=cublas)
+        ref = attention_ref(q, keys[:upto], (v_seen @ mv if rebuild else v_seen)[:upto], n_head, hd)
+        np.testing.assert_allclose(out.copy_to_host(), ref, rtol=tol, atol=tol)
     lat = cuda.device_array((n, width), np.float16)
     kc.dequantize_stream[n, kc.THREADS](*key.args, lat)
     np.testing.assert_allclose(lat.copy_to_host(), k_seen.astype(np.float16))
@@ -352,9 +366,11 @@ def test_rebuild(tensor_cores):
     (2, 8, 0, False, "simulator"), (2, 8, 0, True, "simulator"), (3, 16, 2, True, "simulator"),
     (4, 32, 4, False, "simulator"), (8, 8, 1, False, "simulator"), (3, 16, 2, True, "gpu")], indirect=["code_path"])
 def test_cache_writes_are_xqrt_quant_bit_for_bit(bits, group, n_sink, clip, code_path):
-    """store_token (per-token rows, sinks, the fp16 ring) and store_channel_group (a per-channel
-    group of mixed 1-4-bit channels read from the ring, sinks left out of its ranges) write the
-    bytes xqrt.cache.Stream.write does — with clip, in the ranges of least squared error."""
+    """store_token (per-token rows, sinks, the fp16 ring) and store_channel_group (the per-channel
+    groups of mixed 1-4-bit channels that a launch's rows complete — none for a row inside a group,
+    two for G + 1 rows from a group's last position — read from the ring, sinks left out of their
+    ranges) write the bytes xqrt.cache.Stream.write does — with clip, in the ranges of least squared
+    error."""
     from xqrt.cache import Stream
     width, n = 32, 2 * group
     z = (rng.standard_normal((n, width)) * rng.uniform(0.01, 50, width)).astype(np.float32)
@@ -377,12 +393,18 @@ def test_cache_writes_are_xqrt_quant_bit_for_bit(bits, group, n_sink, clip, code
     c_zero, c_sink = dev(np.zeros_like(channel.zero).view(np.float16)), dev(np.zeros_like(channel.sink))
     off = dev(channel.channel_off)
     cbits = dev((np.diff(channel.channel_off) * 8 // group).astype(np.int64))
-    kc.store_token[(1, 3), 32](dev(z[:3]), ring, codes, scale, zero, bits, group, sink, 0, True, clip)  # rows at once
+    at = kc.position
+    kc.store_token[(1, 3), 32](dev(z[:3]), ring, codes, scale, zero, bits, group, sink, at(0), True, clip)  # rows at once
     for pos in range(3, n):
-        kc.store_token[1, 32](dev(z[pos:pos + 1]), ring, codes, scale, zero, bits, group, sink, pos, True, clip)
-    ring_2 = dev(np.zeros((n, width), np.float16))  # both groups at once, from a ring that holds them
-    kc.store_token[(1, n), 32](dev(z), ring_2, codes, scale, zero, bits, group, c_sink, 0, False, clip)
-    kc.store_channel_group[(1, 2), 32](ring_2, c_codes, c_scale, c_zero, off, cbits, group, c_sink, 0, clip)
+        kc.store_token[1, 32](dev(z[pos:pos + 1]), ring, codes, scale, zero, bits, group, sink, at(pos), True, clip)
+    ring_2 = dev(np.zeros((n, width), np.float16))  # both groups, from a ring that holds them
+    kc.store_token[(1, n), 32](dev(z), ring_2, codes, scale, zero, bits, group, c_sink, at(0), False, clip)
+    for pos in (0, group - 2):  # rows that complete no group: nothing packed
+        kc.store_channel_group[(1, 1), 32](ring_2, c_codes, c_scale, c_zero, off, cbits, group, c_sink, at(pos), 1,
+                                           clip)
+    assert not c_codes.copy_to_host().any() and not c_scale.copy_to_host().any()
+    kc.store_channel_group[(1, 2), 32](ring_2, c_codes, c_scale, c_zero, off, cbits, group, c_sink, at(group - 1),
+                                       group + 1, clip)
     np.testing.assert_array_equal(codes.copy_to_host(), token.codes)
     np.testing.assert_array_equal(scale.copy_to_host().view(np.uint16), token.scale)
     np.testing.assert_array_equal(zero.copy_to_host().view(np.uint16), token.zero)
@@ -450,6 +472,7 @@ def test_device_cache_steps_match_the_cpu_cache(three_layer_models, kind, mode, 
     tol = 3e-2 if tensor_cores else 1e-3
     for pos in range(n_ctx):
         step.pos_at.copy_to_device(np.array([pos]))
+        device.set_position(pos)
         for layer in range(c.n_layer):
             xn, q = rng.standard_normal(c.d_model).astype(np.float32), rng.standard_normal(c.q_dim).astype(np.float32)
             k, v = rng.standard_normal(c.kv_dim).astype(np.float32), rng.standard_normal(c.kv_dim).astype(np.float32)
@@ -509,12 +532,23 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
         gpu.forward(ids, Engine(path, ctx=8).new_cache())
 
 
-def test_cuda_graph_replays_the_fp16_step(tmp_path, monkeypatch):
-    """cuda_graphs: the fp16 step's launches recorded once — as a CUDA graph captures them: kernels
-    and arguments, nothing run, nothing allocated or copied — then replayed for each later token
-    give the logits of launching them one by one, through a prompt, decode steps and a second
-    prompt: no argument changes with the token or position but their device copy (GpuStep.at).
-    A new cache is captured anew; a latent cache, whose launches vary with the position, never."""
+# The simulator takes some 10 s a decode step here: the default run takes fp16 and XQuant, whose
+# per-channel key groups complete.
+@pytest.mark.parametrize("mode, options", [
+    ("fp16", {}),
+    ("xquant", dict(group=8, bits=3)),  # the key group of positions 8-15 packed at 15, read packed at 16
+    pytest.param("kivi", dict(group=8, kv_budget=5 * 128), marks=pytest.mark.slow),  # a window of 5 positions
+    pytest.param("xquant-cl", dict(group=8, base_layers=1), marks=pytest.mark.slow),  # the seed and a delta layer
+    pytest.param("xquant", dict(group=8, rebuild="cublas"), marks=pytest.mark.slow),  # never captured
+])
+def test_cuda_graph_replays_the_step(tmp_path, monkeypatch, mode, options):
+    """cuda_graphs: the step's launches recorded once — as a CUDA graph captures them: kernels,
+    grids and arguments, all on the capture's stream, nothing run, nothing allocated or copied —
+    then replayed for each later token give the logits of launching them one by one, through a
+    14-token prompt and decode steps at positions 14 (launched), 15 (captured) and 16: no argument
+    changes with the token or position but their device copies (the step's GpuStep.at, a latent
+    cache's spans). A new cache is captured anew; a latent cache with rebuild cublas, whose
+    products the host shapes, never."""
     from conftest import tiny_llama, write_llama_gguf
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
     from numba.cuda.simulator.kernel import FakeCUDAKernel
@@ -527,42 +561,58 @@ def test_cuda_graph_replays_the_fp16_step(tmp_path, monkeypatch):
 
         def __init__(self, step, cache):
             self.launches = []
+            capture_stream = object()
+
+            def configure(kernel, launch):
+                kernel.grid_dim, kernel.block_dim = launch[0], launch[1]
+                kernel.on_stream = launch[2] if len(launch) > 2 else 0
+                return kernel
 
             def record(kernel, *args):
+                assert kernel.on_stream is capture_stream, f"{kernel.fn.__name__} launched off the capture's stream"
                 self.launches.append((kernel, kernel.grid_dim, kernel.block_dim, args))
 
             def no(*args, **kwargs):
                 raise AssertionError("a capture allocates or copies nothing")
             with monkeypatch.context() as m:
+                m.setattr(FakeCUDAKernel, "__getitem__", configure)
                 m.setattr(FakeCUDAKernel, "__call__", record)
                 for name in ("to_device", "device_array", "synchronize"):
                     m.setattr(cuda, name, no)
                 m.setattr(FakeCUDAArray, "copy_to_host", no)
                 m.setattr(FakeCUDAArray, "copy_to_device", no)
-                step.launches(cache, None)
+                step.stream = capture_stream
+                try:
+                    step.launches(cache, None)
+                finally:
+                    step.stream = 0
             Recorded.made += 1
 
         def replay(self):
             for kernel, grid, block, args in self.launches:
                 kernel[grid, block](*args)
 
-    path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=1, ff=128), "q4_0")
-    with pytest.raises(XQError, match=r"^--cuda-graphs: the simulator has no CUDA graphs$"):
-        Engine(path, ctx=24, device="cuda", cuda_graphs=True)
-    with pytest.raises(XQError, match=r"^--cuda-graphs is a GPU setting \(--device cuda\)$"):
-        Engine(path, ctx=24, cuda_graphs=True)
+    layers = 2 if mode == "xquant-cl" else 1
+    path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=layers, ff=128), "q4_0")
+    options = dict(options)
+    rebuild = options.pop("rebuild", "fused")
+    if mode == "fp16":
+        with pytest.raises(XQError, match=r"^--cuda-graphs: the simulator has no CUDA graphs$"):
+            Engine(path, ctx=24, device="cuda", cuda_graphs=True)
+        with pytest.raises(XQError, match=r"^--cuda-graphs is a GPU setting \(--device cuda\)$"):
+            Engine(path, ctx=24, cuda_graphs=True)
     monkeypatch.setattr(gpu, "graph_support", lambda: None)
     monkeypatch.setattr(gpu, "StepGraph", Recorded)
-    graphed, launched = (Engine(path, ctx=24, device="cuda", cuda_graphs=on) for on in (True, False))
+    graphed, launched = (Engine(path, ctx=24, cache=mode, device="cuda", cuda_graphs=on, rebuild=rebuild, **options)
+                         for on in (True, False))
     on_graph, one_by_one = graphed.new_cache(), launched.new_cache()
-    # a prefill, a decode step launched (compiling the kernels), one captured and replayed, one replayed
-    for tokens in (list(range(5, 5 + 9 * 7, 7)), [11], [12, 13]):
+    for tokens in (list(range(5, 5 + 14 * 7, 7)), [11, 12, 13]):  # a prefill, then three decode steps
         np.testing.assert_array_equal(graphed.forward(tokens, on_graph, True),
                                       launched.forward(tokens, one_by_one, True))
-    assert Recorded.made == 1 and launched._gpu._graph is None
-    for cache_mode, made in (("fp16", 2), ("xquant", 2)):  # a new cache's first step is launched, then captured
-        graphed.forward([11, 12], graphed.new_cache(cache_mode))
-        assert Recorded.made == made
+    captured = rebuild != "cublas"
+    assert Recorded.made == captured and launched._gpu._graph is None
+    graphed.forward([11, 12], graphed.new_cache())  # a new cache's first step is launched, then captured
+    assert Recorded.made == 2 * captured
 
 
 @pytest.mark.parametrize("mode, options", [

@@ -11,9 +11,11 @@ written token by token by device kernels and read by the fused rematerializing a
 `rebuild="cublas"`, keys rebuilt on tensor cores through torch, then scored). What
 runs on the CPU only: fp16 key channels, unquantized (16/32-bit)
 latents, simulated caches. Kernels are launched from Python (about 40 µs each), which bounds a
-small model's step; with torch on the GPU the fp16-KV step is captured once as a CUDA graph and
-replayed per token (`StepGraph`; --no-cuda-graphs launches one by one). A latent cache's step
-still launches one by one: its launches change with the position (group fills, runs, bounds).
+small model's step; with torch on the GPU the step is captured once as a CUDA graph and replayed
+per token (`StepGraph`; --no-cuda-graphs launches one by one): its launches read the token and
+position, and a latent cache's stream bounds, from device memory written before each step. With
+--rebuild cublas a latent cache's step launches one by one: cuBLAS's products are shaped by the
+host.
 """
 from __future__ import annotations
 
@@ -95,11 +97,14 @@ def device_memory(what: str):
 class DeviceCache(Cache):
     """A cache in device memory: only the GPU step reads or writes it, through attend_device."""
     needs_kv = True  # whether the step computes the layer's k and v for it
-    graphs = False  # whether attend_device's launches take the position from the step's device copy only (s.pos_at),
-    # so that one CUDA graph of the step replays at every position
 
     def attend(self, layer, pos0, xn, q, k, v):
         raise XQError("a device cache is read by the GPU step only")
+
+    def set_position(self, pos: int):
+        """Before a decode step at pos: what its launches read of the position beside the step's own
+        device copy (s.pos_at), written to device memory, so that one CUDA graph of the step replays at
+        every position."""
 
     def attend_device(self, step: GpuStep, layer: int, pos: int):
         """Store position pos of `layer` from the step's xn / k (pre-RoPE) / v and leave the
@@ -114,7 +119,6 @@ class DeviceCache(Cache):
 class DeviceFP16KV(DeviceCache):
     """Post-RoPE K and V as fp16, one (n_ctx × kv_dim) pair per layer."""
     mode = "fp16"
-    graphs = True
 
     def __init__(self, model: Model, n_ctx: int, options: CacheOptions = CacheOptions()):
         super().__init__(model, n_ctx, options)
@@ -171,6 +175,7 @@ class _DeviceLayer:
     dz: object = None
     x_less_acc_vec: object = None
     dz_vec: object = None
+    runs: dict = None  # the streams a decode step reads, by name, with their spans (DeviceLatentCache.SPANS)
 
 
 class DeviceLatentCache(DeviceCache):
@@ -182,6 +187,9 @@ class DeviceLatentCache(DeviceCache):
     device rings hold `prompt_rows` rows more than the plan's, so that a prompt's rows at a time
     can be written before their queries read the exact ones."""
     prompt_rows = 128  # prompt rows stored and attended at a time
+    # a decode step's stream bounds [n_q, lo, n] (set_position): packed keys per channel, packed
+    # streams per token, the window, XQuant-CL's accumulator, its exact latents, and its Δ̂
+    SPANS = ("per_channel", "per_token", "window", "acc", "exact", "delta")
 
     def __init__(self, model: Model, n_ctx: int, mode: str, options: CacheOptions = CacheOptions(), log=None):
         super().__init__(model, n_ctx, options)
@@ -235,6 +243,10 @@ class DeviceLatentCache(DeviceCache):
             self.win_v = [cuda.to_device(np.zeros((rows, c.kv_dim), np.float16)) for _ in range(c.n_layer)]
         self.ws = kc.Workspace(n_ctx, c.n_head, widest)
         self._prompt_scratch = {}
+        self.spans_host = np.zeros((len(self.SPANS), 3), np.int64)
+        self.spans = cuda.to_device(self.spans_host)
+        for i, D in enumerate(self.layers):
+            D.runs = self._decode_runs(kc, i, D)
 
     def _upload(self, stream, ring):
         """An (empty) xqrt.cache.Stream's arrays on the device, its exact ring as the tail."""
@@ -248,34 +260,58 @@ class DeviceLatentCache(DeviceCache):
                                stream.group.bit_length() - 1, cuda.to_device(off), cuda.to_device(cbits),
                                cuda.to_device(stream.sink), ring, 0, 0, 0)
 
+    def set_position(self, pos):
+        n = pos + 1
+        w0 = n - min(self.window, n) if self.window else n  # positions from w0 on are read from the window
+        ch, tok = (min(int(self.plan.bound(pos, per_channel)), w0) for per_channel in (True, False))
+        self.spans_host[:] = (ch, 0, w0), (tok, 0, w0), (0, w0, n), (0, 0, tok), (0, tok, w0), (n, 0, n)
+        self.spans.copy_to_device(self.spans_host)
+
+    def _decode_runs(self, kc, layer, D) -> dict:
+        """The streams of `layer` that a decode step reads, each with its row of the spans."""
+        def span(name):
+            i = self.SPANS.index(name)
+            return dict(span=self.spans[i], span_host=self.spans_host[i])
+        runs = {}
+        if D.key is None:
+            runs["acc"] = kc.exact_stream(self.acc, **span("acc"))
+            runs["exact_k"], runs["exact_v"] = (kc.exact_stream(ring, **span("exact")) for ring in (D.ring_k, D.ring_v))
+            runs["delta"] = replace(D.delta, **span("delta"))
+        else:
+            runs["key"] = replace(D.key, **span("per_channel" if D.per_channel else "per_token"))
+            runs["value"] = replace(D.value, **span("per_token"))
+        if self.window:
+            runs["win_k"], runs["win_v"] = (kc.exact_stream(rows[layer], **span("window"))
+                                            for rows in (self.win_k, self.win_v))
+        return runs
+
     def attend_device(self, s, layer, pos):
-        kc, c, D = s.kc, self.config, self.layers[layer]
+        """No launch depends on pos (None while a CUDA graph is captured) but the packing of the
+        per-channel key groups, launched only at the positions that complete one when pos is known."""
+        kc, c, D, st = s.kc, self.config, self.layers[layer], s.stream
+        runs = D.runs
         if D.uk is not None:
-            kc.product(D.uk, s.xn_vec, s.xp, D.zk_vec)
+            kc.product(D.uk, s.xn_vec, s.xp, D.zk_vec, st)
         if D.uv is not None:
-            kc.product(D.uv, s.xn_vec, s.xp, D.zv_vec)
+            kc.product(D.uv, s.xn_vec, s.xp, D.zv_vec, st)
         zk = s.xn if D.from_x else s.k_row if D.uk is None else D.zk
         zv = zk if D.shared else s.v_row if D.uv is None else D.zv
-        self._write(kc, D, zk, zv, pos)
-        n = w0 = pos + 1  # positions from w0 on are read from the window
+        self._write(kc, D, zk, zv, s.pos_at, pos is None or (pos + 1) % self.group == 0, st)
         window = None
         if self.window:
-            kc.store_kv[kc._blocks(c.kv_dim // 2), kc.THREADS](s.k_row, s.v_row, c.head_dim, s.cos, s.sin, s.pos_at,
-                                                                self.win_k[layer], self.win_v[layer])
-            w0 = n - min(self.window, n)
-            window = kc.exact_stream(self.win_k[layer], w0, n), kc.exact_stream(self.win_v[layer], w0, n)
+            kc.store_kv[kc._blocks(c.kv_dim // 2), kc.THREADS, st](s.k_row, s.v_row, c.head_dim, s.cos, s.sin,
+                                                                    s.pos_at, self.win_k[layer], self.win_v[layer])
+            window = runs["win_k"], runs["win_v"]
         if D.key is None:
             x = s.xn_vec if D.seed else D.x_less_acc_vec
-            self._write_delta(s, D, pos, s.xn, D.x_less_acc, D.dz, lambda: kc.product(D.ukv, x, s.xp, D.dz_vec), 0)
-            b = min(int(self.plan.bound(pos, False)), w0)
-            acc = kc.exact_stream(self.acc, 0, b)
-            exact_k, exact_v = self._exact(kc, D, b, b, w0)
-            kc.attend_latent(s.q, [(acc, D.wk), (exact_k, D.mk)], [(acc, D.wv), (exact_v, D.mv)], s.cos, s.sin,
-                             c.n_kv_head, c.head_dim, self.ws, s.attn, window=window, cublas=s.cublas)
-            return
-        bk, bv = (min(int(self.plan.bound(pos, per_channel)), w0) for per_channel in (D.per_channel, False))
-        kc.attend_latent(s.q, [(replace(D.key, n_q=bk, n=w0), D.mk)], [(replace(D.value, n_q=bv, n=w0), D.mv)],
-                         s.cos, s.sin, c.n_kv_head, c.head_dim, self.ws, s.attn, window=window, cublas=s.cublas)
+            self._write_delta(s, D, s.pos_at, s.xn, D.x_less_acc, D.dz,
+                              lambda: kc.product(D.ukv, x, s.xp, D.dz_vec, st), runs["delta"], st)
+            keys = [(runs["acc"], D.wk), (runs["exact_k"], D.mk)]
+            values = [(runs["acc"], D.wv), (runs["exact_v"], D.mv)]
+        else:
+            keys, values = [(runs["key"], D.mk)], [(runs["value"], D.mv)]
+        kc.attend_latent(s.q, keys, values, s.cos, s.sin, c.n_kv_head, c.head_dim, self.ws, s.attn, st, window=window,
+                         cublas=s.cublas)
 
     def attend_prompt(self, prompt, layer):
         """A prompt's rows, prompt_rows at a time: their latents stored as decode stores them, then
@@ -287,7 +323,7 @@ class DeviceLatentCache(DeviceCache):
             end = pos0 + n
             zk = p.xn if D.from_x else p.k if D.uk is None else self._product(kc, D.uk, p.xn, "zk")
             zv = zk if D.shared else p.v if D.uv is None else self._product(kc, D.uv, p.xn, "zv")
-            self._write(kc, D, zk, zv, pos0)
+            self._write(kc, D, zk, zv, p.at(pos0), end // self.group > pos0 // self.group)
             window = None
             if self.window:
                 kc.store_kv[kc._blocks(n * c.kv_dim // 2), kc.THREADS](p.k, p.v, c.head_dim, p.step.cos, p.step.sin,
@@ -295,9 +331,10 @@ class DeviceLatentCache(DeviceCache):
                 window = self.win_k[layer], self.win_v[layer], self.window
             if D.key is None:
                 x_less_acc, dz = self._scratch("x_less_acc", n, c.d_model), self._scratch("dz", n, D.dz.shape[1])
-                self._write_delta(p.step, D, pos0, p.xn, x_less_acc, dz,
+                acc_from = 0 if pos0 == prompt.pos0 else pos0  # the rows below hold this layer's Â: earlier parts
+                self._write_delta(p.step, D, p.at(pos0), p.xn, x_less_acc, dz,
                                   lambda: kc.product_rows(D.ukv, p.xn if D.seed else x_less_acc, dz),
-                                  0 if pos0 == prompt.pos0 else pos0)
+                                  replace(D.delta, n_q=end, lo=acc_from, n=end))
                 bk = bv = p.bounds(self.plan, False)
                 acc = kc.exact_stream(self.acc, 0, bk.highest)
                 packed_k, packed_v = (acc, D.wk), (acc, D.wv)
@@ -346,50 +383,49 @@ class DeviceLatentCache(DeviceCache):
         """XQuant-CL's delta layer: its own exact latents of positions [lo, n), in the ring."""
         return kc.exact_stream(D.ring_k, lo_k, n), kc.exact_stream(D.ring_v, lo_v, n)
 
-    def _write(self, kc, D, zk, zv, pos0):
-        """The latents of the rows at positions pos0… into their rings, packed at once where a stream
-        is per-token, and each per-channel key group they complete packed from the ring."""
-        G, end = self.group, pos0 + zk.shape[0]
+    def _write(self, kc, D, zk, zv, at, completes: bool, st=0):
+        """The latents of the rows at positions at[0]… into their rings, packed at once where a stream
+        is per-token, and each per-channel key group they complete packed from the ring (launched where
+        `completes` says one may be)."""
         key, value = D.key, D.value
         if key is None:  # XQuant-CL's delta layer: its exact latents go to the ring only
-            self._store(kc, zk, D.ring_k, D.delta, G, None, pos0, False)
+            self._store(kc, zk, D.ring_k, D.delta, self.group, None, at, False, st)
             if not D.shared:
-                self._store(kc, zv, D.ring_v, D.delta, G, None, pos0, False)
+                self._store(kc, zv, D.ring_v, D.delta, self.group, None, at, False, st)
             return
-        self._store(kc, zk, D.ring_k, key, G if D.per_channel else 1 << key.shift, key.sink, pos0,
-                    not D.per_channel)
+        self._store(kc, zk, D.ring_k, key, self.group if D.per_channel else 1 << key.shift, key.sink, at,
+                    not D.per_channel, st)
         if not D.shared:
-            self._store(kc, zv, D.ring_v, value, 1 << value.shift, value.sink, pos0, True)
-        groups = end // G - pos0 // G
-        if D.per_channel and groups:
-            kc.store_channel_group[(kc._blocks(key.width), groups), kc.THREADS](
-                D.ring_k, key.codes, key.scale, key.zero, key.off, key.cbits, G, key.sink, pos0 // G * G,
+            self._store(kc, zv, D.ring_v, value, 1 << value.shift, value.sink, at, True, st)
+        if D.per_channel and completes:
+            rows = zk.shape[0]
+            kc.store_channel_group[(kc._blocks(key.width), -(-rows // self.group)), kc.THREADS, st](
+                D.ring_k, key.codes, key.scale, key.zero, key.off, key.cbits, self.group, key.sink, at, rows,
                 self.options.clip)
 
-    def _store(self, kc, z, ring, stream, group, sink, pos0, quantize):
+    def _store(self, kc, z, ring, stream, group, sink, at, quantize, st=0):
         """store_token: one thread per group of each row of z (sink None: no sinks)."""
         if sink is None:
             sink = kc.empty((0, z.shape[1]), np.float32)
         threads = 32
-        kc.store_token[(-(-z.shape[1] // (group * threads)), z.shape[0]), threads](
-            z, ring, stream.codes, stream.scale, stream.zero, stream.bits, group, sink, pos0, quantize,
+        kc.store_token[(-(-z.shape[1] // (group * threads)), z.shape[0]), threads, st](
+            z, ring, stream.codes, stream.scale, stream.zero, stream.bits, group, sink, at, quantize,
             self.options.clip)
 
-    def _write_delta(self, step, D, pos0, x, x_less_acc, dz, project, acc_from):
-        """XQuant-CL from its seed layer on: Δ = (x − Â)·ukv of the rows at positions pos0… (project
+    def _write_delta(self, step, D, at, x, x_less_acc, dz, project, acc_run, st=0):
+        """XQuant-CL from its seed layer on: Δ = (x − Â)·ukv of the rows at positions at[0]… (project
         computes it into dz from x, or from x_less_acc past the seed), packed per token; then Â ← Â
-        + Δ̂·ukvᵀ for the positions from acc_from up to theirs (the rows below it hold this layer's
-        Â already: an earlier part of the prompt added them), which the layer's K/V are rebuilt
-        from — and from its own exact latents for the recent positions the residual rule reads
-        exactly."""
+        + Δ̂·ukvᵀ over acc_run, a run of the Δ̂ stream ending at the rows' end (the rows below its lo
+        hold this layer's Â already: an earlier part of the prompt added them), which the layer's K/V
+        are rebuilt from — and from its own exact latents for the recent positions the residual rule
+        reads exactly."""
         kc = step.kc
         if not D.seed:
-            kc.subtract_rows[kc._blocks(x.size), kc.THREADS](x, self.acc, pos0, x_less_acc)
+            kc.subtract_rows[kc._blocks(x.size), kc.THREADS, st](x, self.acc, at, x_less_acc)
         project()
-        delta, end = D.delta, pos0 + x.shape[0]
-        self._store(kc, dz, delta.tail, delta, 1 << delta.shift, delta.sink, pos0, True)
-        kc.rebuild_rows(replace(delta, n_q=end, lo=acc_from, n=end), D.ukv.dense, self.acc, 0, not D.seed,
-                        step.cublas)
+        delta = D.delta
+        self._store(kc, dz, delta.tail, delta, 1 << delta.shift, delta.sink, at, True, st)
+        kc.rebuild_rows(acc_run, D.ukv.dense, self.acc, 0, not D.seed, step.cublas, st)
 
     # ---- bookkeeping: the plan's rules, at this cache's length ------------------------------------
     def truncate(self, n_tokens):
@@ -515,7 +551,7 @@ class GpuStep:
     """The model's weights on the device and the scratch of one decode step. rebuild: how a latent
     cache's keys and values are rebuilt — "fused", the Numba kernels that rebuild and score in
     shared memory, or "cublas", the rebuild product on tensor cores through torch (kc.Cublas).
-    graphs: replay the step as one CUDA graph where the cache allows (DeviceCache.graphs) — True,
+    graphs: replay the step as one CUDA graph (not a latent cache's with rebuild "cublas") — True,
     False, or None: where torch can capture one."""
 
     def __init__(self, model: Model, n_ctx: int, act_bits: int = 8, rebuild: str = "fused", graphs: bool | None = None,
@@ -585,6 +621,7 @@ class GpuStep:
     def __call__(self, token: int, pos: int, cache: DeviceCache) -> np.ndarray:
         """Logits of `token` at position `pos`, stored into the cache's layers."""
         self.at.copy_to_device(np.array([token, pos], np.int64))
+        cache.set_position(pos)
         graph = self._graph_for(cache)
         if graph is None:
             self.launches(cache, pos)
@@ -596,9 +633,10 @@ class GpuStep:
 
     def _graph_for(self, cache: DeviceCache) -> StepGraph | None:
         """The step's CUDA graph for this cache (captured at the step after one launched one by one
-        on it, which compiled its kernels), or None: launch one by one. A capture that fails says
-        why once and leaves the step launching."""
-        if not (self.graphs and cache.graphs and self._warm is cache):
+        on it, which compiled its kernels), or None: launch one by one — always for a latent cache
+        with --rebuild cublas, whose products the host shapes. A capture that fails says why once and
+        leaves the step launching."""
+        if not (self.graphs and self._warm is cache) or (self.cublas and isinstance(cache, DeviceLatentCache)):
             return None
         if self._graph is None or self._graph[0] is not cache:
             self._graph = None  # one graph at a time: a new cache's buffers need a new one
@@ -614,8 +652,8 @@ class GpuStep:
 
     def launches(self, cache: DeviceCache, pos: int | None):
         """A decode step's kernels, on self.stream, leaving its logits in logits_dev; the token and
-        position come from self.at — for a latent cache, whose launches vary with it, the position
-        also as pos."""
+        position come from self.at and cache.set_position's copies (pos: the position where the
+        launches are not being captured, for those a latent cache may skip)."""
         kc, c, T, st = self.kc, self.config, self.kc.THREADS, self.stream
         blocks = kc._blocks
         xn = self.xn_vec

@@ -768,8 +768,11 @@ def store_kv(k, v, head_dim, cos, sin, at, k_cache, v_cache):
 # positions and kv head), softmax (one block per head), values (split over positions); values are
 # summed in latent space (Σⱼ aⱼ·zⱼ) and projected once, since Σⱼ aⱼ·(zⱼ·M) = (Σⱼ aⱼ·zⱼ)·M.
 @cuda.jit(**_FAST)
-def softmax(scores, n):
-    """Each row of scores[:, :n] → its softmax, in place (one block per row)."""
+def softmax(scores, n, span):
+    """Each row of scores[:, :n] → its softmax, in place (one block per row); n is span[2] where a
+    span is given (see _span)."""
+    if span.shape[0]:
+        n = span[2]
     buf = cuda.shared.array(THREADS, float32)
     part = cuda.shared.array(WARPS, float32)
     h = cuda.blockIdx.x
@@ -913,6 +916,16 @@ def merge_parts(part_state, part_acc, n_parts, head_dim, out):
 
 
 @cuda.jit(device=True, inline=True)
+def _span(n_q, lo, n, span):
+    """A stream's (n_q, lo, n): its launch's own numbers, or where it has a span (a device int64
+    [n_q, lo, n], a decode step's) that span's — so that a CUDA graph of the launch replays at every
+    position, on a grid fixed by the longest context (the blocks past n return)."""
+    if span.shape[0]:
+        return span[0], span[1], span[2]
+    return n_q, lo, n
+
+
+@cuda.jit(device=True, inline=True)
 def _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, c):
     """Channel c of position p's latent: from the exact sinks (p < len(sink)), the packed stream
     (p < n_q; per-channel when cbits — each channel's width — is not empty, else per-token) or the
@@ -1032,8 +1045,8 @@ def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, 
 
 
 @cuda.jit(**_TWO_PER_SM)
-def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, mk, cos, sin, head_dim,
-                  scale_qk, scores):
+def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, span, mk, cos, sin,
+                  head_dim, scale_qk, scores):
     """Rematerialize-and-score: scores[h, t] = q_h · RoPE_t(z_t · mk)[kv head of h] · scale_qk for
     positions [lo, n) of a latent key stream (mk empty: the latent is the key itself). Block (x, g):
     positions lo + TILE_T·x … and kv head g; the rebuilt keys live in shared memory only, where the
@@ -1045,7 +1058,10 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
     q_s = cuda.shared.array((MAX_GROUP, HEAD_DIM), float32)
     acc = cuda.local.array(32, float32)
     tid = cuda.threadIdx.x
+    n_q, lo, n = _span(n_q, lo, n, span)
     p0, g = lo + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y
+    if p0 >= n:
+        return
     per_kv = scores.shape[0] // cuda.gridDim.y  # query heads per kv head
     col0 = g * head_dim
     c = tid % HEAD_DIM  # this thread's column in the per-position loops below
@@ -1087,14 +1103,16 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
 
 
 @cuda.jit(**_FAST)
-def values_latent(probs, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, width, chunk, parts):
+def values_latent(probs, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, span, width, parts):
     """parts[s, h, c] = Σ probs[h, t]·z_t[c] over positions [lo + s·chunk, lo + (s+1)·chunk) ∩ [lo, n)
-    of a per-token latent value stream (grid: splits × column tiles; each thread one channel,
-    every head)."""
+    of a per-token latent value stream, chunk = ⌈(n − lo) / parts⌉ (grid: parts × column tiles; each
+    thread one channel, every head; a part past n writes zeros)."""
     p_s = cuda.shared.array((MAX_HEADS, 32), float32)
     acc = cuda.local.array(MAX_HEADS, float32)
     n_head = probs.shape[0]
     c = cuda.blockIdx.y * THREADS + cuda.threadIdx.x
+    n_q, lo, n = _span(n_q, lo, n, span)
+    chunk = -(-(n - lo) // cuda.gridDim.x)
     t0 = lo + cuda.blockIdx.x * chunk
     t1 = min(n, t0 + chunk)
     for h in range(n_head):
@@ -1140,7 +1158,7 @@ def project_values(parts, n_parts, width, mv, head_dim, add, out):
 
 
 @cuda.jit(**_TWO_PER_SM)
-def rebuild(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, m, out, base, add):
+def rebuild(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, span, m, out, base, add):
     """out[p − base] (+)= z_p · m for the positions p ∈ [lo, n) of a latent stream (m empty: z_p
     itself) — a prompt's keys and values, rebuilt once for all its queries, and XQuant-CL's
     accumulator Â (add: onto what out holds; an fp16 out rounds each row as the CPU's does).
@@ -1150,7 +1168,10 @@ def rebuild(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n,
     else:
         stage = cuda.shared.array(STAGE, float32)
     acc = cuda.local.array(32, float32)
+    n_q, lo, n = _span(n_q, lo, n, span)
     p0, col0 = lo + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y * HEAD_DIM
+    if p0 >= n:
+        return
     n_cols = min(HEAD_DIM, out.shape[1] - col0)
     ty, tx = cuda.threadIdx.x // 16, cuda.threadIdx.x % 16
     if m.shape[0]:
@@ -1170,9 +1191,10 @@ def rebuild(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n,
 
 
 @cuda.jit
-def dequantize_stream(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, out):
+def dequantize_stream(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, span, out):
     """out[p − lo, c] = the latent of position p ∈ [lo, n) as fp16 (the input of a tensor-core
     rebuild product)."""
+    n_q, lo, n = _span(n_q, lo, n, span)
     p = lo + cuda.blockIdx.x
     if p < n:
         for c in range(cuda.threadIdx.x, out.shape[1], THREADS):
@@ -1258,8 +1280,8 @@ def _quantize(vals, n, bits, codes, o, clip):
 
 
 @cuda.jit
-def store_token(z, ring, codes, scale, zero, bits, group, sink, pos0, quantize, clip):
-    """Row t of z, the latent of position pos0 + t: rounded to fp16 into row (pos0 + t) mod len(ring)
+def store_token(z, ring, codes, scale, zero, bits, group, sink, at, quantize, clip):
+    """Row t of z, the latent of position at[0] + t: rounded to fp16 into row (at[0] + t) mod len(ring)
     of the exact ring and into the sinks while the position is below len(sink), then — quantize —
     packed per token into the stream's row of that position, from the rounded values (a ring of
     no rows: from z itself, XQuant-CL's Δ), clip: in ranges of least squared error. One thread per
@@ -1268,7 +1290,7 @@ def store_token(z, ring, codes, scale, zero, bits, group, sink, pos0, quantize, 
     g, t = cuda.grid(1), cuda.blockIdx.y
     if g * group >= z.shape[1]:
         return
-    pos = pos0 + t
+    pos = at[0] + t
     for j in range(min(group, z.shape[1] - g * group)):
         c = g * group + j
         h = float16(z[t, c])
@@ -1285,15 +1307,16 @@ def store_token(z, ring, codes, scale, zero, bits, group, sink, pos0, quantize, 
 
 
 @cuda.jit
-def store_channel_group(ring, codes, scale, zero, off, cbits, group, sink, g0, clip):
-    """Per-channel groups of positions [g0, g0 + G), [g0 + G, g0 + 2G) … (one per blockIdx.y) from
-    the exact ring, one thread per channel (xqrt.kernels.cpu._store_channel_group): sink positions,
-    read from the sinks, take another position's values here and leave the group's ranges alone."""
+def store_channel_group(ring, codes, scale, zero, off, cbits, group, sink, at, rows, clip):
+    """The per-channel groups that the `rows` positions from at[0] on complete (one per blockIdx.y;
+    a block past them returns: ⌈rows / G⌉ blocks cover any start), packed from the exact ring, one
+    thread per channel (xqrt.kernels.cpu._store_channel_group): sink positions, read from the sinks,
+    take another position's values here and leave the group's ranges alone."""
     vals = cuda.local.array(MAX_QUANT_GROUP, float32)
     c = cuda.grid(1)
-    if c >= ring.shape[1]:
+    g0 = (at[0] // group + cuda.blockIdx.y) * group
+    if c >= ring.shape[1] or g0 + group > at[0] + rows:
         return
-    g0 += cuda.blockIdx.y * group
     for t in range(group):
         vals[t] = float32(ring[(g0 + t) % ring.shape[0], c])
     n_sink = max(min(sink.shape[0] - g0, group), 0)
@@ -1307,9 +1330,9 @@ def store_channel_group(ring, codes, scale, zero, off, cbits, group, sink, g0, c
 
 
 @cuda.jit
-def subtract_rows(x, rows, r0, out):
-    """out[t] = x[t] − rows[r0 + t] (XQuant-CL: the new tokens' inputs less the accumulator's rows)."""
-    width = x.shape[1]
+def subtract_rows(x, rows, at, out):
+    """out[t] = x[t] − rows[at[0] + t] (XQuant-CL: the new tokens' inputs less the accumulator's rows)."""
+    width, r0 = x.shape[1], at[0]
     for i in range(cuda.grid(1), x.shape[0] * width, cuda.gridsize(1)):
         t, c = i // width, i % width
         out[t, c] = x[t, c] - float32(rows[r0 + t, c])
@@ -1329,7 +1352,9 @@ def available() -> bool:
 class DeviceStream:
     """One latent stream on the device (xqrt.cache.Stream's arrays, scales as float16) answering
     for positions [lo, n): the first len(sink) read exact from `sink`, then packed up to n_q, then
-    exact from the ring `tail` (position p in row p mod len(tail))."""
+    exact from the ring `tail` (position p in row p mod len(tail)). With a span the kernels read
+    n_q, lo and n from device memory instead (see _span), and launch over every position it may
+    come to: a decode step's streams, whose numbers the step writes before it runs."""
     codes: object
     scale: object
     zero: object
@@ -1342,15 +1367,33 @@ class DeviceStream:
     n_q: int
     lo: int
     n: int
+    span: object = None  # device int64 [n_q, lo, n], or empty (None given): the three above …
+    span_host: object = None  # … and its host copy, for the launches that the host shapes (cuBLAS's)
+
+    def __post_init__(self):
+        if self.span is None:
+            self.span = empty((0,), np.int64)
 
     @property
     def args(self):
         return (self.codes, self.scale, self.zero, self.bits, self.shift, self.off, self.cbits, self.sink, self.tail,
-                self.n_q, self.lo, self.n)
+                self.n_q, self.lo, self.n, self.span)
 
     @property
     def width(self) -> int:
         return self.tail.shape[1]
+
+    def extent(self, most: int) -> int:
+        """Positions a launch over the stream covers: [lo, n), or with a span `most`, the longest it
+        may come to."""
+        return most if self.span.shape[0] else self.n - self.lo
+
+    def on_host(self) -> DeviceStream:
+        """The stream with its span's numbers as its own."""
+        if not self.span.shape[0]:
+            return self
+        n_q, lo, n = (int(v) for v in self.span_host)
+        return replace(self, n_q=n_q, lo=lo, n=n, span=None, span_host=None)
 
 
 def upload_stream(codes, scale, zero, bits, group, off, sink, tail, n_q) -> DeviceStream:
@@ -1373,24 +1416,24 @@ def upload_stream(codes, scale, zero, bits, group, off, sink, tail, n_q) -> Devi
                         int(n_q) + len(tail))
 
 
-def exact_stream(rows, lo: int, n: int) -> DeviceStream:
+def exact_stream(rows, lo: int = 0, n: int = 0, span=None, span_host=None) -> DeviceStream:
     """Positions [lo, n) of rows (position p in row p mod their number: a ring, or rows of every
     position) read as a stream: nothing packed, no sinks."""
     scale, none = empty((0, 1, 0), np.float16), empty((0,), np.int64)  # typed as real streams' arrays: one kernel
     return DeviceStream(empty((0, 1, 0), np.uint8), scale, scale, 8, 0, none, none, empty((0, 0), np.float32), rows,
-                        0, lo, n)
+                        0, lo, n, span, span_host)
 
 
 def rebuild_rows(stream: DeviceStream, m, out, base: int, add: bool, cublas: Cublas | None = None, cu_stream=0):
     """out[p − base] (+)= z_p · m for the positions p ∈ [lo, n) of a latent stream (m empty: z_p
     itself): the `rebuild` kernel, or with cublas the product on tensor cores."""
-    if stream.n <= stream.lo:
-        return
-    if cublas is None or not m.shape[0]:
-        grid = (-(-(stream.n - stream.lo) // TILE_T), -(-out.shape[1] // HEAD_DIM))
-        rebuild[grid, THREADS, cu_stream](*stream.args, m, out, base, add)
-    else:
+    if cublas is not None and m.shape[0]:
         cublas.rebuild(stream, m, out, base, add, cu_stream)
+        return
+    extent = stream.extent(out.shape[0])
+    if extent > 0:
+        grid = (-(-extent // TILE_T), -(-out.shape[1] // HEAD_DIM))
+        rebuild[grid, THREADS, cu_stream](*stream.args, m, out, base, add)
 
 
 CUBLAS_CHUNK = 16384  # positions per tensor-core rebuild: its fp16 scratch is a fixed size, not per position
@@ -1434,6 +1477,7 @@ class Cublas:
 
     def parts(self, stream: DeviceStream):
         """The stream's positions [lo, n) as streams of one chunk each, in order."""
+        stream = stream.on_host()
         lo = stream.lo
         while lo < stream.n:
             hi = min(stream.n, (lo // self.chunk + 1) * self.chunk)
@@ -1496,11 +1540,10 @@ def _blocks(n: int) -> int:
     return max(1, min(-(-n // THREADS), 1024))
 
 
-def splits(n: int, chunk: int = 256, most: int = 128) -> tuple[int, int]:
-    """(parts, positions per part) for the split value sums: enough parts to fill the GPU at long
-    contexts, few enough that the partial sums stay small."""
-    parts = max(1, min(most, -(-n // chunk)))
-    return parts, -(-n // parts)
+def splits(n: int, chunk: int = 256, most: int = 128) -> int:
+    """Parts of n positions for the split value sums: enough to fill the GPU at long contexts, few
+    enough that the partial sums stay small."""
+    return max(1, min(most, -(-n // chunk)))
 
 
 class Workspace:
@@ -1508,8 +1551,8 @@ class Workspace:
 
     def __init__(self, n_ctx: int, n_head: int, value_width: int):
         self.scores = cuda.device_array((n_head, n_ctx), np.float32)
-        self.parts = cuda.device_array((splits(n_ctx)[0], n_head, value_width), np.float32)
-        self.part_state = cuda.device_array((splits(n_ctx)[0], n_head, 2), np.float32)
+        self.parts = cuda.device_array((splits(n_ctx), n_head, value_width), np.float32)
+        self.part_state = cuda.device_array((splits(n_ctx), n_head, 2), np.float32)
         self.empty = empty((0, 0), np.float32)
 
 
@@ -1554,16 +1597,19 @@ def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace,
     per run. A matrix is ws.empty where the latent is K / V itself (KIVI). window: (key, value)
     streams of the last run, K (post-RoPE) and V rows of a --kv-budget window, read as they are
     (RoPE tables of no columns rotate nothing). cublas: the keys are rebuilt on tensor cores into
-    device memory first, and scored from there (Cublas.keys)."""
+    device memory first, and scored from there (Cublas.keys). Streams with spans (a decode step's)
+    launch over every position the workspace holds, empty runs included, so that no launch depends
+    on the position but cuBLAS's."""
     last = window[0] if window is not None else keys[-1][0]
-    n, n_head = last.n, q.shape[0] // head_dim
+    n_head, most = q.shape[0] // head_dim, ws.scores.shape[1]
     if head_dim > HEAD_DIM or n_head // n_kv_head > MAX_GROUP or n_head > MAX_HEADS:
         raise ValueError("attention shape beyond the CUDA kernels' limits")
     scale_qk = np.float32(1.0 / math.sqrt(head_dim))
 
     def score(key, mk, key_cos, key_sin):
-        if key.n > key.lo:
-            scores_latent[(-(-(key.n - key.lo) // TILE_T), n_kv_head), THREADS, stream](
+        extent = key.extent(most)
+        if extent > 0:
+            scores_latent[(-(-extent // TILE_T), n_kv_head), THREADS, stream](
                 q, *key.args, mk, key_cos, key_sin, head_dim, scale_qk, ws.scores)
     for key, mk in keys:
         if cublas is not None and mk.shape[0]:
@@ -1575,13 +1621,12 @@ def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace,
     if window is not None:  # RoPE tables of no columns rotate nothing
         score(window[0], ws.empty, ws.empty, ws.empty)
         value_runs.append((window[1], ws.empty))
-    softmax[n_head, THREADS, stream](ws.scores, n)
+    softmax[n_head, THREADS, stream](ws.scores, last.n, last.span)
     first = True
     for value, mv in value_runs:
-        if value.n > value.lo:
-            n_parts, chunk = splits(value.n - value.lo)
-            width = value.width
-            values_latent[(n_parts, -(-width // THREADS)), THREADS, stream](ws.scores, *value.args, width, chunk,
-                                                                            ws.parts)
+        extent = value.extent(most)
+        if extent > 0:
+            n_parts, width = splits(extent), value.width
+            values_latent[(n_parts, -(-width // THREADS)), THREADS, stream](ws.scores, *value.args, width, ws.parts)
             project_values[n_head, THREADS, stream](ws.parts, n_parts, width, mv, head_dim, not first, out)
             first = False
