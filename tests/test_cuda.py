@@ -418,7 +418,8 @@ def test_cache_writes_are_xqrt_quant_bit_for_bit(bits, group, n_sink, clip, code
 
 def device_step(model, n_ctx, tensor_cores=False):
     """What DeviceCache.attend_device reads of a GpuStep: its vectors (and their 1-row views),
-    scratch, RoPE tables, position (pos_at, the caller's to set), stream and how it rebuilds."""
+    scratch, RoPE tables, position (pos_at, the caller's to set), stream, how it rebuilds, and
+    that it is not captured."""
     from types import SimpleNamespace
     c = model.config
     cos, sin = cpu.rope_table(model.rope_freqs, n_ctx)
@@ -427,7 +428,7 @@ def device_step(model, n_ctx, tensor_cores=False):
                            q=cuda.device_array(c.q_dim, np.float32),
                            xp=cuda.device_array(c.d_model, np.float32), cos=cuda.to_device(cos),
                            sin=cuda.to_device(sin), attn=cuda.device_array(c.q_dim, np.float32),
-                           pos_at=cuda.device_array(1, np.int64), stream=0,
+                           pos_at=cuda.device_array(1, np.int64), stream=0, graphs=False,
                            cublas=kc.Cublas(n_ctx, chunk=4) if tensor_cores else None)
 
 
@@ -536,7 +537,7 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
 # per-channel key groups complete.
 @pytest.mark.parametrize("mode, options", [
     ("fp16", {}),
-    ("xquant", dict(group=8, bits=3)),  # the key group of positions 8-15 packed at 15, read packed at 16
+    ("xquant", dict(group=16, bits=3)),  # the key group of positions 0-15 packed at 15, read packed at 16
     pytest.param("kivi", dict(group=8, kv_budget=5 * 128), marks=pytest.mark.slow),  # a window of 5 positions
     pytest.param("xquant-cl", dict(group=8, base_layers=1), marks=pytest.mark.slow),  # the seed and a delta layer
     pytest.param("xquant", dict(group=8, rebuild="cublas"), marks=pytest.mark.slow),  # never captured
@@ -545,16 +546,28 @@ def test_cuda_graph_replays_the_step(tmp_path, monkeypatch, mode, options):
     """cuda_graphs: the step's launches recorded once — as a CUDA graph captures them: kernels,
     grids and arguments, all on the capture's stream, nothing run, nothing allocated or copied —
     then replayed for each later token give the logits of launching them one by one, through a
-    14-token prompt and decode steps at positions 14 (launched), 15 (captured) and 16: no argument
-    changes with the token or position but their device copies (the step's GpuStep.at, a latent
-    cache's spans). A new cache is captured anew; a latent cache with rebuild cublas, whose
-    products the host shapes, never."""
+    13-token prompt and decode steps at positions 13 (launched), 14 (captured), 15 and 16: no
+    argument changes with the token or position but their device copies (the step's GpuStep.at, a
+    latent cache's spans). The capture launches no kernel for argument types that nothing launched
+    before it (on a GPU it would compile there, which a capture must not do). A new cache is captured
+    anew; a latent cache with rebuild cublas, whose products the host shapes, never."""
+    import numba
     from conftest import tiny_llama, write_llama_gguf
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
     from numba.cuda.simulator.kernel import FakeCUDAKernel
 
     from xqrt import Engine, gpu
     from xqrt.errors import XQError
+
+    def signature(kernel, args):
+        return kernel.fn, tuple(str(numba.typeof(a._ary if isinstance(a, FakeCUDAArray) else a)) for a in args)
+    compiled, launch = set(), FakeCUDAKernel.__call__
+
+    def noting(kernel, *args):
+        if not kernel._device:  # a kernel's launch, not a device function's call within one
+            compiled.add(signature(kernel, args))
+        return launch(kernel, *args)
+    monkeypatch.setattr(FakeCUDAKernel, "__call__", noting)
 
     class Recorded:
         made = 0
@@ -570,6 +583,7 @@ def test_cuda_graph_replays_the_step(tmp_path, monkeypatch, mode, options):
 
             def record(kernel, *args):
                 assert kernel.on_stream is capture_stream, f"{kernel.fn.__name__} launched off the capture's stream"
+                assert signature(kernel, args) in compiled, f"{kernel.fn.__name__} would compile in the capture"
                 self.launches.append((kernel, kernel.grid_dim, kernel.block_dim, args))
 
             def no(*args, **kwargs):
@@ -606,7 +620,7 @@ def test_cuda_graph_replays_the_step(tmp_path, monkeypatch, mode, options):
     graphed, launched = (Engine(path, ctx=24, cache=mode, device="cuda", cuda_graphs=on, rebuild=rebuild, **options)
                          for on in (True, False))
     on_graph, one_by_one = graphed.new_cache(), launched.new_cache()
-    for tokens in (list(range(5, 5 + 14 * 7, 7)), [11, 12, 13]):  # a prefill, then three decode steps
+    for tokens in (list(range(5, 5 + 13 * 7, 7)), [11, 12, 13, 14]):  # a prefill, then four decode steps
         np.testing.assert_array_equal(graphed.forward(tokens, on_graph, True),
                                       launched.forward(tokens, one_by_one, True))
     captured = rebuild != "cublas"

@@ -286,8 +286,10 @@ class DeviceLatentCache(DeviceCache):
         return runs
 
     def attend_device(self, s, layer, pos):
-        """No launch depends on pos (None while a CUDA graph is captured) but the packing of the
-        per-channel key groups, launched only at the positions that complete one when pos is known."""
+        """No launch depends on pos (None while a CUDA graph is captured): the packing of the
+        per-channel key groups is launched at every step where the step may be captured (its blocks
+        return unless the position completes a group), so that the step launched before a capture
+        has compiled it (a capture must not load a module); else where a group completes."""
         kc, c, D, st = s.kc, self.config, self.layers[layer], s.stream
         runs = D.runs
         if D.uk is not None:
@@ -296,7 +298,7 @@ class DeviceLatentCache(DeviceCache):
             kc.product(D.uv, s.xn_vec, s.xp, D.zv_vec, st)
         zk = s.xn if D.from_x else s.k_row if D.uk is None else D.zk
         zv = zk if D.shared else s.v_row if D.uv is None else D.zv
-        self._write(kc, D, zk, zv, s.pos_at, pos is None or (pos + 1) % self.group == 0, st)
+        self._write(kc, D, zk, zv, s.pos_at, pos is None or s.graphs or (pos + 1) % self.group == 0, st)
         window = None
         if self.window:
             kc.store_kv[kc._blocks(c.kv_dim // 2), kc.THREADS, st](s.k_row, s.v_row, c.head_dim, s.cos, s.sin,
