@@ -162,6 +162,15 @@ def code_path(request, monkeypatch):
     return path
 
 
+def launch_types(args) -> tuple:
+    """The Numba type names of a simulated kernel launch's arguments: the signature the kernel would
+    be compiled for on a GPU."""
+    import numba
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    return tuple(str(numba.typeof(a._ary if isinstance(a, FakeCUDAArray) else a)).replace("readonly ", "")
+                 for a in args)
+
+
 def pytest_configure(config):
     """XQRT_KERNEL_SIGNATURES=FILE: note the argument types of every CUDA kernel the simulator runs,
     for bench/ptx_check.py to compile them for a real GPU (the simulator runs them as Python and
@@ -171,20 +180,14 @@ def pytest_configure(config):
         return
     import atexit
 
-    import numba
-    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
     from numba.cuda.simulator.kernel import FakeCUDAKernel
     seen = set()
     launch = FakeCUDAKernel.__call__
 
-    def type_name(a):
-        t = numba.typeof(a._ary if isinstance(a, FakeCUDAArray) else a)
-        return str(t).replace("readonly ", "")
-
     def recording(self, *args):
         if not self._device and self.fn.__module__.startswith(("xqrt.", "bench_gpu")):  # not a test's own
             closure = tuple(c.cell_contents for c in self.fn.__closure__ or () if type(c.cell_contents) is int)
-            seen.add((self.fn.__module__, self.fn.__qualname__, closure, tuple(type_name(a) for a in args)))
+            seen.add((self.fn.__module__, self.fn.__qualname__, closure, launch_types(args)))
         return launch(self, *args)
 
     FakeCUDAKernel.__call__ = recording

@@ -307,11 +307,12 @@ def test_attend_latent(rebuild, tensor_cores, code_path):
     ws = kc.Workspace(64, n_head, width)
     out = cuda.device_array(n_head * hd, np.float32)
     mk_dev = cuda.to_device(mk)
+    cublas = kc.Cublas(64, chunk=16) if tensor_cores else None
     # with tensor cores the keys as two runs, the second from position 20: its first chunk starts mid-chunk
     key_runs = [(replace(key, n=20), mk_dev), (replace(key, lo=20), mk_dev)] if tensor_cores else [(key, mk_dev)]
     kc.attend_latent(cuda.to_device(q), key_runs, [(value, cuda.to_device(mv))],
                      cuda.to_device(cos), cuda.to_device(sin), n_kv, hd, ws, out,
-                     cublas=kc.Cublas(64, chunk=16) if tensor_cores else None)
+                     cublas=cublas)
     tol = 2e-2 if tensor_cores else 2e-4
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=tol, atol=tol)
     spans_host = np.zeros((2, 3), np.int64)
@@ -319,7 +320,6 @@ def test_attend_latent(rebuild, tensor_cores, code_path):
     with_span = lambda stream, i: replace(stream, span=spans[i], span_host=spans_host[i])  # noqa: E731
     args = (cuda.to_device(q), [(with_span(key, 0), mk_dev)], [(with_span(value, 1), cuda.to_device(mv))],
             cuda.to_device(cos), cuda.to_device(sin), n_kv, hd, ws, out)
-    cublas = kc.Cublas(64, chunk=16) if tensor_cores else None
     for upto in (n, 30):  # packed keys below min(n_q, upto): position 30 is inside the first packed group
         spans_host[:] = (min(key.n_q, upto), 0, upto), (upto, 0, upto)
         spans.copy_to_device(spans_host)
@@ -551,8 +551,7 @@ def test_cuda_graph_replays_the_step(tmp_path, monkeypatch, mode, options):
     latent cache's spans). The capture launches no kernel for argument types that nothing launched
     before it (on a GPU it would compile there, which a capture must not do). A new cache is captured
     anew; a latent cache with rebuild cublas, whose products the host shapes, never."""
-    import numba
-    from conftest import tiny_llama, write_llama_gguf
+    from conftest import launch_types, tiny_llama, write_llama_gguf
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
     from numba.cuda.simulator.kernel import FakeCUDAKernel
 
@@ -560,7 +559,7 @@ def test_cuda_graph_replays_the_step(tmp_path, monkeypatch, mode, options):
     from xqrt.errors import XQError
 
     def signature(kernel, args):
-        return kernel.fn, tuple(str(numba.typeof(a._ary if isinstance(a, FakeCUDAArray) else a)) for a in args)
+        return kernel.fn, launch_types(args)
     compiled, launch = set(), FakeCUDAKernel.__call__
 
     def noting(kernel, *args):
