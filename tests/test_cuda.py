@@ -286,9 +286,9 @@ def test_attend_latent(rebuild, tensor_cores, code_path):
     """XQuant's GQA path (latents · fused factors) and KIVI's (the latent is K / V), against
     dequantize → rebuild → RoPE → attention in NumPy; tensor_cores: the keys rebuilt by kc.Cublas
     (fp16 latents and factors, within fp16's rounding) and read back, 16 positions at a time. Then
-    the streams with spans, as a decode step's: the same launches at 45 and at 30 positions, only
-    the spans' device (and host) copies rewritten between them."""
-    n_head, n_kv, hd, group, n = 4, 2, 16, 32, 45
+    the streams with spans, as a decode step's: the same launches at 70 positions (two tiles) and
+    at 30, only the spans' device (and host) copies and the step's reach (the grids) changed."""
+    n_head, n_kv, hd, group, n = 4, 2, 16, 32, 70
     kv_dim = n_kv * hd
     width = 32
     z_k = rng.standard_normal((n, width)).astype(np.float32)
@@ -299,15 +299,15 @@ def test_attend_latent(rebuild, tensor_cores, code_path):
     key, k_seen = key_stream(z_k, 2, group, 2, channel_bits)
     value, v_seen = value_stream(z_v, 3, 16, 2)
     inv_freq = (1e4 ** (-np.arange(0, hd, 2) / hd)).astype(np.float32)
-    cos, sin = cpu.rope_table(inv_freq, 64)
+    cos, sin = cpu.rope_table(inv_freq, 128)
     q = rng.standard_normal(n_head * hd).astype(np.float32)
     keys = k_seen @ mk if rebuild else k_seen.copy()
     cpu.rope_rows(keys, n_kv, hd, 0, inv_freq)
     ref = attention_ref(q, keys, v_seen @ mv if rebuild else v_seen, n_head, hd)
-    ws = kc.Workspace(64, n_head, width)
+    ws = kc.Workspace(128, n_head, width)
     out = cuda.device_array(n_head * hd, np.float32)
     mk_dev = cuda.to_device(mk)
-    cublas = kc.Cublas(64, chunk=16) if tensor_cores else None
+    cublas = kc.Cublas(128, chunk=16) if tensor_cores else None
     # with tensor cores the keys as two runs, the second from position 20: its first chunk starts mid-chunk
     key_runs = [(replace(key, n=20), mk_dev), (replace(key, lo=20), mk_dev)] if tensor_cores else [(key, mk_dev)]
     kc.attend_latent(cuda.to_device(q), key_runs, [(value, cuda.to_device(mv))],
@@ -320,10 +320,10 @@ def test_attend_latent(rebuild, tensor_cores, code_path):
     with_span = lambda stream, i: replace(stream, span=spans[i], span_host=spans_host[i])  # noqa: E731
     args = (cuda.to_device(q), [(with_span(key, 0), mk_dev)], [(with_span(value, 1), cuda.to_device(mv))],
             cuda.to_device(cos), cuda.to_device(sin), n_kv, hd, ws, out)
-    for upto in (n, 30):  # packed keys below min(n_q, upto): position 30 is inside the first packed group
+    for upto, reach in ((n, 128), (30, 32)):  # packed keys below min(n_q, upto): 30 is inside the first group
         spans_host[:] = (min(key.n_q, upto), 0, upto), (upto, 0, upto)
         spans.copy_to_device(spans_host)
-        kc.attend_latent(*args, cublas=cublas)
+        kc.attend_latent(*args, cublas=cublas, reach=reach)
         ref = attention_ref(q, keys[:upto], (v_seen @ mv if rebuild else v_seen)[:upto], n_head, hd)
         np.testing.assert_allclose(out.copy_to_host(), ref, rtol=tol, atol=tol)
     lat = cuda.device_array((n, width), np.float16)
@@ -548,9 +548,11 @@ def test_cuda_graph_replays_the_step(tmp_path, monkeypatch, mode, options):
     then replayed for each later token give the logits of launching them one by one, through a
     13-token prompt and decode steps at positions 13 (launched), 14 (captured), 15 and 16: no
     argument changes with the token or position but their device copies (the step's GpuStep.at, a
-    latent cache's spans). The capture launches no kernel for argument types that nothing launched
-    before it (on a GPU it would compile there, which a capture must not do). A new cache is captured
-    anew; a latent cache with rebuild cublas, whose products the host shapes, never."""
+    latent cache's spans). A latent cache's step is captured again where its reach (its grids'
+    positions, here at least 8) doubles: 16 from position 15 on, then the context's 24 at 16. The
+    capture launches no kernel for argument types that nothing launched before it (on a GPU it would
+    compile there, which a capture must not do). A new cache is captured anew; a latent cache with
+    rebuild cublas, whose products the host shapes, never."""
     from conftest import launch_types, tiny_llama, write_llama_gguf
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
     from numba.cuda.simulator.kernel import FakeCUDAKernel
@@ -616,16 +618,18 @@ def test_cuda_graph_replays_the_step(tmp_path, monkeypatch, mode, options):
             Engine(path, ctx=24, cuda_graphs=True)
     monkeypatch.setattr(gpu, "graph_support", lambda: None)
     monkeypatch.setattr(gpu, "StepGraph", Recorded)
+    monkeypatch.setattr(gpu.DeviceLatentCache, "least_reach", 8)
     graphed, launched = (Engine(path, ctx=24, cache=mode, device="cuda", cuda_graphs=on, rebuild=rebuild, **options)
                          for on in (True, False))
     on_graph, one_by_one = graphed.new_cache(), launched.new_cache()
     for tokens in (list(range(5, 5 + 13 * 7, 7)), [11, 12, 13, 14]):  # a prefill, then four decode steps
         np.testing.assert_array_equal(graphed.forward(tokens, on_graph, True),
                                       launched.forward(tokens, one_by_one, True))
-    captured = rebuild != "cublas"
-    assert Recorded.made == captured and launched._gpu._graph is None
+    reaches = [] if rebuild == "cublas" else [0] if mode == "fp16" else [16, 24]
+    assert Recorded.made == len(reaches) and launched._gpu._graphs is None
+    assert list(graphed._gpu._graphs[1]) == reaches if reaches else graphed._gpu._graphs is None
     graphed.forward([11, 12], graphed.new_cache())  # a new cache's first step is launched, then captured
-    assert Recorded.made == 2 * captured
+    assert Recorded.made == len(reaches) + bool(reaches)
 
 
 @pytest.mark.parametrize("mode, options", [
@@ -685,6 +689,17 @@ def test_out_of_device_memory_is_one_error_line(tmp_path, monkeypatch):
     monkeypatch.setattr(kc.Workspace, "__init__", failing(700))  # CUDA_ERROR_ILLEGAL_ADDRESS
     with pytest.raises(CudaAPIError):
         Engine(path, ctx=8, device="cuda")
+
+
+def test_step_reach():
+    """A decode step's grids cover the power of two at or above its positions, from `least` up to the
+    context: never fewer positions than the step reads, under twice as many above `least`."""
+    from xqrt import gpu
+    reaches = [gpu.step_reach(pos, 280, 16) for pos in range(280)]
+    for pos, reach in enumerate(reaches):
+        assert pos < reach <= 280
+        assert reach == 280 or reach & (reach - 1) == 0 and (reach == 16 or reach < 2 * (pos + 1))
+    assert sorted(set(reaches)) == [16, 32, 64, 128, 256, 280]
 
 
 def test_device_choice(monkeypatch):

@@ -97,6 +97,7 @@ def device_memory(what: str):
 class DeviceCache(Cache):
     """A cache in device memory: only the GPU step reads or writes it, through attend_device."""
     needs_kv = True  # whether the step computes the layer's k and v for it
+    reach = 0  # positions the decode step's grids are sized for (set_position); 0: the same at every position
 
     def attend(self, layer, pos0, xn, q, k, v):
         raise XQError("a device cache is read by the GPU step only")
@@ -104,7 +105,7 @@ class DeviceCache(Cache):
     def set_position(self, pos: int):
         """Before a decode step at pos: what its launches read of the position beside the step's own
         device copy (s.pos_at), written to device memory, so that one CUDA graph of the step replays at
-        every position."""
+        every position of its reach."""
 
     def attend_device(self, step: GpuStep, layer: int, pos: int):
         """Store position pos of `layer` from the step's xn / k (pre-RoPE) / v and leave the
@@ -187,6 +188,7 @@ class DeviceLatentCache(DeviceCache):
     device rings hold `prompt_rows` rows more than the plan's, so that a prompt's rows at a time
     can be written before their queries read the exact ones."""
     prompt_rows = 128  # prompt rows stored and attended at a time
+    least_reach = 256  # a decode step's grids cover the next power of two of positions, at least this many
     # a decode step's stream bounds [n_q, lo, n] (set_position): packed keys per channel, packed
     # streams per token, the window, XQuant-CL's accumulator, its exact latents, and its Δ̂
     SPANS = ("per_channel", "per_token", "window", "acc", "exact", "delta")
@@ -261,6 +263,11 @@ class DeviceLatentCache(DeviceCache):
                                cuda.to_device(stream.sink), ring, 0, 0, 0)
 
     def set_position(self, pos):
+        """The spans of the streams, and the step's reach: a launch over a spanned stream has blocks
+        for `reach` positions, those past the position returning at once, so that a CUDA graph of the
+        step replays at every position below it. A power of two: at most about twice the blocks that
+        work, and a graph per doubling of the context."""
+        self.reach = step_reach(pos, self.n_ctx, self.least_reach)
         n = pos + 1
         w0 = n - min(self.window, n) if self.window else n  # positions from w0 on are read from the window
         ch, tok = (min(int(self.plan.bound(pos, per_channel)), w0) for per_channel in (True, False))
@@ -313,7 +320,7 @@ class DeviceLatentCache(DeviceCache):
         else:
             keys, values = [(runs["key"], D.mk)], [(runs["value"], D.mv)]
         kc.attend_latent(s.q, keys, values, s.cos, s.sin, c.n_kv_head, c.head_dim, self.ws, s.attn, st, window=window,
-                         cublas=s.cublas)
+                         cublas=s.cublas, reach=self.reach)
 
     def attend_prompt(self, prompt, layer):
         """A prompt's rows, prompt_rows at a time: their latents stored as decode stores them, then
@@ -427,7 +434,7 @@ class DeviceLatentCache(DeviceCache):
         project()
         delta = D.delta
         self._store(kc, dz, delta.tail, delta, 1 << delta.shift, delta.sink, at, True, st)
-        kc.rebuild_rows(acc_run, D.ukv.dense, self.acc, 0, not D.seed, step.cublas, st)
+        kc.rebuild_rows(acc_run, D.ukv.dense, self.acc, 0, not D.seed, step.cublas, st, self.reach)
 
     # ---- bookkeeping: the plan's rules, at this cache's length ------------------------------------
     def truncate(self, n_tokens):
@@ -445,6 +452,12 @@ class DeviceLatentCache(DeviceCache):
 
     def describe(self):
         return self.plan.describe()
+
+
+def step_reach(pos: int, n_ctx: int, least: int) -> int:
+    """Positions a decode step at pos sizes its grids for: the power of two at or above pos + 1, at
+    least `least`, at most the context."""
+    return min(n_ctx, max(least, 1 << pos.bit_length()))
 
 
 def new_device_cache(mode: str, model: Model, n_ctx: int, options: CacheOptions, log=None) -> DeviceCache:
@@ -570,7 +583,7 @@ class GpuStep:
         self.graphs, self.log = graphs is not False and not why_not, log
         if why_not and log:
             log(f"xqrt: no CUDA graphs ({why_not}): the decode step launches its kernels one by one")
-        self._graph = None  # (the cache it was captured for, its StepGraph)
+        self._graphs = None  # (the cache they were captured for, {its reach: StepGraph})
         self._warm = None  # the cache of the last step launched one by one: its kernels are compiled
         # (compiling loads a module, which a capture must not see)
         self.stream = 0  # where the step's launches go: a capture's stream while one is made
@@ -634,23 +647,25 @@ class GpuStep:
         return self.logits
 
     def _graph_for(self, cache: DeviceCache) -> StepGraph | None:
-        """The step's CUDA graph for this cache (captured at the step after one launched one by one
-        on it, which compiled its kernels), or None: launch one by one — always for a latent cache
-        with --rebuild cublas, whose products the host shapes. A capture that fails says why once and
-        leaves the step launching."""
+        """The step's CUDA graph for this cache at its reach (captured at the first step there after
+        one launched one by one on the cache, which compiled its kernels), or None: launch one by
+        one — always for a latent cache with --rebuild cublas, whose products the host shapes. A
+        capture that fails says why once and leaves the step launching."""
         if not (self.graphs and self._warm is cache) or (self.cublas and isinstance(cache, DeviceLatentCache)):
             return None
-        if self._graph is None or self._graph[0] is not cache:
-            self._graph = None  # one graph at a time: a new cache's buffers need a new one
+        if self._graphs is None or self._graphs[0] is not cache:
+            self._graphs = cache, {}  # one cache's graphs at a time: a new cache's buffers need new ones
+        graphs = self._graphs[1]
+        if cache.reach not in graphs:
             try:
-                self._graph = cache, StepGraph(self, cache)
+                graphs[cache.reach] = StepGraph(self, cache)
             except Exception as e:  # noqa: BLE001 — any failure of the capture leaves the step as it was
-                self.graphs = False
+                self.graphs, self._graphs = False, None
                 if self.log:
                     self.log(f"xqrt: CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]}); "
                              "launching kernels one by one")
                 return None
-        return self._graph[1]
+        return graphs[cache.reach]
 
     def launches(self, cache: DeviceCache, pos: int | None):
         """A decode step's kernels, on self.stream, leaving its logits in logits_dev; the token and

@@ -1384,8 +1384,8 @@ class DeviceStream:
         return self.tail.shape[1]
 
     def extent(self, most: int) -> int:
-        """Positions a launch over the stream covers: [lo, n), or with a span `most`, the longest it
-        may come to."""
+        """Positions a launch over the stream covers: [lo, n), or with a span `most` (the step's
+        reach: at least the longest the span comes to before the launch is made anew)."""
         return most if self.span.shape[0] else self.n - self.lo
 
     def on_host(self) -> DeviceStream:
@@ -1424,13 +1424,15 @@ def exact_stream(rows, lo: int = 0, n: int = 0, span=None, span_host=None) -> De
                         0, lo, n, span, span_host)
 
 
-def rebuild_rows(stream: DeviceStream, m, out, base: int, add: bool, cublas: Cublas | None = None, cu_stream=0):
+def rebuild_rows(stream: DeviceStream, m, out, base: int, add: bool, cublas: Cublas | None = None, cu_stream=0,
+                 reach: int = 0):
     """out[p − base] (+)= z_p · m for the positions p ∈ [lo, n) of a latent stream (m empty: z_p
-    itself): the `rebuild` kernel, or with cublas the product on tensor cores."""
+    itself): the `rebuild` kernel, or with cublas the product on tensor cores. reach: the positions a
+    launch over a spanned stream covers (0: every row of out)."""
     if cublas is not None and m.shape[0]:
         cublas.rebuild(stream, m, out, base, add, cu_stream)
         return
-    extent = stream.extent(out.shape[0])
+    extent = stream.extent(reach or out.shape[0])
     if extent > 0:
         grid = (-(-extent // TILE_T), -(-out.shape[1] // HEAD_DIM))
         rebuild[grid, THREADS, cu_stream](*stream.args, m, out, base, add)
@@ -1589,7 +1591,7 @@ def attend_prompt(q, k, v, at, head_dim, out, exact=None, window=None, stream=0)
 
 
 def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace, out, stream=0, window=None,
-                  cublas: Cublas | None = None):
+                  cublas: Cublas | None = None, reach: int = 0):
     """Single-query attention rematerialized from latent streams. keys / values: (DeviceStream,
     rebuild matrix) runs covering [0, n) in order — one stream, or XQuant-CL's accumulator and then
     the exact tail, whose latents live in different spaces. Keys are rebuilt tile by tile (z·mk,
@@ -1598,10 +1600,10 @@ def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace,
     streams of the last run, K (post-RoPE) and V rows of a --kv-budget window, read as they are
     (RoPE tables of no columns rotate nothing). cublas: the keys are rebuilt on tensor cores into
     device memory first, and scored from there (Cublas.keys). Streams with spans (a decode step's)
-    launch over every position the workspace holds, empty runs included, so that no launch depends
-    on the position but cuBLAS's."""
+    launch over `reach` positions (0: every position the workspace holds), empty runs included, so
+    that no launch depends on the position below it but cuBLAS's."""
     last = window[0] if window is not None else keys[-1][0]
-    n_head, most = q.shape[0] // head_dim, ws.scores.shape[1]
+    n_head, most = q.shape[0] // head_dim, reach or ws.scores.shape[1]
     if head_dim > HEAD_DIM or n_head // n_kv_head > MAX_GROUP or n_head > MAX_HEADS:
         raise ValueError("attention shape beyond the CUDA kernels' limits")
     scale_qk = np.float32(1.0 / math.sqrt(head_dim))
