@@ -129,31 +129,28 @@ def code_path(request, monkeypatch):
         return path
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         pytest.skip("on a GPU every test takes the GPU's path")
-    import threading
-
+    import cudasim
     from numba.cuda import libdevice
     from numba.cuda.simulator.kernelapi import FakeCUDAModule
 
     from xqrt.kernels import cuda as kc
-    lock = threading.Lock()
 
     def shfl_xor_sync(self, mask, value, lane_mask):
         assert mask == 0xFFFFFFFF, "the kernels shuffle whole warps"
-        thread = threading.current_thread()
+        thread = cudasim.current_thread()
         block = thread._manager  # one per block: the simulator runs a grid's blocks one at a time
         warp, lane = divmod(thread.thread_id, 32)
-        with lock:
-            warps = block.__dict__.setdefault("warps", {})
-            if warp not in warps:
-                lanes = min(32, int(np.prod(block._block_dim)) - 32 * warp)
-                warps[warp] = threading.Barrier(lanes, timeout=60), [[None] * 32, [None] * 32], [0] * 32
+        warps = block.__dict__.setdefault("warps", {})
+        if warp not in warps:
+            lanes = min(32, int(np.prod(block._block_dim)) - 32 * warp)
+            warps[warp] = cudasim.Barrier(lanes), [[None] * 32, [None] * 32], [0] * 32
         barrier, values, calls = warps[warp]
         # two buffers, alternate shuffles: a lane can write one again only after every lane has
         # passed the next barrier, so after every lane has read it
         buf = values[calls[lane] % 2]
         calls[lane] += 1
         buf[lane] = value
-        barrier.wait()  # BrokenBarrierError after a minute: a lane of the warp never came
+        barrier.wait()  # a lane of the warp that never comes: no thread can go on, the launch fails
         return type(value)(buf[lane ^ lane_mask])
 
     monkeypatch.setattr(FakeCUDAModule, "shfl_xor_sync", shfl_xor_sync, raising=False)

@@ -1,26 +1,38 @@
 """Numba's CUDA simulator, made fast enough for the kernels' tests without changing what it runs.
 
-Two of its costs are not the kernels' own:
-- `cuda.shared.array` finds its caller with `traceback.extract_stack`, which formats the whole
-  stack (deep under pytest) once per thread per array: about 0.3 ms a call, 256 calls a block;
+The simulator runs each CUDA thread of a block as an OS thread, and its costs were not the
+kernels' own:
+- a block starts and joins 256 threads (about 20 ms here);
 - `syncthreads` is a poll: the launching thread loops over the block's threads, holding the GIL
-  for Python's switch interval at a time, until all of them wait: about 38 ms a barrier.
-Here the caller is one frame up (the same (file, line) key), and a barrier is a condition
-variable its last thread releases (about 7 ms). As the simulator's, a barrier counts the block's
-live threads: a thread that has returned no longer holds one up.
+  for Python's switch interval at a time, until all of them wait (about 38 ms a barrier; woken
+  through a condition variable instead, still 6-10 ms: each thread waits its turn for the GIL);
+- `cuda.shared.array` finds its caller with `traceback.extract_stack`, which formats the whole
+  stack (deep under pytest) once per thread per array: about 0.3 ms a call, 256 calls a block.
+Here a block's threads are greenlets on the launching thread, run in turn: each runs until it
+waits at a barrier or returns, and a barrier's last thread makes the others ready again (a block
+and a barrier then cost microseconds per thread), and a shared array's caller is one frame up
+(the same (file, line) key). As in the simulator, a barrier counts the block's live threads: a
+thread that has returned no longer holds one up; the first failure is re-raised. Where no thread
+can go on — threads wait at a barrier that a live one never reaches — the launch fails at once
+(on a GPU: a hang).
 """
 from __future__ import annotations
 
 import sys
 import threading
+from collections import deque
 
+import greenlet
 import numpy as np
 from numba.core.types import Type
 from numba.cuda.simulator import kernel as sim_kernel
-from numba.cuda.simulator.kernelapi import FakeCUDAShared
+from numba.cuda.simulator import kernelapi
+from numba.cuda.simulator.kernelapi import Dim3, FakeCUDAShared
 from numba.np import numpy_support
 
 simulator_shared_array = FakeCUDAShared.array
+_ready: deque = deque()  # the running block's threads that may go on (blocks run one at a time)
+_current = None  # the simulated thread running now, or None outside a block
 
 
 def shared_array(self, shape, dtype, alignment=None):
@@ -31,68 +43,103 @@ def shared_array(self, shape, dtype, alignment=None):
     frame = sys._getframe(1)
     caller = frame.f_code.co_filename, frame.f_lineno
     array = self._allocations.get(caller)
-    if array is None:  # setdefault: a thread that lost the race takes the winner's array
+    if array is None:
         dtype = numpy_support.as_dtype(dtype) if isinstance(dtype, Type) else dtype
-        array = self._allocations.setdefault(caller, np.empty(shape, dtype))
+        array = self._allocations[caller] = np.empty(shape, dtype)
     return array
 
 
-class BlockBarrier:
-    """syncthreads for one block: released when every live thread waits (a thread that returns or
-    fails leaves the count); an error after a minute's wait (on a GPU: a hang)."""
+def current_thread():
+    """The simulated CUDA thread running (what the simulator's kernel API asks threading for)."""
+    return _current if _current is not None else threading.current_thread()
 
-    def __init__(self, n_threads):
-        self.cond = threading.Condition()
-        self.live, self.waiting, self.generation = n_threads, 0, 0
+
+class Barrier:
+    """n threads meet: each that arrives goes back to the block's loop, until the n-th arrives and
+    makes them all ready again; `leave` takes a thread off n (the block's barrier: one that returned)."""
+
+    def __init__(self, n):
+        self.n, self.waiting = n, []
 
     def wait(self):
-        with self.cond:
-            generation = self.generation
-            self.waiting += 1
-            if self.waiting == self.live:
-                self._release()
-            elif not self.cond.wait_for(lambda: generation != self.generation, timeout=60):
-                self.waiting -= 1
-                raise RuntimeError("syncthreads: a live thread of the block has not come for a minute")
+        if len(self.waiting) + 1 >= self.n:
+            self._release()
+            return
+        me = greenlet.getcurrent()
+        self.waiting.append(me)
+        me.parent.switch()
 
     def leave(self):
-        with self.cond:
-            self.live -= 1
-            if self.waiting and self.waiting == self.live:
-                self._release()
+        self.n -= 1
+        if self.waiting and len(self.waiting) >= self.n:
+            self._release()
 
     def _release(self):
-        self.waiting = 0
-        self.generation += 1
-        self.cond.notify_all()
+        _ready.extend(self.waiting)
+        self.waiting = []
+
+
+class SimThread:
+    """One CUDA thread of a block: the attributes the kernel API reads of a simulator BlockThread."""
+
+    def __init__(self, manager, grid_point, point):
+        self._manager, self.blockIdx, self.threadIdx = manager, Dim3(*grid_point), Dim3(*point)
+        x, y, _ = manager._block_dim
+        self.thread_id = point[0] + x * (point[1] + y * point[2])
+
+    def syncthreads(self):
+        self._manager.barrier.wait()
 
 
 def run_block(self, grid_point, *args):
-    """BlockManager.run: the block's threads, started and joined; the first failure re-raised."""
-    barrier = self.barrier = BlockBarrier(int(np.prod(self._block_dim)))
+    """BlockManager.run: the block's threads as greenlets, each run until it waits or returns, in
+    turn, until none can go on; the first failure re-raised."""
+    global _current
+    points = list(np.ndindex(*self._block_dim))
+    self.barrier = Barrier(len(points))
+    errors = []
 
-    def thread_body():
+    def body():
         try:
             self._f(*args)
+        except Exception as e:  # noqa: BLE001 — re-raised by the launch, after the block
+            errors.append(e)
         finally:
-            barrier.leave()
+            self.barrier.leave()
 
-    threads = [sim_kernel.BlockThread(thread_body, self, grid_point, point, self._debug)
-               for point in np.ndindex(*self._block_dim)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    failed = next((t for t in threads if t.exception), None)
-    if failed:
-        raise failed.exception[0].with_traceback(failed.exception[1])
+    threads = {}
+    for point in points:
+        g = greenlet.greenlet(body)
+        threads[g] = SimThread(self, grid_point, point)
+        _ready.append(g)
+    try:
+        while _ready:
+            g = _ready.popleft()
+            _current = threads[g]
+            g.switch()
+    finally:
+        stuck = [g for g in threads if not g.dead]
+        for g in stuck:  # ended here (GreenletExit), not when a later block collects them
+            _current = threads[g]
+            g.throw()
+        _current = None
+        _ready.clear()
+    if errors:
+        raise errors[0]
+    if stuck:
+        raise RuntimeError(f"syncthreads: {len(stuck)} threads of block {grid_point} wait at a barrier that no "
+                           "other live thread reaches (on a GPU: a hang)")
 
 
-def syncthreads(self):
-    self._manager.barrier.wait()
+class _Threading:
+    """The `threading` of the simulator's kernel API: its current thread is the simulated one."""
+    current_thread = staticmethod(current_thread)
+
+    def __getattr__(self, name):
+        return getattr(threading, name)
 
 
 def install():
     FakeCUDAShared.array = shared_array
     sim_kernel.BlockManager.run = run_block
-    sim_kernel.BlockThread.syncthreads = syncthreads
+    kernelapi.threading = _Threading()

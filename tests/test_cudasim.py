@@ -1,4 +1,5 @@
-"""tests/cudasim.py's barrier and shared arrays run a block as Numba's simulator does."""
+"""tests/cudasim.py runs a block as Numba's simulator does: barriers, failures, shared arrays, and conftest's
+emulated warp shuffles."""
 from __future__ import annotations
 
 import os
@@ -42,3 +43,22 @@ def test_a_barrier_waits_for_the_live_threads(n_live):
 def test_a_failing_thread_is_the_error_not_a_hang():
     with pytest.raises(IndexError):
         rotate[1, 64](cuda.to_device(np.zeros(64, np.float32)), 64, 5)
+
+
+@cuda.jit
+def swap_neighbours(out, n_lanes):
+    """Lanes below n_lanes swap their indices with their neighbours' by a warp shuffle; the rest return."""
+    t = cuda.threadIdx.x
+    if t < n_lanes:
+        out[t] = cuda.shfl_xor_sync(0xFFFFFFFF, float32(t), 1)
+
+
+@pytest.mark.parametrize("code_path", ["gpu"], indirect=True)
+def test_a_shuffle_a_lane_never_reaches_fails_at_once(code_path):
+    """conftest's shuffles meet at a barrier of the warp's lanes: all of them swap; where one lane has
+    returned, no thread can go on, and the launch says so (on a GPU: undefined)."""
+    out = cuda.to_device(np.zeros(32, np.float32))
+    swap_neighbours[1, 32](out, 32)
+    np.testing.assert_array_equal(out.copy_to_host(), np.arange(32) ^ 1)
+    with pytest.raises(RuntimeError, match=r"^syncthreads: 31 threads of block \(0, 0, 0\) wait at a barrier"):
+        swap_neighbours[1, 32](out, 31)
