@@ -702,6 +702,18 @@ def test_step_reach():
     assert sorted(set(reaches)) == [16, 32, 64, 128, 256, 280]
 
 
+def test_stream_extent():
+    """A launch covers a stream's [lo, n), or with a span the step's reach — an exact stream's no more
+    than its rows (a ring of them holds every position it reads at once)."""
+    span = cuda.to_device(np.array([0, 90, 100], np.int64))
+    ring = cuda.device_array((40, 8), np.float16)
+    assert kc.exact_stream(ring, 90, 100).extent(128) == 10
+    assert kc.exact_stream(ring, span=span).extent(128) == 40
+    assert kc.exact_stream(ring, span=span).extent(32) == 32
+    packed, _ = value_stream(rng.standard_normal((100, 8)).astype(np.float32), 4, 8, 0)
+    assert replace(packed, span=span).extent(128) == 128
+
+
 def test_device_choice(monkeypatch):
     from xqrt.errors import XQError
     from xqrt.cache import CacheOptions

@@ -1385,8 +1385,11 @@ class DeviceStream:
 
     def extent(self, most: int) -> int:
         """Positions a launch over the stream covers: [lo, n), or with a span `most` (the step's
-        reach: at least the longest the span comes to before the launch is made anew)."""
-        return most if self.span.shape[0] else self.n - self.lo
+        reach: at least the longest the span comes to before the launch is made anew) — for an
+        exact stream no more than its rows, which hold every position of [lo, n) at once."""
+        if not self.span.shape[0]:
+            return self.n - self.lo
+        return most if self.codes.shape[0] else min(most, self.tail.shape[0])
 
     def on_host(self) -> DeviceStream:
         """The stream with its span's numbers as its own."""
