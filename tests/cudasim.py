@@ -8,16 +8,18 @@ kernels' own:
   through a condition variable instead, still 6-10 ms: each thread waits its turn for the GIL);
 - `cuda.shared.array` finds its caller with `traceback.extract_stack`, which formats the whole
   stack (deep under pytest) once per thread per array: about 0.3 ms a call, 256 calls a block.
-Here a block's threads are greenlets on the launching thread, run in turn: each runs until it
-waits at a barrier or returns, and a barrier's last thread makes the others ready again (a block
-and a barrier then cost microseconds per thread), and a shared array's caller is one frame up
-(the same (file, line) key). As in the simulator, a barrier counts the block's live threads: a
+Here a block's threads are greenlets on the launching thread, run in turn (in an order shuffled
+per block, so that a missing barrier shows whichever thread runs first): each runs until it waits
+at a barrier or returns, and a barrier's last thread makes the others ready again (a block and a
+barrier then cost microseconds per thread), and a shared array's caller is one frame up (the same
+(file, line) key). As in the simulator, a barrier counts the block's live threads: a
 thread that has returned no longer holds one up; the first failure is re-raised. Where no thread
 can go on — threads wait at a barrier that a live one never reaches — the launch fails at once
 (on a GPU: a hang).
 """
 from __future__ import annotations
 
+import random
 import sys
 import threading
 from collections import deque
@@ -33,6 +35,7 @@ from numba.np import numpy_support
 simulator_shared_array = FakeCUDAShared.array
 _ready: deque = deque()  # the running block's threads that may go on (blocks run one at a time)
 _current = None  # the simulated thread running now, or None outside a block
+_order = random.Random(0)  # the order a block's threads start in: shuffled, the same every run
 
 
 def shared_array(self, shape, dtype, alignment=None):
@@ -96,6 +99,7 @@ def run_block(self, grid_point, *args):
     turn, until none can go on; the first failure re-raised."""
     global _current
     points = list(np.ndindex(*self._block_dim))
+    _order.shuffle(points)  # a race between threads shows whichever of them would run first
     self.barrier = Barrier(len(points))
     errors = []
 

@@ -46,6 +46,23 @@ def test_a_failing_thread_is_the_error_not_a_hang():
 
 
 @cuda.jit
+def read_left_unsynced(out):
+    """Thread t > 0 reads what thread t − 1 writes to shared memory, with no barrier between: a race."""
+    buf = cuda.shared.array(64, float32)
+    t = cuda.threadIdx.x
+    buf[t] = float32(t)
+    out[t] = buf[t - 1] if t > 0 else float32(-1.0)
+
+
+def test_a_missing_barrier_shows():
+    """The block's threads start in a shuffled order: a read of another thread's write that no
+    barrier orders finds it unwritten for some of them (in the order of their indices, every
+    thread would find its left neighbour's write done)."""
+    out = cuda.to_device(np.zeros(64, np.float32))
+    read_left_unsynced[1, 64](out)
+    assert (out.copy_to_host() != np.arange(64, dtype=np.float32) - 1).any()
+
+@cuda.jit
 def swap_neighbours(out, n_lanes):
     """Lanes below n_lanes swap their indices with their neighbours' by a warp shuffle; the rest return."""
     t = cuda.threadIdx.x
