@@ -34,7 +34,6 @@ from numba.np import numpy_support
 
 simulator_shared_array = FakeCUDAShared.array
 _ready: deque = deque()  # the running block's threads that may go on (blocks run one at a time)
-_current = None  # the simulated thread running now, or None outside a block
 _order = random.Random(0)  # the order a block's threads start in: shuffled, the same every run
 
 
@@ -54,7 +53,8 @@ def shared_array(self, shape, dtype, alignment=None):
 
 def current_thread():
     """The simulated CUDA thread running (what the simulator's kernel API asks threading for)."""
-    return _current if _current is not None else threading.current_thread()
+    running = greenlet.getcurrent()
+    return running if isinstance(running, SimThread) else threading.current_thread()
 
 
 class Barrier:
@@ -82,10 +82,12 @@ class Barrier:
         self.waiting = []
 
 
-class SimThread:
-    """One CUDA thread of a block: the attributes the kernel API reads of a simulator BlockThread."""
+class SimThread(greenlet.greenlet):
+    """One CUDA thread of a block, running `body`: with the attributes the kernel API reads of a
+    simulator BlockThread."""
 
-    def __init__(self, manager, grid_point, point):
+    def __init__(self, body, manager, grid_point, point):
+        super().__init__(body)
         self._manager, self.blockIdx, self.threadIdx = manager, Dim3(*grid_point), Dim3(*point)
         x, y, _ = manager._block_dim
         self.thread_id = point[0] + x * (point[1] + y * point[2])
@@ -97,7 +99,6 @@ class SimThread:
 def run_block(self, grid_point, *args):
     """BlockManager.run: the block's threads as greenlets, each run until it waits or returns, in
     turn, until none can go on; the first failure re-raised."""
-    global _current
     points = list(np.ndindex(*self._block_dim))
     _order.shuffle(points)  # a race between threads shows whichever of them would run first
     self.barrier = Barrier(len(points))
@@ -111,22 +112,15 @@ def run_block(self, grid_point, *args):
         finally:
             self.barrier.leave()
 
-    threads = {}
-    for point in points:
-        g = greenlet.greenlet(body)
-        threads[g] = SimThread(self, grid_point, point)
-        _ready.append(g)
+    threads = [SimThread(body, self, grid_point, point) for point in points]
+    _ready.extend(threads)
     try:
         while _ready:
-            g = _ready.popleft()
-            _current = threads[g]
-            g.switch()
+            _ready.popleft().switch()
     finally:
-        stuck = [g for g in threads if not g.dead]
-        for g in stuck:  # ended here (GreenletExit), not when a later block collects them
-            _current = threads[g]
-            g.throw()
-        _current = None
+        stuck = [t for t in threads if not t.dead]
+        for t in stuck:  # ended here (GreenletExit), not when a later block collects them
+            t.throw()
         _ready.clear()
     if errors:
         raise errors[0]
