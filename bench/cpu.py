@@ -2,7 +2,8 @@
 
     python bench/cpu.py [MODEL.gguf] [--threads 2] [--contexts 128 1024 4096 8192] [--gen-tokens 16]
                         [--modes fp16 kivi:4 kivi:2 xquant:4 xquant:3 xquant:2 xquant-cl:3 xquant-cl:2]
-                        [--devices cpu cuda cuda-launched] [--prompt-tokens 512]
+                        [--devices cpu cuda cuda-launched cuda-cublas cuda-cublas-launched]
+                        [--prompt-tokens 512] [--ctx N]
                         [--budget-curve xquant:3] [--budget-fractions 0 0.125 0.25 0.5 1]
                         [--llama-cpp f16 q8_0 q4_0] [--no-transformers] [--out docs/performance.md]
 
@@ -19,9 +20,12 @@ transformers runs the same GGUF dequantized to float32, its only way to read it.
 
 --devices runs each xqrt mode on each device: `cpu`, `cuda` (the engine's GPU step, replayed as
 one CUDA graph where torch finds the GPU) and `cuda-launched` (--no-cuda-graphs:
-every kernel launched from Python) — what the graph saves, side by side. The other engines run on
+every kernel launched from Python) — what the graph saves, side by side; `cuda-cublas` and
+`cuda-cublas-launched` the same with --rebuild cublas (latent modes only). The other engines run on
 the CPU. A device's first steps (kernel compilation, a graph's capture) are not timed: each context
-takes one untimed step before its timed ones.
+takes one untimed step before its timed ones. --ctx sets xqrt's context (default: the
+largest of --contexts and the prompt, plus the generated tokens): a short context in a long one
+is the case where a GPU step's grids, sized for the positions it reaches, save launched blocks.
 
 Ratios: prompt and generation speeds against llama.cpp with an f16 KV cache when it ran, else
 against xqrt's fp16 KV. Rematerialization: the FLOPs a step spends rebuilding K (and, for
@@ -71,9 +75,11 @@ def run_xqrt(spec: dict) -> dict:
     mode, bits = spec["mode"], spec["bits"]
     contexts, n_gen, n_pp = spec["contexts"], spec["gen_tokens"], spec["prompt_tokens"]
     device = spec.get("device", "cpu")
-    eng = Engine(spec["model"], ctx=max(max(contexts), n_pp, 66) + n_gen + 9, cache=mode, bits=bits,
-                 kv_budget=spec.get("kv_budget", 0), threads=spec["threads"], device=device.split("-")[0],
-                 cuda_graphs=False if device == "cuda-launched" else None)
+    on_gpu = dict(rebuild="cublas" if "cublas" in device else "fused",
+                  cuda_graphs=False if device.endswith("launched") else None) if device != "cpu" else {}
+    eng = Engine(spec["model"], ctx=max(spec.get("ctx") or 0, max(max(contexts), n_pp, 66) + n_gen + 9), cache=mode,
+                 bits=bits, kv_budget=spec.get("kv_budget", 0), threads=spec["threads"], device=device.split("-")[0],
+                 **on_gpu)
     ids = text_tokens(lambda s: eng.tokenizer.encode(s, add_bos=False), max(max(contexts), 66) + n_pp)
     warm = eng.new_cache()  # load the compiled prefill and decode kernels, compute factors: untimed
     eng.forward(ids[:64], warm)
@@ -95,7 +101,8 @@ def run_xqrt(spec: dict) -> dict:
     if getattr(cache, "window", 0):
         name += f" + fp16 window {cache.window}"
     if device != "cpu":
-        name += {"cuda": " on cuda", "cuda-launched": " on cuda, launched"}[device]
+        name += " on cuda" + (", tensor-core rebuild" if "cublas" in device else "") + \
+            (", launched" if device.endswith("launched") else "")
     return {"name": name, "device": device, "pp": pp, "tg": tg,
             "step_s": step, "bytes_per_token": cache.nbytes() / cache.n_tokens, "describe": cache.describe(),
             "remat_flops_per_token": remat_flops_per_position(cache)}
@@ -331,8 +338,12 @@ def main():
     ap.add_argument("--budget-curve", default="xquant:3", metavar="MODE:BITS",
                     help="latent mode whose --kv-budget curve is measured at the largest context ('' to skip)")
     ap.add_argument("--budget-fractions", type=float, nargs="+", default=[0.0, 0.125, 0.25, 0.5, 1.0])
-    ap.add_argument("--devices", nargs="+", default=["cpu"], choices=("cpu", "cuda", "cuda-launched"),
-                    help="where the xqrt modes run: cpu, cuda (CUDA graphs where they apply), cuda-launched [cpu]")
+    ap.add_argument("--devices", nargs="+", default=["cpu"],
+                    choices=("cpu", "cuda", "cuda-launched", "cuda-cublas", "cuda-cublas-launched"),
+                    help="where the xqrt modes run: cpu, cuda (CUDA graphs where they apply), cuda-launched; "
+                         "cuda-cublas(-launched): with --rebuild cublas, latent modes only [cpu]")
+    ap.add_argument("--ctx", type=int, default=0,
+                    help="xqrt's context (default: the longest context measured, plus the tokens generated)")
     ap.add_argument("--llama-cpp", nargs="*", default=None, metavar="TYPE",
                     help="also run llama.cpp with these KV cache types (default when given alone: f16 q8_0 q4_0)")
     ap.add_argument("--no-transformers", action="store_true")
@@ -348,9 +359,9 @@ def main():
     from xqrt.default_model import default_model_path
     args.model = args.model or default_model_path()
     base = {"model": args.model, "threads": args.threads, "contexts": args.contexts, "gen_tokens": args.gen_tokens,
-            "prompt_tokens": args.prompt_tokens}
+            "prompt_tokens": args.prompt_tokens, "ctx": args.ctx}
     specs = [dict(base, kind="xqrt", mode=m.split(":")[0], bits=int(m.split(":")[1]) if ":" in m else 4, device=d)
-             for m in args.modes for d in args.devices]
+             for m in args.modes for d in args.devices if not (m == "fp16" and "cublas" in d)]
     if args.llama_cpp is not None:
         specs += [dict(base, kind="llama.cpp", kv_type=t) for t in (args.llama_cpp or ["f16", "q8_0", "q4_0"])]
     if not args.no_transformers:

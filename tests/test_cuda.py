@@ -287,7 +287,8 @@ def test_attend_latent(rebuild, tensor_cores, code_path):
     dequantize → rebuild → RoPE → attention in NumPy; tensor_cores: the keys rebuilt by kc.Cublas
     (fp16 latents and factors, within fp16's rounding) and read back, 16 positions at a time. Then
     the streams with spans, as a decode step's: the same launches at 70 positions (two tiles) and
-    at 30, only the spans' device (and host) copies and the step's reach (the grids) changed."""
+    at 30, only the spans' device copies and the step's reach (the grids; with tensor cores the
+    products too, over every position of the reach) changed."""
     n_head, n_kv, hd, group, n = 4, 2, 16, 32, 70
     kv_dim = n_kv * hd
     width = 32
@@ -317,7 +318,7 @@ def test_attend_latent(rebuild, tensor_cores, code_path):
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=tol, atol=tol)
     spans_host = np.zeros((2, 3), np.int64)
     spans = cuda.to_device(spans_host)
-    with_span = lambda stream, i: replace(stream, span=spans[i], span_host=spans_host[i])  # noqa: E731
+    with_span = lambda stream, i: replace(stream, span=spans[i])  # noqa: E731
     args = (cuda.to_device(q), [(with_span(key, 0), mk_dev)], [(with_span(value, 1), cuda.to_device(mv))],
             cuda.to_device(cos), cuda.to_device(sin), n_kv, hd, ws, out)
     for upto, reach in ((n, 128), (30, 32)):  # packed keys below min(n_q, upto): 30 is inside the first group
@@ -327,8 +328,48 @@ def test_attend_latent(rebuild, tensor_cores, code_path):
         ref = attention_ref(q, keys[:upto], (v_seen @ mv if rebuild else v_seen)[:upto], n_head, hd)
         np.testing.assert_allclose(out.copy_to_host(), ref, rtol=tol, atol=tol)
     lat = cuda.device_array((n, width), np.float16)
-    kc.dequantize_stream[n, kc.THREADS](*key.args, lat)
+    kc.dequantize_stream[n, kc.THREADS](*key.args, 0, lat)
     np.testing.assert_allclose(lat.copy_to_host(), k_seen.astype(np.float16))
+    kc.dequantize_stream[8, kc.THREADS](*replace(key, lo=32, n=35).args, 30, lat)  # rows of positions 30-37
+    want = np.zeros((8, width), np.float16)
+    want[2:5] = k_seen[32:35]  # positions outside [lo, n) are zero rows
+    np.testing.assert_allclose(lat.copy_to_host()[:8], want)
+
+
+def test_tensor_core_keys_of_a_ring():
+    """kc.Cublas over a decode step's spanned runs, as XQuant-CL's: the keys of positions [0, 20)
+    from rows of every position (fp32: dequantized, 16 positions at a time over the reach of 32,
+    those past 20 zero), then of [20, 27) from an fp16 ring of 8 rows (in place, all its rows at
+    once: each holds the position its own row holds) — the same attention as the fused kernels'."""
+    n_head, n_kv, hd, width, n, ring_rows, reach = 4, 2, 16, 32, 27, 8, 32
+    z = rng.standard_normal((reach, width)).astype(np.float32)
+    ring = np.zeros((ring_rows, width), np.float16)
+    ring[np.arange(20, n) % ring_rows] = z[20:n]
+    z[20:n] = ring[np.arange(20, n) % ring_rows]  # what the ring holds
+    mk, mv = (rng.standard_normal((width, n_kv * hd)).astype(np.float32) for _ in range(2))
+    spans = cuda.to_device(np.array([(0, 0, 20), (0, 20, n)], np.int64))
+    runs = [kc.exact_stream(cuda.to_device(z), span=spans[0]), kc.exact_stream(cuda.to_device(ring), span=spans[1])]
+    inv_freq = (1e4 ** (-np.arange(0, hd, 2) / hd)).astype(np.float32)
+    cos, sin = cpu.rope_table(inv_freq, reach)
+    q = rng.standard_normal(n_head * hd).astype(np.float32)
+    keys = z[:n] @ mk
+    cpu.rope_rows(keys, n_kv, hd, 0, inv_freq)
+    ref = attention_ref(q, keys, z[:n] @ mv, n_head, hd)
+    ws = kc.Workspace(reach, n_head, width)
+    for cublas, tol in ((None, 2e-4), (kc.Cublas(reach, chunk=16), 2e-2)):
+        out = cuda.device_array(n_head * hd, np.float32)
+        mk_dev, mv_dev = cuda.to_device(mk), cuda.to_device(mv)
+        kc.attend_latent(cuda.to_device(q), [(r, mk_dev) for r in runs], [(r, mv_dev) for r in runs],
+                         cuda.to_device(cos), cuda.to_device(sin), n_kv, hd, ws, out, cublas=cublas, reach=reach)
+        np.testing.assert_allclose(out.copy_to_host(), ref, rtol=tol, atol=tol)
+    assert [(p.first, p.end, p.ring, p.lo, p.hi) for p in cublas.pieces(runs[0], reach, rings=True)] == \
+        [(0, 16, 16, 0, 16), (16, 32, 16, 16, 32)]
+    assert [(p.first, p.end, p.ring, p.lo, p.hi) for p in cublas.pieces(runs[1], reach, rings=True)] == \
+        [(0, ring_rows, ring_rows, 0, reach)]
+    bounds = cuda.device_array(3, np.int64)  # a piece's: nothing packed, its positions only, none past its run's
+    for first, end, want in ((0, 16, [0, 0, 16]), (16, 32, [0, 16, 20]), (24, 32, [0, 24, 24])):
+        kc.clip_span[1, 32](cuda.to_device(np.array([5, 0, 20], np.int64)), first, end, bounds)
+        assert bounds.copy_to_host().tolist() == want
 
 
 @pytest.mark.parametrize("tensor_cores", [False, True])
@@ -540,7 +581,7 @@ def test_engine_on_the_gpu_matches_the_cpu(tmp_path):
     ("xquant", dict(group=16, bits=3)),  # the key group of positions 0-15 packed at 15, read packed at 16
     ("kivi", dict(group=8, kv_budget=5 * 128)),  # a window of 5 positions
     ("xquant-cl", dict(group=8, base_layers=1)),  # the seed and a delta layer
-    pytest.param("xquant", dict(group=8, rebuild="cublas"), marks=pytest.mark.slow),  # never captured
+    ("xquant", dict(group=8, rebuild="cublas")),  # products of 8 positions, 2 then 3 per reach
 ])
 def test_cuda_graph_replays_the_step(tmp_path, monkeypatch, mode, options):
     """cuda_graphs: the step's launches recorded once — as a CUDA graph captures them: kernels,
@@ -551,8 +592,8 @@ def test_cuda_graph_replays_the_step(tmp_path, monkeypatch, mode, options):
     latent cache's spans). A latent cache's step is captured again where its reach (its grids'
     positions, here at least 8) doubles: 16 from position 15 on, then the context's 24 at 16. The
     capture launches no kernel for argument types that nothing launched before it (on a GPU it would
-    compile there, which a capture must not do). A new cache is captured anew; a latent cache with
-    rebuild cublas, whose products the host shapes, never."""
+    compile there, which a capture must not do). A new cache is captured anew. With rebuild cublas
+    the capture records the tensor-core products (torch's work on the capture's stream) as well."""
     from conftest import launch_types, tiny_llama, write_llama_gguf
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
     from numba.cuda.simulator.kernel import FakeCUDAKernel
@@ -562,7 +603,7 @@ def test_cuda_graph_replays_the_step(tmp_path, monkeypatch, mode, options):
 
     def signature(kernel, args):
         return kernel.fn, launch_types(args)
-    compiled, launch = set(), FakeCUDAKernel.__call__
+    compiled, launch, product = set(), FakeCUDAKernel.__call__, kc.Cublas._product
 
     def noting(kernel, *args):
         if not kernel._device:  # a kernel's launch, not a device function's call within one
@@ -585,13 +626,18 @@ def test_cuda_graph_replays_the_step(tmp_path, monkeypatch, mode, options):
             def record(kernel, *args):
                 assert kernel.on_stream is capture_stream, f"{kernel.fn.__name__} launched off the capture's stream"
                 assert signature(kernel, args) in compiled, f"{kernel.fn.__name__} would compile in the capture"
-                self.launches.append((kernel, kernel.grid_dim, kernel.block_dim, args))
+                grid, block = kernel.grid_dim, kernel.block_dim
+                self.launches.append(lambda: kernel[grid, block](*args))
+
+            def record_product(cublas, *args):
+                self.launches.append(lambda: product(cublas, *args))
 
             def no(*args, **kwargs):
                 raise AssertionError("a capture allocates or copies nothing")
             with monkeypatch.context() as m:
                 m.setattr(FakeCUDAKernel, "__getitem__", configure)
                 m.setattr(FakeCUDAKernel, "__call__", record)
+                m.setattr(kc.Cublas, "_product", record_product)
                 for name in ("to_device", "device_array", "synchronize"):
                     m.setattr(cuda, name, no)
                 m.setattr(FakeCUDAArray, "copy_to_host", no)
@@ -604,8 +650,8 @@ def test_cuda_graph_replays_the_step(tmp_path, monkeypatch, mode, options):
             Recorded.made += 1
 
         def replay(self):
-            for kernel, grid, block, args in self.launches:
-                kernel[grid, block](*args)
+            for launch_ in self.launches:
+                launch_()
 
     layers = 2 if mode == "xquant-cl" else 1
     path = write_llama_gguf(tmp_path, tiny_llama(n_head=2, n_kv_head=1, hidden=64, layers=layers, ff=128), "q4_0")
@@ -619,17 +665,18 @@ def test_cuda_graph_replays_the_step(tmp_path, monkeypatch, mode, options):
     monkeypatch.setattr(gpu, "graph_support", lambda: None)
     monkeypatch.setattr(gpu, "StepGraph", Recorded)
     monkeypatch.setattr(gpu.DeviceLatentCache, "least_reach", 8)
+    monkeypatch.setattr(kc, "CUBLAS_CHUNK", 8)
     graphed, launched = (Engine(path, ctx=24, cache=mode, device="cuda", cuda_graphs=on, rebuild=rebuild, **options)
                          for on in (True, False))
     on_graph, one_by_one = graphed.new_cache(), launched.new_cache()
     for tokens in (list(range(5, 5 + 13 * 7, 7)), [11, 12, 13, 14]):  # a prefill, then four decode steps
         np.testing.assert_array_equal(graphed.forward(tokens, on_graph, True),
                                       launched.forward(tokens, one_by_one, True))
-    reaches = [] if rebuild == "cublas" else [0] if mode == "fp16" else [16, 24]
+    reaches = [0] if mode == "fp16" else [16, 24]
     assert Recorded.made == len(reaches) and launched._gpu._graphs is None
-    assert list(graphed._gpu._graphs[1]) == reaches if reaches else graphed._gpu._graphs is None
+    assert list(graphed._gpu._graphs[1]) == reaches
     graphed.forward([11, 12], graphed.new_cache())  # a new cache's first step is launched, then captured
-    assert Recorded.made == len(reaches) + bool(reaches)
+    assert Recorded.made == len(reaches) + 1
 
 
 @pytest.mark.parametrize("mode, options", [

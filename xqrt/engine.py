@@ -78,8 +78,8 @@ class Engine:
         when numba-cuda finds a GPU and the cache runs there). rebuild: on the GPU, how a latent cache
         rebuilds K and V — "fused" (Numba kernels, in shared memory) or "cublas" (the product on
         tensor cores through torch; needs a CUDA build of torch). cuda_graphs: on the GPU, replay the
-        decode step as one CUDA graph (torch's capture; a latent cache's with rebuild "cublas"
-        launches one by one) — True, False, or None: where torch finds the GPU.
+        decode step as one CUDA graph (torch's capture) — True, False, or None: where torch finds
+        the GPU.
 
         act_bits: the decode step multiplies quantized weights by activations rounded to integer
         codes per block of 32: 8 as llama.cpp does (fastest; products within ~1e-3 of float), or

@@ -13,9 +13,9 @@ runs on the CPU only: fp16 key channels, unquantized (16/32-bit)
 latents, simulated caches. Kernels are launched from Python (about 40 µs each), which bounds a
 small model's step; with torch on the GPU the step is captured once as a CUDA graph and replayed
 per token (`StepGraph`; --no-cuda-graphs launches one by one): its launches read the token and
-position, and a latent cache's stream bounds, from device memory written before each step. With
---rebuild cublas a latent cache's step launches one by one: cuBLAS's products are shaped by the
-host.
+position, and a latent cache's stream bounds, from device memory written before each step, and
+cover a reach of positions fixed between doublings of the context (--rebuild cublas's products
+too: they span the reach, the rows past the position zero).
 """
 from __future__ import annotations
 
@@ -278,7 +278,7 @@ class DeviceLatentCache(DeviceCache):
         """The streams of `layer` that a decode step reads, each with its row of the spans."""
         def span(name):
             i = self.SPANS.index(name)
-            return dict(span=self.spans[i], span_host=self.spans_host[i])
+            return dict(span=self.spans[i])
         runs = {}
         if D.key is None:
             runs["acc"] = kc.exact_stream(self.acc, **span("acc"))
@@ -566,8 +566,7 @@ class GpuStep:
     """The model's weights on the device and the scratch of one decode step. rebuild: how a latent
     cache's keys and values are rebuilt — "fused", the Numba kernels that rebuild and score in
     shared memory, or "cublas", the rebuild product on tensor cores through torch (kc.Cublas).
-    graphs: replay the step as one CUDA graph (not a latent cache's with rebuild "cublas") — True,
-    False, or None: where torch can capture one."""
+    graphs: replay the step as one CUDA graph — True, False, or None: where torch can capture one."""
 
     def __init__(self, model: Model, n_ctx: int, act_bits: int = 8, rebuild: str = "fused", graphs: bool | None = None,
                  log=None):
@@ -649,9 +648,8 @@ class GpuStep:
     def _graph_for(self, cache: DeviceCache) -> StepGraph | None:
         """The step's CUDA graph for this cache at its reach (captured at the first step there after
         one launched one by one on the cache, which compiled its kernels), or None: launch one by
-        one — always for a latent cache with --rebuild cublas, whose products the host shapes. A
-        capture that fails says why once and leaves the step launching."""
-        if not (self.graphs and self._warm is cache) or (self.cublas and isinstance(cache, DeviceLatentCache)):
+        one. A capture that fails says why once and leaves the step launching."""
+        if not (self.graphs and self._warm is cache):
             return None
         if self._graphs is None or self._graphs[0] is not cache:
             self._graphs = cache, {}  # one cache's graphs at a time: a new cache's buffers need new ones

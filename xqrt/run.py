@@ -104,8 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "or cublas (the product on tensor cores through torch, a CUDA build of it) [fused]")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                     help="on the GPU, replay the decode step as one CUDA graph instead of launching its kernels one "
-                         "by one (torch's capture, a CUDA build of it; not with --rebuild cublas on a latent "
-                         "cache) [where torch finds the GPU]")
+                         "by one (torch's capture, a CUDA build of it) [where torch finds the GPU]")
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                     help="one decode step before the prompt, then forgotten, as llama.cpp: the kernels load and the "
                          "weights page in outside the prompt's time [on]")

@@ -1191,14 +1191,25 @@ def rebuild(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n,
 
 
 @cuda.jit
-def dequantize_stream(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, span, out):
-    """out[p − lo, c] = the latent of position p ∈ [lo, n) as fp16 (the input of a tensor-core
-    rebuild product)."""
+def dequantize_stream(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, span, first, out):
+    """out[p − first, c] = the latent of position p = first + block as fp16 (the input of a
+    tensor-core rebuild product), zero where p is outside [lo, n): a decode step's launch covers its
+    reach, and the rows past the position must add nothing to the product's sums."""
     n_q, lo, n = _span(n_q, lo, n, span)
-    p = lo + cuda.blockIdx.x
-    if p < n:
-        for c in range(cuda.threadIdx.x, out.shape[1], THREADS):
-            out[p - lo, c] = float16(_latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, c))
+    p = first + cuda.blockIdx.x
+    inside = lo <= p and p < n
+    for c in range(cuda.threadIdx.x, out.shape[1], THREADS):
+        out[p - first, c] = float16(_latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, c)) \
+            if inside else float16(0.0)
+
+
+@cuda.jit
+def clip_span(span, first, end, out):
+    """out = [0, lo, n] of a decode step's stream span, clipped to positions [first, end): the
+    bounds of a piece of its keys rebuilt into rows of their own (exact, nothing packed)."""
+    if cuda.threadIdx.x == 0:
+        lo = max(span[1], first)
+        out[0], out[1], out[2] = 0, lo, max(lo, min(span[2], end))
 
 
 # ---- cache writes ----------------------------------------------------------------------------
@@ -1367,8 +1378,7 @@ class DeviceStream:
     n_q: int
     lo: int
     n: int
-    span: object = None  # device int64 [n_q, lo, n], or empty (None given): the three above …
-    span_host: object = None  # … and its host copy, for the launches that the host shapes (cuBLAS's)
+    span: object = None  # device int64 [n_q, lo, n], or empty (None given): the three above
 
     def __post_init__(self):
         if self.span is None:
@@ -1391,13 +1401,6 @@ class DeviceStream:
             return self.n - self.lo
         return most if self.codes.shape[0] else min(most, self.tail.shape[0])
 
-    def on_host(self) -> DeviceStream:
-        """The stream with its span's numbers as its own."""
-        if not self.span.shape[0]:
-            return self
-        n_q, lo, n = (int(v) for v in self.span_host)
-        return replace(self, n_q=n_q, lo=lo, n=n, span=None, span_host=None)
-
 
 def upload_stream(codes, scale, zero, bits, group, off, sink, tail, n_q) -> DeviceStream:
     """Host arrays as xqrt.cache.Stream holds them (scales as fp16 bits; `off` the channel offsets
@@ -1419,12 +1422,12 @@ def upload_stream(codes, scale, zero, bits, group, off, sink, tail, n_q) -> Devi
                         int(n_q) + len(tail))
 
 
-def exact_stream(rows, lo: int = 0, n: int = 0, span=None, span_host=None) -> DeviceStream:
+def exact_stream(rows, lo: int = 0, n: int = 0, span=None) -> DeviceStream:
     """Positions [lo, n) of rows (position p in row p mod their number: a ring, or rows of every
     position) read as a stream: nothing packed, no sinks."""
     scale, none = empty((0, 1, 0), np.float16), empty((0,), np.int64)  # typed as real streams' arrays: one kernel
     return DeviceStream(empty((0, 1, 0), np.uint8), scale, scale, 8, 0, none, none, empty((0, 0), np.float32), rows,
-                        0, lo, n, span, span_host)
+                        0, lo, n, span)
 
 
 def rebuild_rows(stream: DeviceStream, m, out, base: int, add: bool, cublas: Cublas | None = None, cu_stream=0,
@@ -1432,16 +1435,29 @@ def rebuild_rows(stream: DeviceStream, m, out, base: int, add: bool, cublas: Cub
     """out[p − base] (+)= z_p · m for the positions p ∈ [lo, n) of a latent stream (m empty: z_p
     itself): the `rebuild` kernel, or with cublas the product on tensor cores. reach: the positions a
     launch over a spanned stream covers (0: every row of out)."""
+    most = reach or out.shape[0]
     if cublas is not None and m.shape[0]:
-        cublas.rebuild(stream, m, out, base, add, cu_stream)
+        cublas.rebuild(stream, m, out, base, add, most, cu_stream)
         return
-    extent = stream.extent(reach or out.shape[0])
+    extent = stream.extent(most)
     if extent > 0:
         grid = (-(-extent // TILE_T), -(-out.shape[1] // HEAD_DIM))
         rebuild[grid, THREADS, cu_stream](*stream.args, m, out, base, add)
 
 
 CUBLAS_CHUNK = 16384  # positions per tensor-core rebuild: its fp16 scratch is a fixed size, not per position
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One tensor-core product of a stream: rows [first, end) of `run`'s latents, into a ring of
+    `ring` rows (row first mod ring on), standing for positions [lo, hi) of the stream."""
+    run: DeviceStream
+    first: int
+    end: int
+    ring: int
+    lo: int
+    hi: int
 
 
 class Cublas:
@@ -1453,13 +1469,18 @@ class Cublas:
     reads a window (`keys`). Positions go through `chunk` at a time (chunks aligned to its multiples),
     so that the scratch is chunk rows at any context — 64 MB for Llama-3-8B's XQuant, where rows of
     every position would take 4 KB per position — for three more launches per chunk after the first.
-    Under the simulator torch works on the host arrays behind the simulated ones."""
+    A decode step's streams (with spans) go over every position of the step's reach, whatever their
+    bounds, so that a CUDA graph of the step replays at every position below it: nothing the host
+    does depends on the position. Under the simulator torch works on the host arrays behind the
+    simulated ones."""
 
-    def __init__(self, n_ctx: int, chunk: int = CUBLAS_CHUNK):
+    def __init__(self, n_ctx: int, chunk: int | None = None):
         import torch
-        self.torch, self.chunk = torch, max(1, min(chunk, n_ctx))
+        self.torch, self.chunk = torch, max(1, min(chunk or CUBLAS_CHUNK, n_ctx))
         self._half = {}  # id of a factor matrix → (it, its fp16 copy)
-        self._rows = {}  # (name, width) → fp16 scratch of chunk rows (device array, its tensor)
+        self._rows = {}  # (name, width) → fp16 scratch of at least chunk rows (device array, its tensor)
+        # the bounds of a decode step's key pieces, one row per piece (scored before the next is made)
+        self._spans = cuda.device_array((-(-n_ctx // self.chunk), 3), np.int64)
 
     def tensor(self, a):
         if config.ENABLE_CUDASIM:
@@ -1472,54 +1493,68 @@ class Cublas:
             have = self._half[id(m)] = (m, self.tensor(m).half())
         return have[1]
 
-    def rows(self, name: str, width: int):
-        """The chunk × width fp16 scratch of a name, made once."""
+    def rows(self, name: str, width: int, count: int):
+        """count rows of the fp16 scratch of a name and width (as a device array, as a tensor), made
+        once with a chunk's rows, or a ring's where that is longer."""
         have = self._rows.get((name, width))
-        if have is None:
-            rows = cuda.device_array((self.chunk, width), np.float16)
+        if have is None or have[0].shape[0] < count:
+            rows = cuda.device_array((max(count, self.chunk), width), np.float16)
             have = self._rows[name, width] = (rows, self.tensor(rows))
-        return have
+        return have[0][:count], have[1][:count]
 
-    def parts(self, stream: DeviceStream):
-        """The stream's positions [lo, n) as streams of one chunk each, in order."""
-        stream = stream.on_host()
-        lo = stream.lo
-        while lo < stream.n:
-            hi = min(stream.n, (lo // self.chunk + 1) * self.chunk)
-            yield replace(stream, lo=lo, n=hi)
+    def pieces(self, stream: DeviceStream, most: int, rings: bool = False):
+        """A stream's products, a chunk of positions at most, aligned to its multiples: of [lo, n),
+        or for a spanned stream of every position of [0, extent(most)). rings: a spanned exact ring
+        shorter than that (a window, XQuant-CL's exact tail) as one product of all its rows, into a
+        ring of as many: each holds the position its own row holds."""
+        if not stream.span.shape[0]:
+            lo, n = stream.lo, stream.n
+        else:
+            lo, n = 0, stream.extent(most)
+            if rings and not stream.codes.shape[0] and not stream.sink.shape[0] and stream.tail.shape[0] < most:
+                run = replace(stream, n_q=0, lo=0, n=n, span=None)  # its rows as positions [0, n)
+                yield Piece(run, 0, n, n, 0, most)
+                return
+        while lo < n:
+            hi = min(n, (lo // self.chunk + 1) * self.chunk)
+            yield Piece(stream, lo, hi, self.chunk, lo, hi)
             lo = hi
 
-    def latents(self, part: DeviceStream, cu_stream=0):
-        """Positions [lo, n) of a stream, at most a chunk, as an (n − lo) × width fp16 tensor."""
-        lo, n = part.lo, part.n
-        tail = part.tail
-        if not part.n_q and not part.sink.shape[0] and tail.shape[0] >= n and tail.dtype == np.float16:
-            return self.tensor(tail)[lo:n]
-        rows, t = self.rows("z", part.width)
-        dequantize_stream[n - lo, THREADS, cu_stream](*part.args, rows)
-        return t[:n - lo]
+    def latents(self, piece: Piece, cu_stream=0):
+        """The piece's latents as an (end − first) × width fp16 tensor."""
+        run, first, end = piece.run, piece.first, piece.end
+        if not run.codes.shape[0] and not run.sink.shape[0] and run.tail.shape[0] >= end \
+                and run.tail.dtype == np.float16:
+            return self.tensor(run.tail)[first:end]  # rows of positions [first, end) hold them as they are
+        rows, t = self.rows("z", run.width, end - first)
+        dequantize_stream[end - first, THREADS, cu_stream](*run.args, first, rows)
+        return t
 
-    def rebuild(self, stream: DeviceStream, m, out, base: int, add: bool, cu_stream=0):
-        """rebuild_rows' product, a chunk at a time."""
+    def rebuild(self, stream: DeviceStream, m, out, base: int, add: bool, most: int, cu_stream=0):
+        """rebuild_rows' product, a chunk at a time. A spanned stream's rows of out past its bounds
+        (up to `most`) take the product of zero latents: set to zero, or left as they are where add."""
         w, target = self.half(m), self.tensor(out)
-        for part in self.parts(stream):
-            self._product(part, w, target[part.lo - base:part.n - base], add, cu_stream)
+        for piece in self.pieces(stream, most):
+            self._product(self.latents(piece, cu_stream), w, target[piece.first - base:piece.end - base], add)
 
-    def keys(self, key: DeviceStream, mk, cu_stream=0):
-        """A run of keys rebuilt (before RoPE) a chunk at a time into the key scratch (position p in
-        row p mod chunk), each chunk yielded as a stream with nothing to rebuild: the caller scores it
-        before asking for the next, which overwrites it (launches on one stream run in order)."""
-        rows, target = self.rows("k", mk.shape[1])
+    def keys(self, key: DeviceStream, mk, most: int, cu_stream=0):
+        """A run of keys rebuilt (before RoPE) a piece at a time into the key scratch, each piece
+        yielded as a stream with nothing to rebuild: the caller scores it before asking for the
+        next, which overwrites it (launches on one stream run in order)."""
         w = self.half(mk)
-        for part in self.parts(key):
-            row = part.lo % self.chunk
-            self._product(part, w, target[row:row + part.n - part.lo], False, cu_stream)
-            yield exact_stream(rows, part.lo, part.n)
+        for i, piece in enumerate(self.pieces(key, most, rings=True)):
+            rows, target = self.rows("k", mk.shape[1], piece.ring)
+            row = piece.first % piece.ring
+            self._product(self.latents(piece, cu_stream), w, target[row:row + piece.end - piece.first], False)
+            if not key.span.shape[0]:
+                yield exact_stream(rows, piece.lo, piece.hi)
+            else:
+                clip_span[1, 32, cu_stream](key.span, piece.lo, piece.hi, self._spans[i])
+                yield exact_stream(rows, span=self._spans[i])
 
-    def _product(self, part: DeviceStream, w, target, add: bool, cu_stream):
-        """target (+)= one chunk's latents · w; into fp16 rows the sum with what they hold is rounded
-        once (cuBLAS's β = 1), as the CPU rounds XQuant-CL's accumulator."""
-        z = self.latents(part, cu_stream)
+    def _product(self, z, w, target, add: bool):
+        """target (+)= z · w; into fp16 rows the sum with what they hold is rounded once (cuBLAS's
+        β = 1), as the CPU rounds XQuant-CL's accumulator."""
         if target.dtype == self.torch.float16:
             target.addmm_(z, w, beta=1 if add else 0)
         elif add:
@@ -1604,7 +1639,7 @@ def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace,
     (RoPE tables of no columns rotate nothing). cublas: the keys are rebuilt on tensor cores into
     device memory first, and scored from there (Cublas.keys). Streams with spans (a decode step's)
     launch over `reach` positions (0: every position the workspace holds), empty runs included, so
-    that no launch depends on the position below it but cuBLAS's."""
+    that no launch depends on the position below it, cuBLAS's products included."""
     last = window[0] if window is not None else keys[-1][0]
     n_head, most = q.shape[0] // head_dim, reach or ws.scores.shape[1]
     if head_dim > HEAD_DIM or n_head // n_kv_head > MAX_GROUP or n_head > MAX_HEADS:
@@ -1618,7 +1653,7 @@ def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace,
                 q, *key.args, mk, key_cos, key_sin, head_dim, scale_qk, ws.scores)
     for key, mk in keys:
         if cublas is not None and mk.shape[0]:
-            for part in cublas.keys(key, mk, stream):
+            for part in cublas.keys(key, mk, most, stream):
                 score(part, ws.empty, cos, sin)
         else:
             score(key, mk, cos, sin)
