@@ -833,6 +833,31 @@ def test_bench_gpu_runs(monkeypatch):
     assert bench.profile_section("fp16", one, step)[-1] == "no table: no profiler without a GPU"
 
 
+def test_bench_gpu_targets():
+    """bench/gpu.py's verdicts on the issue's four targets, from a run's figures (the H100 run's),
+    the engine's product configuration alone counted; a figure the run lacks is said to be missing."""
+    bench = bench_gpu()
+    copy_bw = 3e12
+    at = lambda fraction: 1e6 / (fraction * copy_bw)  # noqa: E731 — seconds for 1 MB at a fraction of copy
+    matvec = [("Q4_0", "a", "int8", kc.ROWS, 1e6, at(0.8)), ("Q4_0", "b", "int8", kc.ROWS, 1e6, at(0.75)),
+              ("Q8_0", "a", "int8", kc.ROWS, 1e6, at(0.6)), ("Q8_0", "a", "float", kc.ROWS, 1e6, at(0.1)),
+              ("Q8_0", "a", "int8", kc.ROWS + 1, 1e6, at(0.05))]
+    decode = {("fp16", 16, 32768): dict(bpt=131072, fit=122070, best=0.0322, ratio=1.0),
+              ("xquant", 3, 32768): dict(attn=0.0104, roof=0.00138),
+              ("xquant (tensor cores)", 3, 32768): dict(bpt=26624, best=0.0698, ratio=2.17),
+              ("xquant-cl", 3, 32768): dict(fit=600961, fit_working=457875)}
+    table = bench.targets(copy_bw, matvec, decode, 32768, "int8")
+    assert table[2].endswith("Q4_0 75%–80%, Q8_0 60% of 3000 GB/s | on 2 of 3 shapes |")
+    assert table[3].endswith("10.400 ms per layer against 1.380 ms: 7.5× | no |")
+    assert table[4].endswith("69.80 ms against 32.20 ms: 2.17×; cache 4.92× smaller | no (step) |")
+    assert table[5].endswith("600961 against 122070 tokens: 4.92×; with the step's working memory 457875: 3.75× "
+                             "| cache alone only |")
+    del decode["xquant (tensor cores)", 3, 32768]
+    assert bench.targets(copy_bw, [], decode, 32768, "int8")[2::2] == [
+        "| weight matrix-vector product ≥ 70% of copy bandwidth | not measured | — |",
+        "| tensor-core XQuant 3-bit step ≤ 2× fp16 KV's | not measured | — |"]
+
+
 def test_bench_gpu_kernel_table():
     """The per-kernel table's names: Numba's mangled names as the profiler gives them, or demangled,
     and cuBLAS's; summed per kernel over the calls."""
