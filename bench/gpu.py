@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 
@@ -601,6 +602,10 @@ def main():
     args = ap.parse_args()
     if not cuda.is_available() or not torch.cuda.is_available():
         sys.exit("bench/gpu.py: no CUDA GPU visible to numba-cuda and torch")
+
+    def stopped(*_):
+        sys.exit("bench/gpu.py: stopped (SIGTERM: a time limit?); the figures measured so far are written")
+    signal.signal(signal.SIGTERM, stopped)
     s = dict(LLAMA3_8B, n_layer=args.layers)
     INT8[0] = args.act_bits == 8
     name = cuda.get_current_device().name
@@ -677,12 +682,37 @@ def main():
         "| step ms (launched from Python) | step ms (CUDA graph) | tokens/s | × fp16-KV step | attention ms/layer "
         "| its roofline ms | × roofline |")
     say("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    plan = [("fp16", 16, False)] + [(m, b, False) for m in ("kivi", "xquant", "xquant-cl") for b in args.bits] \
-        + [(m, b, True) for m in ("xquant", "xquant-cl") for b in args.bits]
+    # what the targets read first: a run cut short by its time limit has them
+    plan = [("fp16", 16, False)] + [(m, b, tc) for m, tc in (("xquant", False), ("xquant", True), ("xquant-cl", False),
+                                                            ("kivi", False), ("xquant-cl", True)) for b in args.bits]
     profiled_bits = 3 if 3 in args.bits else args.bits[0]
     profiles = []  # a section per mode at the longest context, written after the table
+    try:
+        decode_table(model, plan, args.contexts, profiled_bits, copy_bw, peak, s, say, decode, fp16_step, profiles)
+    finally:  # a time limit's SIGTERM too: the verdicts on what was measured
+        say()
+        say(f"## Against the targets (computed from the tables above, {profiled_bits} bits, context {n_ctx})")
+        say()
+        say("\n".join(targets(copy_bw, matvec_rows, decode, n_ctx, "int8" if INT8[0] else "float", profiled_bits)))
+        say()
+    say(f"A step launches 14 (fp16 KV) to about 20 (latent caches) kernels per layer from Python "
+        f"({launch_s * 1e6:.0f} µs each when the GPU keeps up): that overhead is part of every step time above.")
+    say()
+    say(f"## Where the time goes, by kernel ({profiled_bits} bits, context {n_ctx})")
+    say("The GPU's own time per kernel (CUPTI, through torch's profiler) over a few calls launched from Python: "
+        "launch gaps are not counted, so the sum can be below the step times above.")
+    for section in profiles:
+        say()
+        say("\n".join(section))
+    report.close()
+
+
+def decode_table(model, plan, contexts, profiled_bits, copy_bw, peak, s, say, decode, fp16_step, profiles):
+    """The decode step's rows, mode by mode, into `say`; each row's figures into `decode`, fp16 KV's
+    step times into `fp16_step`, the profiles at the longest context into `profiles`."""
+    n_ctx = max(contexts)
     for mode, bits, tc in plan:
-        for n in args.contexts:
+        for n in contexts:
             label = mode + (" (tensor cores)" if tc else "")
             try:
                 one, step = mode_calls(model, mode, bits, n, tc)
@@ -690,7 +720,7 @@ def main():
                 if n == n_ctx and bits in (16, profiled_bits):
                     profiles.append(profile_section(f"{label}, {bits} bits, context {n}", one, step))
             except Exception as e:  # noqa: BLE001 — report and go on: one mode's failure says nothing of the others
-                say(f"| {mode} | {bits} | {n} | failed: {type(e).__name__}: {str(e)[:120]} |")
+                say(f"| {label} | {bits} | {n} | failed: {type(e).__name__}: {str(e)[:120]} |")
                 continue
             if isinstance(t_graph, str):
                 say(f"<!-- {mode} {bits} {n}: graph capture failed: {t_graph} -->")
@@ -709,21 +739,6 @@ def main():
             say(f"| {label} | {bits} | {n} | {bpt} | {fit} | {fit_working} | "
                 f"{t_step * 1e3:.2f} | {t_graph * 1e3:.2f} | {1 / best:.1f} | {ratio:.2f} | "
                 f"{t_attn * 1e3:.3f} | {roof * 1e3:.3f} | {t_attn / roof:.1f} |")
-    say()
-    say(f"A step launches 14 (fp16 KV) to about 20 (latent caches) kernels per layer from Python "
-        f"({launch_s * 1e6:.0f} µs each when the GPU keeps up): that overhead is part of every step time above.")
-    say()
-    say(f"## Against the targets (computed from the tables above, {profiled_bits} bits, context {n_ctx})")
-    say()
-    say("\n".join(targets(copy_bw, matvec_rows, decode, n_ctx, "int8" if INT8[0] else "float", profiled_bits)))
-    say()
-    say(f"## Where the time goes, by kernel ({profiled_bits} bits, context {n_ctx})")
-    say("The GPU's own time per kernel (CUPTI, through torch's profiler) over a few calls launched from Python: "
-        "launch gaps are not counted, so the sum can be below the step times above.")
-    for section in profiles:
-        say()
-        say("\n".join(section))
-    report.close()
 
 
 if __name__ == "__main__":

@@ -824,13 +824,24 @@ def test_bench_gpu_runs(monkeypatch):
     n = 40  # two per-channel key groups packed, eight positions exact
     model = bench.Model(shape, n)
     assert bench.prompt_seconds(model) == 1.0
-    for mode, bits, tensor_cores in (("fp16", 16, False), ("kivi", 2, False), ("xquant", 3, False),
-                                     ("xquant-cl", 4, False), ("xquant", 3, True), ("xquant-cl", 2, True)):
-        one, step = bench.mode_calls(model, mode, bits, n, tensor_cores)
-        t_step, t_graph, t_attn = bench.run_mode(one, step)
+    run_mode = bench.run_mode
+
+    def checked(one, step):
+        t_step, t_graph, t_attn = run_mode(one, step)
         assert (t_step, t_attn) == (1.0, 1.0) and t_graph == "no CUDA graphs without a GPU"
-        assert np.isfinite(model.attn.copy_to_host()).all(), mode
-    assert bench.profile_section("fp16", one, step)[-1] == "no table: no profiler without a GPU"
+        assert np.isfinite(model.attn.copy_to_host()).all()
+        return t_step, t_graph, t_attn
+    monkeypatch.setattr(bench, "run_mode", checked)
+    plan = [("fp16", 16, False), ("kivi", 2, False), ("kivi", 4, False), ("xquant", 3, False), ("xquant-cl", 3, False),
+            ("xquant", 3, True), ("xquant-cl", 2, True)]
+    rows, decode, fp16_step, profiles = [], {}, {}, []
+    bench.decode_table(model, plan, [n], 3, 3e12, 5e13, shape, rows.append, decode, fp16_step, profiles)
+    rows = [row for row in rows if row.startswith("|")]  # not the notes of graphs not captured
+    assert not [row for row in rows if "failed" in row] and len(decode) == len(plan) == len(rows)
+    assert fp16_step == {n: 1.0} and len(profiles) == 4  # fp16 KV's and the 3-bit modes' (at the longest context)
+    assert profiles[0][-1] == "no table: no profiler without a GPU"
+    table = bench.targets(3e12, [], decode, n, "int8")
+    assert "not measured" not in "".join(table[3:])
 
 
 def test_bench_gpu_targets():
