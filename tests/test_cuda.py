@@ -740,13 +740,18 @@ def test_out_of_device_memory_is_one_error_line(tmp_path, monkeypatch):
 
 def test_step_reach():
     """A decode step's grids cover the power of two at or above its positions, from `least` up to the
-    context: never fewer positions than the step reads, under twice as many above `least`."""
+    granule, then the multiple of the granule at or above them, at most the context: never fewer
+    positions than the step reads, under twice as many above `least`, under a granule more past it."""
     from xqrt import gpu
-    reaches = [gpu.step_reach(pos, 280, 16) for pos in range(280)]
+    reaches = [gpu.step_reach(pos, 280, 16, 64) for pos in range(280)]
     for pos, reach in enumerate(reaches):
         assert pos < reach <= 280
-        assert reach == 280 or reach & (reach - 1) == 0 and (reach == 16 or reach < 2 * (pos + 1))
-    assert sorted(set(reaches)) == [16, 32, 64, 128, 256, 280]
+        if reach <= 64:
+            assert reach & (reach - 1) == 0 and (reach == 16 or reach < 2 * (pos + 1))
+        else:
+            assert reach == 280 or reach % 64 == 0 and reach < pos + 1 + 64
+    assert sorted(set(reaches)) == [16, 32, 64, 128, 192, 256, 280]
+    assert gpu.step_reach(40000, 131072, 256, 16384) == 49152 and gpu.step_reach(100, 131072, 256, 16384) == 256
 
 
 def test_stream_extent():

@@ -265,9 +265,10 @@ class DeviceLatentCache(DeviceCache):
     def set_position(self, pos):
         """The spans of the streams, and the step's reach: a launch over a spanned stream has blocks
         for `reach` positions, those past the position returning at once, so that a CUDA graph of the
-        step replays at every position below it. A power of two: at most about twice the blocks that
-        work, and a graph per doubling of the context."""
-        self.reach = step_reach(pos, self.n_ctx, self.least_reach)
+        step replays at every position below it (step_reach: a graph per doubling of the context, then
+        per tensor-core piece of it)."""
+        from .kernels import cuda as kc
+        self.reach = step_reach(pos, self.n_ctx, self.least_reach, kc.CUBLAS_CHUNK)
         n = pos + 1
         w0 = n - min(self.window, n) if self.window else n  # positions from w0 on are read from the window
         ch, tok = (min(int(self.plan.bound(pos, per_channel)), w0) for per_channel in (True, False))
@@ -454,10 +455,16 @@ class DeviceLatentCache(DeviceCache):
         return self.plan.describe()
 
 
-def step_reach(pos: int, n_ctx: int, least: int) -> int:
+def step_reach(pos: int, n_ctx: int, least: int, granule: int) -> int:
     """Positions a decode step at pos sizes its grids for: the power of two at or above pos + 1, at
-    least `least`, at most the context."""
-    return min(n_ctx, max(least, 1 << pos.bit_length()))
+    least `least`, or past `granule` the multiple of it at or above — at most twice the positions
+    the step reads below the granule (a graph per doubling), a granule more above it, where a
+    doubling's idle work (--rebuild cublas's products of zero rows) would cost most — and at most the
+    context."""
+    reach = max(least, 1 << pos.bit_length())
+    if reach > granule:
+        reach = -(-(pos + 1) // granule) * granule
+    return min(n_ctx, reach)
 
 
 def new_device_cache(mode: str, model: Model, n_ctx: int, options: CacheOptions, log=None) -> DeviceCache:
