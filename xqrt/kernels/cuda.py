@@ -1192,15 +1192,21 @@ def rebuild(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n,
 
 @cuda.jit
 def dequantize_stream(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, span, first, out):
-    """out[p − first, c] = the latent of position p = first + block as fp16 (the input of a
-    tensor-core rebuild product), zero where p is outside [lo, n): a decode step's launch covers its
-    reach, and the rows past the position must add nothing to the product's sums."""
+    """out[p − first, c] = the latent of position p as fp16 (the input of a tensor-core rebuild
+    product), zero where p is outside [lo, n): a decode step's launch covers its reach, and the rows
+    past the position must add nothing to the product's sums. Block (x, y): positions first +
+    TILE_T·x … and channels TILE_R·y …, staged as the fused rebuild stages them (eight latents per
+    code word), then written a position's channels at a time."""
+    lat = cuda.shared.array(TILE_R * LAT_ROW, float32)
     n_q, lo, n = _span(n_q, lo, n, span)
-    p = first + cuda.blockIdx.x
-    inside = lo <= p and p < n
-    for c in range(cuda.threadIdx.x, out.shape[1], THREADS):
-        out[p - first, c] = float16(_latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, c)) \
-            if inside else float16(0.0)
+    p0, r0 = first + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y * TILE_R
+    _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, out.shape[1], lat)
+    cuda.syncthreads()
+    for i in range(cuda.threadIdx.x, TILE_T * TILE_R, THREADS):
+        t, r = i // TILE_R, i % TILE_R
+        p, c = p0 + t, r0 + r
+        if p - first < out.shape[0] and c < out.shape[1]:
+            out[p - first, c] = float16(lat[r * LAT_ROW + t]) if p >= lo else float16(0.0)
 
 
 @cuda.jit
@@ -1527,7 +1533,8 @@ class Cublas:
                 and run.tail.dtype == np.float16:
             return self.tensor(run.tail)[first:end]  # rows of positions [first, end) hold them as they are
         rows, t = self.rows("z", run.width, end - first)
-        dequantize_stream[end - first, THREADS, cu_stream](*run.args, first, rows)
+        dequantize_stream[(-(-(end - first) // TILE_T), -(-run.width // TILE_R)), THREADS, cu_stream](*run.args, first,
+                                                                                                   rows)
         return t
 
     def rebuild(self, stream: DeviceStream, m, out, base: int, add: bool, most: int, cu_stream=0):
