@@ -39,7 +39,8 @@ MAX_QUANT_GROUP = 128  # the longest quantization group the cache writes hold in
 TILE_T = 64  # positions per block of the rebuild product …
 TILE_R = 32  # … and latent channels staged per step
 LAT_ROW = TILE_T + 4  # a staged channel's positions, padded: 8 channels' 16-byte stores take distinct banks
-M_AT = TILE_R * LAT_ROW  # where the staged rows of the rebuild matrix start in a kernel's shared floats, …
+LAT_STAGE = TILE_R * LAT_ROW  # the staged latents' shared floats, …
+M_AT = LAT_STAGE  # … where the staged rows of the rebuild matrix start after them, …
 STAGE = M_AT + TILE_R * HEAD_DIM  # … their end, …
 SCORES_STAGE = max(STAGE, TILE_T * KEY_ROW)  # … and scores_latent's, whose rebuilt keys then take their place
 DENSE = -1  # qtype of a matrix uploaded as float32
@@ -1197,7 +1198,7 @@ def dequantize_stream(codes, scale, zero, bits, shift, off, cbits, sink, tail, n
     past the position must add nothing to the product's sums. Block (x, y): positions first +
     TILE_T·x … and channels TILE_R·y …, staged as the fused rebuild stages them (eight latents per
     code word), then written a position's channels at a time."""
-    lat = cuda.shared.array(TILE_R * LAT_ROW, float32)
+    lat = cuda.shared.array(LAT_STAGE, float32)
     n_q, lo, n = _span(n_q, lo, n, span)
     p0, r0 = first + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y * TILE_R
     _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, out.shape[1], lat)
