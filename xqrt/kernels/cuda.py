@@ -204,7 +204,8 @@ def upload_dense(w: np.ndarray) -> DeviceMatrix:
 # 2 (a 4096-row matrix is 256 blocks); in the simulator, where every block costs a round of 256
 # Python threads, 16: a tiny model's matrices in one block. bench/gpu.py measures the other
 # choices (`matvec_kernel(rows)`).
-ROWS = 2 if SHUFFLE else 16
+SIM_ROWS = 16
+ROWS = 2 if SHUFFLE else SIM_ROWS
 STEPS = 2  # blocks per lane whose loads are in flight together
 
 
