@@ -456,11 +456,10 @@ class DeviceLatentCache(DeviceCache):
 
 
 def step_reach(pos: int, n_ctx: int, least: int, granule: int) -> int:
-    """Positions a decode step at pos sizes its grids for: the power of two at or above pos + 1, at
-    least `least`, or past `granule` the multiple of it at or above — at most twice the positions
-    the step reads below the granule (a graph per doubling), a granule more above it, where a
-    doubling's idle work (--rebuild cublas's products of zero rows) would cost most — and at most the
-    context."""
+    """Positions a decode step at pos sizes its grids for, at most the context: the power of two at
+    or above pos + 1 (at least `least`), or past `granule` the multiple of it at or above. So under
+    twice the positions the step reads, and past the granule — where a doubling's idle work,
+    --rebuild cublas's products of zero rows, would cost most — under a granule more."""
     reach = max(least, 1 << pos.bit_length())
     if reach > granule:
         reach = -(-(pos + 1) // granule) * granule

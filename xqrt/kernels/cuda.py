@@ -1476,7 +1476,7 @@ class Cublas:
     memory: a decode step's keys go to a scratch of fp16 rows, which scores_latent then reads as it
     reads a window (`keys`). Positions go through `chunk` at a time (chunks aligned to its multiples),
     so that the scratch is chunk rows at any context — 64 MB for Llama-3-8B's XQuant, where rows of
-    every position would take 4 KB per position — for three more launches per chunk after the first.
+    every position would take 4 KB per position — for a few more launches per chunk after the first.
     A decode step's streams (with spans) go over every position of the step's reach, whatever their
     bounds, so that a CUDA graph of the step replays at every position below it: nothing the host
     does depends on the position. Under the simulator torch works on the host arrays behind the
@@ -1513,8 +1513,8 @@ class Cublas:
     def pieces(self, stream: DeviceStream, most: int, rings: bool = False):
         """A stream's products, a chunk of positions at most, aligned to its multiples: of [lo, n),
         or for a spanned stream of every position of [0, extent(most)). rings: a spanned exact ring
-        shorter than that (a window, XQuant-CL's exact tail) as one product of all its rows, into a
-        ring of as many: each holds the position its own row holds."""
+        shorter than that (XQuant-CL's exact tail) as one product of all its rows, into a ring of as
+        many: each holds the position its own row holds."""
         if not stream.span.shape[0]:
             lo, n = stream.lo, stream.n
         else:
