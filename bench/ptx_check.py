@@ -69,8 +69,13 @@ def assemble(ptx: str, arch: str) -> tuple[bool, str]:
                              text=True)
     finally:
         os.unlink(f.name)
-    text = re.sub(r"'_Z\w+'", "the kernel", run.stderr.strip())  # mangled names say nothing
-    if run.returncode:
+    return resources(run.returncode, run.stderr)
+
+
+def resources(returncode: int, stderr: str) -> tuple[bool, str]:
+    """ptxas -v's verdict: (assembled without a spill, its resource line or its error)."""
+    text = re.sub(r"'_Z\w+'", "the kernel", stderr.strip())  # mangled names say nothing
+    if returncode:
         return False, " ".join(line for line in text.splitlines() if "error" in line or "fatal" in line)[:300]
     used = re.search(r"Used (\d+) registers", text)
     smem = re.search(r"(\d+) bytes smem", text)

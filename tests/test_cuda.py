@@ -907,3 +907,24 @@ def test_bench_gpu_kernel_times_reads_the_profiler(monkeypatch):
     rows = bench.kernel_times(lambda: a @ a, calls=3)
     assert ("mm", 1.0) in [(name, launches) for name, launches, _ in rows]
     assert all(us >= 0 for _, _, us in rows)
+
+
+def test_ptx_check_fails_a_spill():
+    """bench/ptx_check.py's reading of ptxas -v: a kernel that spills registers fails as one that
+    does not assemble does; one that holds its values passes, with its resource line."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "ptx_check", os.path.join(os.path.dirname(__file__), "..", "bench", "ptx_check.py"))
+    ptx_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ptx_check)
+    head = "ptxas info    : Compiling entry function '_ZN6cudapy4xqrt1kE' for 'sm_90'\n"
+    clean = head + ("ptxas info    : Function properties for _ZN6cudapy4xqrt1kE\n"
+                    "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+                    "ptxas info    : Used 62 registers, 8704 bytes smem, 384 bytes cmem[0]\n")
+    assert ptx_check.resources(0, clean) == (True, "62 registers, 8704 B shared, 0 B spilled")
+    spilling = clean.replace("0 bytes spill stores", "96 bytes spill stores").replace("62 registers", "255 registers")
+    assert ptx_check.resources(0, spilling) == (False, "255 registers, 8704 B shared, 96 B spilled")
+    refused = head + "ptxas error   : Entry function '_ZN6cudapy4xqrt1kE' uses too much shared data\n"
+    assert ptx_check.resources(255, refused) == (
+        False, "ptxas error   : Entry function the kernel uses too much shared data")
