@@ -13,6 +13,10 @@ runs on:
     python -m venv --system-site-packages /tmp/ptx && . /tmp/ptx/bin/activate
     pip install numba-cuda nvidia-cuda-nvcc-cu12 nvidia-cuda-nvrtc-cu12
 
+`--sass KERNEL` also prints the instruction mix of that kernel's busiest loop (the basic block
+with the most FFMAs) from NVIDIA's disassembler (`pip install nvidia-cuda-nvdisasm`): how many of
+a product loop's instructions are its FMAs, counted without a GPU.
+
 Exit code 1 when a kernel fails to compile or assemble (ptxas refuses, for one, more than 48 KB of
 static shared memory per block), or spills registers to local memory: the kernels are laid out
 (and the fused ones given launch bounds) to hold their values in registers, and a spill undoes that.
@@ -28,6 +32,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -60,16 +65,45 @@ def ptxas() -> str:
     return os.path.join(list(nvidia.cuda_nvcc.__path__)[0], "bin", "ptxas")
 
 
-def assemble(ptx: str, arch: str) -> tuple[bool, str]:
-    """(assembled without a spill, ptxas's resource line or its error) for one kernel's PTX."""
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        run = subprocess.run([ptxas(), f"-arch={arch}", "-v", f.name, "-o", os.devnull], capture_output=True,
-                             text=True)
-    finally:
-        os.unlink(f.name)
-    return resources(run.returncode, run.stderr)
+def nvdisasm() -> str:
+    import glob
+
+    import nvidia
+    found = [p for root in nvidia.__path__ for p in glob.glob(os.path.join(root, "*", "bin", "nvdisasm"))]
+    if not found:
+        sys.exit("bench/ptx_check.py --sass: no nvdisasm (pip install nvidia-cuda-nvdisasm)")
+    return found[0]
+
+
+def assemble(ptx: str, arch: str, sass: bool = False) -> tuple[bool, str]:
+    """(assembled without a spill, ptxas's resource line or its error) for one kernel's PTX; sass:
+    its busiest loop's instruction mix after that line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        run = subprocess.run([ptxas(), f"-arch={arch}", "-v", src, "-o", cubin], capture_output=True, text=True)
+        ok, what = resources(run.returncode, run.stderr)
+        if sass and not run.returncode:
+            listing = subprocess.run([nvdisasm(), "-c", cubin], capture_output=True, text=True, check=True).stdout
+            what += "; " + busiest_loop(listing)
+    return ok, what
+
+
+def busiest_loop(listing: str) -> str:
+    """The basic block of a disassembly with the most FFMAs: its instructions, by opcode."""
+    blocks, block = [], Counter()
+    for line in listing.splitlines():
+        if re.match(r"\s*\.L_x_\d+:", line):
+            blocks.append(block)
+            block = Counter()
+        op = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if op:
+            block[op[1]] += 1
+    blocks.append(block)
+    top = max(blocks, key=lambda b: b["FFMA"])
+    mix = ", ".join(f"{n} {op}" for op, n in top.most_common(6))
+    return f"busiest loop: {top['FFMA']} FFMA in {sum(top.values())} instructions ({mix})"
 
 
 def resources(returncode: int, stderr: str) -> tuple[bool, str]:
@@ -90,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("signatures", help="the file tests wrote with XQRT_KERNEL_SIGNATURES")
     ap.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"],
                     help="the GPUs to compile for [sm_80 (A100) and sm_90 (H100, H200)]")
+    ap.add_argument("--sass", metavar="KERNEL", help="also print this kernel's busiest loop, disassembled")
     args = ap.parse_args(argv)
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         sys.exit("bench/ptx_check.py: unset NUMBA_ENABLE_CUDASIM (this compiles for the GPU itself)")
@@ -116,7 +151,7 @@ def main(argv=None) -> int:
                 ptx, _ = cuda.compile_ptx(k.py_func, sig, fastmath=k.targetoptions.get("fastmath", False),
                                           cc=tuple(int(d) for d in arch.removeprefix("sm_")),
                                           launch_bounds=k.targetoptions.get("launch_bounds"))
-                ok, what = assemble(ptx, arch)
+                ok, what = assemble(ptx, arch, sass=qualname.rsplit(".", 1)[-1] == args.sass)
             except Exception as e:  # noqa: BLE001 — reported in the table, the others still compiled
                 lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
                 ok, what = False, f"{type(e).__name__}: {' '.join(lines[:3])[:300]}"

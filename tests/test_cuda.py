@@ -396,8 +396,10 @@ def test_rebuild(tensor_cores):
     out = cuda.device_array((n - lo, width), np.float32)
     kc.rebuild_rows(replace(delta, lo=lo), cuda.to_device(np.zeros((0, 0), np.float32)), out, lo, False, cublas)
     np.testing.assert_array_equal(out.copy_to_host(), seen[lo:])
-    wk = rng.standard_normal((d, 16)).astype(np.float32)  # K from Â (float32 rows at out[p − lo])
-    out = cuda.device_array((n - lo, 16), np.float32)
+    # K from Â (float32 rows at out[p − lo]); rows of 18 floats do not start on 16 bytes, so the fused
+    # kernel stages this factor an element at a time (ukv_t's rows four at a time)
+    wk = rng.standard_normal((d, 18)).astype(np.float32)
+    out = cuda.device_array((n - lo, 18), np.float32)
     kc.rebuild_rows(kc.exact_stream(acc, lo, n), cuda.to_device(wk), out, lo, False, cublas)
     np.testing.assert_allclose(out.copy_to_host(), acc.copy_to_host()[lo:].astype(np.float32) @ wk, rtol=tol,
                                atol=tol * 10)
@@ -928,3 +930,28 @@ def test_ptx_check_fails_a_spill():
     refused = head + "ptxas error   : Entry function '_ZN6cudapy4xqrt1kE' uses too much shared data\n"
     assert ptx_check.resources(255, refused) == (
         False, "ptxas error   : Entry function the kernel uses too much shared data")
+
+
+def test_ptx_check_finds_the_busiest_loop():
+    """bench/ptx_check.py --sass: the basic block of nvdisasm's listing with the most FFMAs, counted
+    by opcode (predicated instructions too), not the block that merely has the most instructions."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "ptx_check", os.path.join(os.path.dirname(__file__), "..", "bench", "ptx_check.py"))
+    ptx_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ptx_check)
+    line = "        /*{:04x}*/                   {} ;"
+    listing = "\n".join([
+        "        .text._ZN6cudapy4xqrt1kE:",
+        *(line.format(16 * i, "IMAD R2, R3, R4, R5") for i in range(6)),
+        ".L_x_7:",
+        line.format(0x100, "LDS.128 R8, [R2+0x40]"),
+        line.format(0x110, "FFMA R12, R8, R9, R12"),
+        line.format(0x120, "FFMA R13, R8, R10, R13"),
+        line.format(0x130, "@P0 BRA `(.L_x_7)"),
+        ".L_x_8:",
+        line.format(0x140, "FFMA R1, R1, R1, R1"),
+        line.format(0x150, "EXIT"),
+    ])
+    assert ptx_check.busiest_loop(listing) == "busiest loop: 2 FFMA in 4 instructions (2 FFMA, 1 LDS, 1 BRA)"

@@ -37,7 +37,8 @@ KEY_ROW = HEAD_DIM + 1  # a rebuilt key's row in shared memory, padded: the scor
 MAX_WIDTH = 8192  # the widest latent the value projection holds in shared memory
 MAX_QUANT_GROUP = 128  # the longest quantization group the cache writes hold in registers
 TILE_T = 64  # positions per block of the rebuild product …
-TILE_R = 32  # … and latent channels staged per step
+TILE_R = 32  # … and latent channels staged per step …
+TILE_THREADS = 128  # … by this many threads, 8 positions × 8 columns each: 64 FMAs per four 16-byte shared loads
 LAT_ROW = TILE_T + 4  # a staged channel's positions, padded: 8 channels' 16-byte stores take distinct banks
 LAT_STAGE = TILE_R * LAT_ROW  # the staged latents' shared floats, …
 M_AT = LAT_STAGE  # … where the staged rows of the rebuild matrix start after them, …
@@ -48,9 +49,9 @@ _FAST = dict(fastmath=True)  # lets a·b + c contract to one FMA (without it, a 
 # numba-cuda 0.14 or later: launch bounds (0.14) and aligned shared arrays (0.11); the simulator's
 # jit takes neither, its kernels run as Python
 NEW_ENOUGH = not SHUFFLE or "launch_bounds" in inspect.signature(cuda.jit).parameters
-# The rebuild product's kernels: two blocks per SM (at most 128 registers a thread), so that one
-# block's staging loads overlap the other's FMAs
-_TWO_PER_SM = dict(_FAST, launch_bounds=(THREADS, 2)) if SHUFFLE and NEW_ENOUGH else _FAST
+# The rebuild product's kernels: four blocks per SM (at most 128 registers a thread), so that one
+# block's staging loads overlap the others' FMAs
+_FOUR_PER_SM = dict(_FAST, launch_bounds=(TILE_THREADS, 3)) if SHUFFLE and NEW_ENOUGH else _FAST
 
 
 # ---- reductions ------------------------------------------------------------------------------
@@ -284,6 +285,19 @@ if SHUFFLE:
             loaded = builder.call(asm, [addr])
             return context.make_tuple(builder, sig.return_type, [builder.extract_value(loaded, k) for k in range(4)])
         return types.UniTuple(types.float32, 4)(ary, base, i), codegen
+
+    @intrinsic
+    def _store_shared4(typingctx, ary, base, i, values):
+        """ary[i:i + 4] = values (four float32) in one store, as _shared4 loads them."""
+        def codegen(context, builder, sig, args):
+            i32, f32 = ir.IntType(32), ir.FloatType()
+            at = builder.trunc(context.cast(builder, args[2], sig.args[2], types.intp), i32)
+            addr = builder.add(args[1], builder.shl(at, ir.Constant(i32, 2)))
+            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [i32, f32, f32, f32, f32]),
+                               "st.shared.v4.f32 [$0], {$1, $2, $3, $4};", "r,f,f,f,f", side_effect=True)
+            builder.call(asm, [addr] + [builder.extract_value(args[3], k) for k in range(4)])
+            return context.get_dummy_value()
+        return types.void(ary, base, i, types.UniTuple(types.float32, 4)), codegen
 else:
     def _dp4a(a, b, c, a_signed):
         for k in range(4):
@@ -332,6 +346,10 @@ else:
     def _shared4(ary, base, i):
         _check_16(ary, i)
         return ary[i], ary[i + 1], ary[i + 2], ary[i + 3]
+
+    def _store_shared4(ary, base, i, values):
+        _check_16(ary, i)
+        ary[i], ary[i + 1], ary[i + 2], ary[i + 3] = values
 
 
 @cuda.jit
@@ -964,44 +982,63 @@ def _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, c):
 @cuda.jit(device=True, inline=True)
 def _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, width, lat):
     """lat[r · LAT_ROW + t] = channel r0 + r of position p0 + t (0 past n or width), TILE_R channels
-    × TILE_T positions. Each thread decodes eight latents that share one code word — 8 positions of
-    a channel in a per-channel stream, 8 channels of a position in a per-token one — from that
-    word's bytes and one scale and zero (one by one through _latent where the eight are not all
-    packed in one group: sinks, the exact tail, the ends)."""
-    tid = cuda.threadIdx.x
+    × TILE_T positions, by the block's threads whatever their number. Each thread decodes eight
+    latents that share one code word at a time — 8 positions of a channel in a per-channel stream,
+    8 channels of a position in a per-token one — from that word's bytes and one scale and zero
+    (one by one through _latent where the eight are not all packed in one group: sinks, the exact
+    tail, the ends)."""
     per_channel = cbits.shape[0] > 0
-    if per_channel:  # lanes over channels: a warp's stores hit every bank once
-        r, t = tid % TILE_R, (tid // TILE_R) * 8
-    else:  # lanes over positions
-        r, t = (tid // TILE_T) * 8, tid % TILE_T
-    p, c = p0 + t, r0 + r
-    at, step = r * LAT_ROW + t, 1 if per_channel else LAT_ROW  # where the eight go
-    last_p, last_c = (p + 7, c) if per_channel else (p, c + 7)
-    packed = shift >= 3 and p >= sink.shape[0] and last_p < min(n, n_q) and last_c < width and (
-        p % 8 == 0 if per_channel else c % 8 == 0)
-    if packed:
-        word = np.uint64(0)
-        if per_channel:
-            b = p >> shift
-            cb = cbits[c]
-            o = off[c] + ((p & ((1 << shift) - 1)) >> 3) * cb
-            for k in range(cb):
-                word |= np.uint64(codes[b, 0, o + k]) << np.uint64(8 * k)
-            s, z = float32(scale[b, c, 0]), float32(zero[b, c, 0])
+    for i in range(cuda.threadIdx.x, TILE_R * TILE_T // 8, cuda.blockDim.x):
+        if per_channel:  # lanes over channels: a warp's stores hit every bank once
+            r, t = i % TILE_R, (i // TILE_R) * 8
+        else:  # lanes over positions
+            r, t = (i // TILE_T) * 8, i % TILE_T
+        p, c = p0 + t, r0 + r
+        at, step = r * LAT_ROW + t, 1 if per_channel else LAT_ROW  # where the eight go
+        last_p, last_c = (p + 7, c) if per_channel else (p, c + 7)
+        packed = shift >= 3 and p >= sink.shape[0] and last_p < min(n, n_q) and last_c < width and (
+            p % 8 == 0 if per_channel else c % 8 == 0)
+        if packed:
+            word = np.uint64(0)
+            if per_channel:
+                b = p >> shift
+                cb = cbits[c]
+                o = off[c] + ((p & ((1 << shift) - 1)) >> 3) * cb
+                for k in range(cb):
+                    word |= np.uint64(codes[b, 0, o + k]) << np.uint64(8 * k)
+                s, z = float32(scale[b, c, 0]), float32(zero[b, c, 0])
+            else:
+                cb = bits
+                o = (c >> 3) * cb
+                for k in range(cb):
+                    word |= np.uint64(codes[p, 0, o + k]) << np.uint64(8 * k)
+                s, z = float32(scale[p, 0, c >> shift]), float32(zero[p, 0, c >> shift])
+            mask = np.uint64((1 << cb) - 1)
+            for j in range(8):
+                lat[at + j * step] = float32((word >> np.uint64(cb * j)) & mask) * s + z
         else:
-            cb = bits
-            o = (c >> 3) * cb
-            for k in range(cb):
-                word |= np.uint64(codes[p, 0, o + k]) << np.uint64(8 * k)
-            s, z = float32(scale[p, 0, c >> shift]), float32(zero[p, 0, c >> shift])
-        mask = np.uint64((1 << cb) - 1)
-        for j in range(8):
-            lat[at + j * step] = float32((word >> np.uint64(cb * j)) & mask) * s + z
-    else:
-        for j in range(8):
-            pj, cj = (p + j, c) if per_channel else (p, c + j)
-            lat[at + j * step] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, pj, cj) \
-                if pj < n and cj < width else float32(0.0)
+            for j in range(8):
+                pj, cj = (p + j, c) if per_channel else (p, c + j)
+                lat[at + j * step] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, pj, cj) \
+                    if pj < n and cj < width else float32(0.0)
+
+
+@cuda.jit(device=True, inline=True)
+def _stage_factor(m, r0, col0, n_cols, stage):
+    """stage[M_AT + r · HEAD_DIM + c] = m[r0 + r, col0 + c] (0 past m's rows or n_cols), TILE_R
+    rows by TILE_THREADS threads, four columns each: one 16-byte load and store where m's rows
+    start on 16 bytes (m is a whole device allocation), else four of one element."""
+    tid = cuda.threadIdx.x
+    c = 4 * (tid % (HEAD_DIM // 4))
+    quad = m.shape[1] % 4 == 0 and col0 % 4 == 0 and n_cols % 4 == 0 and c < n_cols
+    base = _shared_base(stage)
+    for r in range(tid // (HEAD_DIM // 4), TILE_R, TILE_THREADS // (HEAD_DIM // 4)):
+        at = M_AT + r * HEAD_DIM + c
+        if quad and r0 + r < m.shape[0]:
+            _store_shared4(stage, base, at, _load4(m, r0 + r, col0 + c))
+        else:
+            for k in range(4):
+                stage[at + k] = m[r0 + r, col0 + c + k] if r0 + r < m.shape[0] and c + k < n_cols else float32(0.0)
 
 
 @cuda.jit(device=True, inline=True)
@@ -1014,51 +1051,51 @@ def _tile_col(tx, j):
 
 @cuda.jit(device=True, inline=True)
 def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, m, col0, n_cols, stage, acc):
-    """acc (4 × 8 per thread) = latents of positions [p0, p0 + TILE_T) ∩ [0, n) · m[:, col0 : col0 +
-    n_cols] (n_cols ≤ HEAD_DIM). The latents are dequantized TILE_R channels at a time into shared
-    memory (stage: TILE_R rows of LAT_ROW floats, position-major) beside the matching rows of m
-    (from M_AT: TILE_R rows of HEAD_DIM); thread (ty, tx) then owns positions 4ty … 4ty+3 and the
-    columns _tile_col: three 16-byte shared loads feed 32 FMAs. Flat offsets, not 2-d views:
-    Numba's CUDA target cannot reshape."""
+    """acc (8 × 8 per thread) = latents of positions [p0, p0 + TILE_T) ∩ [0, n) · m[:, col0 : col0 +
+    n_cols] (n_cols ≤ HEAD_DIM), by TILE_THREADS threads. The latents are dequantized TILE_R
+    channels at a time into shared memory (stage: TILE_R rows of LAT_ROW floats, position-major)
+    beside the matching rows of m (from M_AT: TILE_R rows of HEAD_DIM); thread (ty, tx) then owns
+    positions 8ty … 8ty+7 and the columns _tile_col: four 16-byte shared loads feed 64 FMAs. Flat
+    offsets, not 2-d views: Numba's CUDA target cannot reshape."""
     tid = cuda.threadIdx.x
     ty, tx = tid // 16, tid % 16
-    for i in range(32):
+    for i in range(64):
         acc[i] = float32(0.0)
-    a = cuda.local.array(4, float32)
+    a = cuda.local.array(8, float32)
     w = cuda.local.array(8, float32)
     width = m.shape[0]
     base = _shared_base(stage)
-    at_a, at_w = 4 * ty, M_AT + _tile_col(tx, 0)  # this thread's first latent and factor element of a row
+    at_a, at_w = 8 * ty, M_AT + _tile_col(tx, 0)  # this thread's first latent and factor element of a row
     for r0 in range(0, width, TILE_R):
         _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, width, stage)
-        for i in range(tid, TILE_R * HEAD_DIM, THREADS):
-            r, c = i // HEAD_DIM, i % HEAD_DIM
-            stage[M_AT + i] = m[r0 + r, col0 + c] if c < n_cols and r0 + r < width else float32(0.0)
+        _stage_factor(m, r0, col0, n_cols, stage)
         cuda.syncthreads()
         for r4 in range(0, TILE_R, 4):  # four channels a trip, unrolled: the loads' offsets are constants
             for r in range(r4, r4 + 4):
                 a[0], a[1], a[2], a[3] = _shared4(stage, base, at_a + r * LAT_ROW)
+                a[4], a[5], a[6], a[7] = _shared4(stage, base, at_a + r * LAT_ROW + 4)
                 w[0], w[1], w[2], w[3] = _shared4(stage, base, at_w + r * HEAD_DIM)
                 w[4], w[5], w[6], w[7] = _shared4(stage, base, at_w + r * HEAD_DIM + HEAD_DIM // 2)
-                for i in range(4):
+                for i in range(8):
                     for j in range(8):
                         acc[8 * i + j] = cuda.fma(a[i], w[j], acc[8 * i + j])
         cuda.syncthreads()
 
 
-@cuda.jit(**_TWO_PER_SM)
+@cuda.jit(**_FOUR_PER_SM)
 def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, span, mk, cos, sin,
                   head_dim, scale_qk, scores):
     """Rematerialize-and-score: scores[h, t] = q_h · RoPE_t(z_t · mk)[kv head of h] · scale_qk for
-    positions [lo, n) of a latent key stream (mk empty: the latent is the key itself). Block (x, g):
-    positions lo + TILE_T·x … and kv head g; the rebuilt keys live in shared memory only, where the
-    staged latents and factor rows were (all of it separately would pass the 48 KB a block has)."""
+    positions [lo, n) of a latent key stream (mk empty: the latent is the key itself). Block (x, g)
+    of TILE_THREADS threads: positions lo + TILE_T·x … and kv head g; the rebuilt keys live in
+    shared memory only, where the staged latents and factor rows were (all of it separately would
+    pass the 48 KB a block has)."""
     if SHUFFLE:  # 16-byte aligned: the product's shared loads are of four floats (not in the simulator's API)
         stage = cuda.shared.array(SCORES_STAGE, float32, alignment=16)  # the rebuild's staging, then keys
     else:
         stage = cuda.shared.array(SCORES_STAGE, float32)
     q_s = cuda.shared.array((MAX_GROUP, HEAD_DIM), float32)
-    acc = cuda.local.array(32, float32)
+    acc = cuda.local.array(64, float32)
     tid = cuda.threadIdx.x
     n_q, lo, n = _span(n_q, lo, n, span)
     p0, g = lo + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y
@@ -1067,25 +1104,25 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
     per_kv = scores.shape[0] // cuda.gridDim.y  # query heads per kv head
     col0 = g * head_dim
     c = tid % HEAD_DIM  # this thread's column in the per-position loops below
-    for j in range(tid // HEAD_DIM, per_kv, THREADS // HEAD_DIM):
+    for j in range(tid // HEAD_DIM, per_kv, TILE_THREADS // HEAD_DIM):
         if c < head_dim:
             q_s[j, c] = q[(g * per_kv + j) * head_dim + c]
     if mk.shape[0]:
         _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, mk, col0, head_dim, stage,
                       acc)
         ty, tx = tid // 16, tid % 16
-        for i in range(4):
+        for i in range(8):
             for j in range(8):
-                stage[(4 * ty + i) * KEY_ROW + _tile_col(tx, j)] = acc[8 * i + j]
+                stage[(8 * ty + i) * KEY_ROW + _tile_col(tx, j)] = acc[8 * i + j]
     else:
-        for t in range(tid // HEAD_DIM, TILE_T, THREADS // HEAD_DIM):
+        for t in range(tid // HEAD_DIM, TILE_T, TILE_THREADS // HEAD_DIM):
             p = p0 + t
             if c < head_dim:
                 stage[t * KEY_ROW + c] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p,
                                                  col0 + c) if p < n else float32(0.0)
     cuda.syncthreads()
     pr = tid % (HEAD_DIM // 2)
-    for t in range(tid // (HEAD_DIM // 2), TILE_T, THREADS // (HEAD_DIM // 2)):
+    for t in range(tid // (HEAD_DIM // 2), TILE_T, TILE_THREADS // (HEAD_DIM // 2)):
         p = p0 + t
         if pr < cos.shape[1] and p < n:
             o = t * KEY_ROW + 2 * pr
@@ -1094,7 +1131,7 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
             stage[o] = a * co - b * si
             stage[o + 1] = a * si + b * co
     cuda.syncthreads()
-    for i in range(tid, TILE_T * per_kv, THREADS):
+    for i in range(tid, TILE_T * per_kv, TILE_THREADS):
         t, j = i % TILE_T, i // TILE_T
         p = p0 + t
         if p < n:
@@ -1159,17 +1196,17 @@ def project_values(parts, n_parts, width, mv, head_dim, add, out):
         out[h * head_dim + i] = acc + (out[h * head_dim + i] if add else float32(0.0))
 
 
-@cuda.jit(**_TWO_PER_SM)
+@cuda.jit(**_FOUR_PER_SM)
 def rebuild(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, span, m, out, base, add):
     """out[p − base] (+)= z_p · m for the positions p ∈ [lo, n) of a latent stream (m empty: z_p
     itself) — a prompt's keys and values, rebuilt once for all its queries, and XQuant-CL's
     accumulator Â (add: onto what out holds; an fp16 out rounds each row as the CPU's does).
-    Grid: position tiles × column tiles of HEAD_DIM."""
+    Grid: position tiles × column tiles of HEAD_DIM, TILE_THREADS threads a block."""
     if SHUFFLE:
         stage = cuda.shared.array(STAGE, float32, alignment=16)
     else:
         stage = cuda.shared.array(STAGE, float32)
-    acc = cuda.local.array(32, float32)
+    acc = cuda.local.array(64, float32)
     n_q, lo, n = _span(n_q, lo, n, span)
     p0, col0 = lo + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y * HEAD_DIM
     if p0 >= n:
@@ -1179,13 +1216,13 @@ def rebuild(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n,
     if m.shape[0]:
         _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, m, col0, n_cols, stage, acc)
     else:
-        for i in range(4):
+        for i in range(8):
             for j in range(8):
-                p, c = p0 + 4 * ty + i, _tile_col(tx, j)
+                p, c = p0 + 8 * ty + i, _tile_col(tx, j)
                 acc[8 * i + j] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, col0 + c) \
                     if p < n and c < n_cols else float32(0.0)
-    for i in range(4):
-        p = p0 + 4 * ty + i
+    for i in range(8):
+        p = p0 + 8 * ty + i
         for j in range(8):
             c = _tile_col(tx, j)
             if p < n and c < n_cols:
@@ -1450,7 +1487,7 @@ def rebuild_rows(stream: DeviceStream, m, out, base: int, add: bool, cublas: Cub
     extent = stream.extent(most)
     if extent > 0:
         grid = (-(-extent // TILE_T), -(-out.shape[1] // HEAD_DIM))
-        rebuild[grid, THREADS, cu_stream](*stream.args, m, out, base, add)
+        rebuild[grid, TILE_THREADS, cu_stream](*stream.args, m, out, base, add)
 
 
 CUBLAS_CHUNK = 16384  # positions per tensor-core rebuild: its fp16 scratch is a fixed size, not per position
@@ -1658,7 +1695,7 @@ def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace,
     def score(key, mk, key_cos, key_sin):
         extent = key.extent(most)
         if extent > 0:
-            scores_latent[(-(-extent // TILE_T), n_kv_head), THREADS, stream](
+            scores_latent[(-(-extent // TILE_T), n_kv_head), TILE_THREADS, stream](
                 q, *key.args, mk, key_cos, key_sin, head_dim, scale_qk, ws.scores)
     for key, mk in keys:
         if cublas is not None and mk.shape[0]:
