@@ -48,7 +48,7 @@ def numba_type(name: str):
 
 def dispatcher(module: str, qualname: str, closure):
     """The kernel a recorded launch ran: a module's own, or one a maker function builds per setting
-    (kc._make_matvec(rows))."""
+    (kc._make_matvec(rows), kc._make_values(heads))."""
     if module == "bench_gpu" and module not in sys.modules:  # tests load bench/gpu.py under that name
         spec = importlib.util.spec_from_file_location(module, os.path.join(ROOT, "bench", "gpu.py"))
         sys.modules[module] = importlib.util.module_from_spec(spec)
@@ -57,7 +57,8 @@ def dispatcher(module: str, qualname: str, closure):
     if ".<locals>." not in qualname:
         return getattr(mod, qualname)
     maker, name = qualname.split(".<locals>.")
-    return next(k for k in getattr(mod, maker)(*closure) if k.py_func.__name__ == name)
+    made = getattr(mod, maker)(*closure)
+    return next(k for k in (made if isinstance(made, tuple) else (made,)) if k.py_func.__name__ == name)
 
 
 def ptxas() -> str:

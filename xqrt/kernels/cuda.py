@@ -43,15 +43,17 @@ LAT_ROW = TILE_T + 4  # a staged channel's positions, padded: 8 channels' 16-byt
 LAT_STAGE = TILE_R * LAT_ROW  # the staged latents' shared floats, …
 M_AT = LAT_STAGE  # … where the staged rows of the rebuild matrix start after them, …
 STAGE = M_AT + TILE_R * HEAD_DIM  # … their end, …
-SCORES_STAGE = max(STAGE, TILE_T * KEY_ROW)  # … and scores_latent's, whose rebuilt keys then take their place
+TILE_STAGE = max(STAGE, TILE_T * KEY_ROW)  # … and the rebuild kernels', whose rebuilt tile then takes their place
 DENSE = -1  # qtype of a matrix uploaded as float32
 _FAST = dict(fastmath=True)  # lets a·b + c contract to one FMA (without it, a multiply and an add)
 # numba-cuda 0.14 or later: launch bounds (0.14) and aligned shared arrays (0.11); the simulator's
 # jit takes neither, its kernels run as Python
 NEW_ENOUGH = not SHUFFLE or "launch_bounds" in inspect.signature(cuda.jit).parameters
-# The rebuild product's kernels: four blocks per SM (at most 128 registers a thread), so that one
-# block's staging loads overlap the others' FMAs
-_FOUR_PER_SM = dict(_FAST, launch_bounds=(TILE_THREADS, 3)) if SHUFFLE and NEW_ENOUGH else _FAST
+# The rebuild product's kernels: three blocks per SM (at most 168 registers a thread; at four, 128,
+# they spill), so that one block's staging loads overlap the others' FMAs; the value sums' (up to
+# 32 heads): two blocks of THREADS (at most 128 registers), which they would otherwise exceed
+_THREE_PER_SM = dict(_FAST, launch_bounds=(TILE_THREADS, 3)) if SHUFFLE and NEW_ENOUGH else _FAST
+_TWO_PER_SM = dict(_FAST, launch_bounds=(THREADS, 2)) if SHUFFLE and NEW_ENOUGH else _FAST
 
 
 # ---- reductions ------------------------------------------------------------------------------
@@ -1082,7 +1084,7 @@ def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, 
         cuda.syncthreads()
 
 
-@cuda.jit(**_FOUR_PER_SM)
+@cuda.jit(**_THREE_PER_SM)
 def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, span, mk, cos, sin,
                   head_dim, scale_qk, scores):
     """Rematerialize-and-score: scores[h, t] = q_h · RoPE_t(z_t · mk)[kv head of h] · scale_qk for
@@ -1091,9 +1093,9 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
     shared memory only, where the staged latents and factor rows were (all of it separately would
     pass the 48 KB a block has)."""
     if SHUFFLE:  # 16-byte aligned: the product's shared loads are of four floats (not in the simulator's API)
-        stage = cuda.shared.array(SCORES_STAGE, float32, alignment=16)  # the rebuild's staging, then keys
+        stage = cuda.shared.array(TILE_STAGE, float32, alignment=16)  # the rebuild's staging, then keys
     else:
-        stage = cuda.shared.array(SCORES_STAGE, float32)
+        stage = cuda.shared.array(TILE_STAGE, float32)
     q_s = cuda.shared.array((MAX_GROUP, HEAD_DIM), float32)
     acc = cuda.local.array(64, float32)
     tid = cuda.threadIdx.x
@@ -1141,35 +1143,61 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
             scores[g * per_kv + j, p] = dot * scale_qk
 
 
-@cuda.jit(**_FAST)
-def values_latent(probs, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, span, width, parts):
-    """parts[s, h, c] = Σ probs[h, t]·z_t[c] over positions [lo + s·chunk, lo + (s+1)·chunk) ∩ [lo, n)
-    of a per-token latent value stream, chunk = ⌈(n − lo) / parts⌉ (grid: parts × column tiles; each
-    thread one channel, every head; a part past n writes zeros)."""
-    p_s = cuda.shared.array((MAX_HEADS, 32), float32)
-    acc = cuda.local.array(MAX_HEADS, float32)
-    n_head = probs.shape[0]
-    c = cuda.blockIdx.y * THREADS + cuda.threadIdx.x
-    n_q, lo, n = _span(n_q, lo, n, span)
-    chunk = -(-(n - lo) // cuda.gridDim.x)
-    t0 = lo + cuda.blockIdx.x * chunk
-    t1 = min(n, t0 + chunk)
-    for h in range(n_head):
-        acc[h] = float32(0.0)
-    for s in range(t0, t1, 32):
-        for i in range(cuda.threadIdx.x, n_head * 32, THREADS):
-            h, j = i // 32, i % 32
-            p_s[h, j] = probs[h, s + j] if s + j < t1 else float32(0.0)
-        cuda.syncthreads()
+_VALUES = {}
+PROBS_STAGE = 32 * MAX_HEADS  # the probabilities of 32 positions, a position's heads together
+
+
+def values_kernel(n_head: int):
+    """values_latent for n_head query heads: compiled once per power of two of heads (at least 8),
+    so that a thread's sums over every head are registers, not local memory."""
+    heads = max(8, 1 << (n_head - 1).bit_length())
+    if heads not in _VALUES:
+        _VALUES[heads] = _make_values(heads)
+    return _VALUES[heads]
+
+
+def _make_values(heads):
+    @cuda.jit(**(_TWO_PER_SM if heads <= 32 else _FAST))
+    def values_latent(probs, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, span, width,
+                      parts):
+        """parts[s, h, c] = Σ probs[h, t]·z_t[c] over positions [lo + s·chunk, lo + (s+1)·chunk) ∩ [lo, n)
+        of a per-token latent value stream, chunk = ⌈(n − lo) / parts⌉ (grid: parts × column tiles;
+        each thread one channel, every head — `heads` sums, those past probs' heads adding zeros —
+        its probabilities four heads to a 16-byte shared load; a part past n writes zeros)."""
+        if SHUFFLE:
+            p_s = cuda.shared.array(PROBS_STAGE, float32, alignment=16)
+        else:
+            p_s = cuda.shared.array(PROBS_STAGE, float32)
+        acc = cuda.local.array(heads, float32)
+        n_head = probs.shape[0]
+        tid = cuda.threadIdx.x
+        c = cuda.blockIdx.y * THREADS + tid
+        n_q, lo, n = _span(n_q, lo, n, span)
+        chunk = -(-(n - lo) // cuda.gridDim.x)
+        t0 = lo + cuda.blockIdx.x * chunk
+        t1 = min(n, t0 + chunk)
+        base = _shared_base(p_s)
+        for h in range(heads):
+            acc[h] = float32(0.0)
+        for s in range(t0, t1, 32):
+            for i in range(tid, 32 * heads, THREADS):
+                h, j = i // 32, i % 32
+                p_s[j * heads + h] = probs[h, s + j] if h < n_head and s + j < t1 else float32(0.0)
+            cuda.syncthreads()
+            if c < width:
+                for j in range(min(32, t1 - s)):
+                    z = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, s + j, c)
+                    for h in range(0, heads, 4):
+                        p = _shared4(p_s, base, j * heads + h)
+                        for k in range(4):
+                            acc[h + k] += p[k] * z
+            cuda.syncthreads()
         if c < width:
-            for j in range(min(32, t1 - s)):
-                z = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, s + j, c)
-                for h in range(n_head):
-                    acc[h] += p_s[h, j] * z
-        cuda.syncthreads()
-    if c < width:
-        for h in range(n_head):
-            parts[cuda.blockIdx.x, h, c] = acc[h]
+            for h in range(heads):
+                if h < n_head:
+                    parts[cuda.blockIdx.x, h, c] = acc[h]
+
+    return values_latent
 
 
 @cuda.jit(**_FAST)
@@ -1196,37 +1224,37 @@ def project_values(parts, n_parts, width, mv, head_dim, add, out):
         out[h * head_dim + i] = acc + (out[h * head_dim + i] if add else float32(0.0))
 
 
-@cuda.jit(**_FOUR_PER_SM)
+@cuda.jit(**_THREE_PER_SM)
 def rebuild(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, span, m, out, base, add):
     """out[p − base] (+)= z_p · m for the positions p ∈ [lo, n) of a latent stream (m empty: z_p
     itself) — a prompt's keys and values, rebuilt once for all its queries, and XQuant-CL's
     accumulator Â (add: onto what out holds; an fp16 out rounds each row as the CPU's does).
     Grid: position tiles × column tiles of HEAD_DIM, TILE_THREADS threads a block."""
     if SHUFFLE:
-        stage = cuda.shared.array(STAGE, float32, alignment=16)
+        stage = cuda.shared.array(TILE_STAGE, float32, alignment=16)
     else:
-        stage = cuda.shared.array(STAGE, float32)
+        stage = cuda.shared.array(TILE_STAGE, float32)
     acc = cuda.local.array(64, float32)
     n_q, lo, n = _span(n_q, lo, n, span)
     p0, col0 = lo + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y * HEAD_DIM
     if p0 >= n:
         return
     n_cols = min(HEAD_DIM, out.shape[1] - col0)
-    ty, tx = cuda.threadIdx.x // 16, cuda.threadIdx.x % 16
-    if m.shape[0]:
+    tid = cuda.threadIdx.x
+    if m.shape[0]:  # the tile through shared memory (acc indexed by constants only: registers), …
         _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, m, col0, n_cols, stage, acc)
-    else:
+        ty, tx = tid // 16, tid % 16
         for i in range(8):
             for j in range(8):
-                p, c = p0 + 8 * ty + i, _tile_col(tx, j)
-                acc[8 * i + j] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, col0 + c) \
-                    if p < n and c < n_cols else float32(0.0)
-    for i in range(8):
-        p = p0 + 8 * ty + i
-        for j in range(8):
-            c = _tile_col(tx, j)
-            if p < n and c < n_cols:
-                out[p - base, col0 + c] = acc[8 * i + j] + (float32(out[p - base, col0 + c]) if add else float32(0.0))
+                stage[(8 * ty + i) * KEY_ROW + _tile_col(tx, j)] = acc[8 * i + j]
+        cuda.syncthreads()
+    for i in range(tid, TILE_T * HEAD_DIM, TILE_THREADS):  # … to rows written a warp's columns at a time
+        t, c = i // HEAD_DIM, i % HEAD_DIM
+        p = p0 + t
+        if p < n and c < n_cols:
+            v = stage[t * KEY_ROW + c] if m.shape[0] else _latent(codes, scale, zero, bits, shift, off, cbits, sink,
+                                                                   tail, n_q, p, col0 + c)
+            out[p - base, col0 + c] = v + (float32(out[p - base, col0 + c]) if add else float32(0.0))
 
 
 @cuda.jit
@@ -1713,6 +1741,7 @@ def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace,
         extent = value.extent(most)
         if extent > 0:
             n_parts, width = splits(extent), value.width
-            values_latent[(n_parts, -(-width // THREADS)), THREADS, stream](ws.scores, *value.args, width, ws.parts)
+            values_kernel(n_head)[(n_parts, -(-width // THREADS)), THREADS, stream](ws.scores, *value.args, width,
+                                                                                   ws.parts)
             project_values[n_head, THREADS, stream](ws.parts, n_parts, width, mv, head_dim, not first, out)
             first = False
