@@ -812,112 +812,123 @@ def softmax(scores, n, span):
         scores[h, t] *= inv
 
 
-@cuda.jit(**_FAST)
-def flash_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound, k_win, v_win, window, at,
-                    head_dim, scale, chunk, out, part_state, part_acc):
-    """out[t] = causal attention of the query row q[t], at position at[0] + t, over positions [0,
-    at[0] + t]: one block per (query, kv head) for all the query heads of that kv head — a prompt's
-    attention in one launch. With chunk > 0 (a decode step: one query) the n positions are split
-    into parts of at least `chunk` over as many of the grid's blocks as they fill — the grid need
-    not change with n, so a CUDA graph replays the launch at any position — and block x leaves
-    its part's softmax state (max, sum) in part_state[x, h] and its unnormalized sum of values in
-    part_acc[x, h], for merge_parts (a block past the parts: the empty state, which adds
-    nothing). Query t reads position j's key from k[j] while j < k_bound[t] (always when k_bound
-    is empty: one history, the fp16 cache) and from k_exact[j − k_from] above — a latent cache's packed and exact versions of its
-    history, rebuilt — and its value alike; the last `window` positions up to it from the fp16
-    ring k_win (position j in row j mod its rows, a --kv-budget window). Each warp keeps an online
-    softmax over every WARPS-th position (its lanes over the head, the dot products by warp sums),
-    then the warps' states meet in shared memory. Every warp runs the same trip count, so the
-    simulator's barriers are uniform."""
-    buf = cuda.shared.array(THREADS, float32)
-    w_max = cuda.shared.array((WARPS, MAX_GROUP), float32)
-    w_sum = cuda.shared.array((WARPS, MAX_GROUP), float32)
-    w_acc = cuda.shared.array((WARPS, MAX_GROUP, HEAD_DIM), float32)
-    qv = cuda.local.array((MAX_GROUP, HEAD_LANE_VALUES), float32)
-    acc = cuda.local.array((MAX_GROUP, HEAD_LANE_VALUES), float32)
-    mx = cuda.local.array(MAX_GROUP, float32)
-    total = cuda.local.array(MAX_GROUP, float32)
-    kv_row = cuda.local.array(HEAD_LANE_VALUES, float32)
-    g, tid = cuda.blockIdx.y, cuda.threadIdx.x
-    t = 0 if chunk else cuda.blockIdx.x
-    part = cuda.blockIdx.x if chunk else 0
-    warp, lane = tid // 32, tid % 32
-    n_kv_head = k.shape[1] // head_dim
-    per_kv = q.shape[1] // head_dim // n_kv_head
-    n = at[0] + t + 1
-    lo, hi = 0, n
-    if chunk:
-        span = -(-n // min(cuda.gridDim.x, -(-n // chunk)))
-        lo = part * span
-        hi = min(n, lo + span)
-    kb = k_bound[t] if k_bound.shape[0] else n
-    vb = v_bound[t] if v_bound.shape[0] else n
-    win_lo = n - window
-    for j in range(per_kv):
-        h = g * per_kv + j
-        mx[j], total[j] = float32(-3.0e38), float32(0.0)  # finite: fastmath assumes no infinities
-        for u in range(HEAD_LANE_VALUES):
-            i = lane + 32 * u
-            qv[j, u] = q[t, h * head_dim + i] * scale if i < head_dim else float32(0.0)
-            acc[j, u] = float32(0.0)
-    for step in range(-(-(hi - lo) // WARPS)):
-        p = lo + step * WARPS + warp
-        for u in range(HEAD_LANE_VALUES):
-            i = lane + 32 * u
-            col = g * head_dim + i
-            kv_row[u] = float32(0.0)
-            if p < hi and i < head_dim:
-                if p >= win_lo:
-                    kv_row[u] = float32(k_win[p % k_win.shape[0], col])
-                elif p < kb:
-                    kv_row[u] = float32(k[p, col])
-                else:
-                    kv_row[u] = float32(k_exact[p - k_from, col])
-        for j in range(per_kv):
-            dot = float32(0.0)
-            for u in range(HEAD_LANE_VALUES):
-                dot += qv[j, u] * kv_row[u]
-            dot = _warp_sum(dot, buf)
-            if p < hi:
-                new_max = max(mx[j], dot)
-                shrink, e = math.exp(mx[j] - new_max), math.exp(dot - new_max)
-                mx[j], total[j] = new_max, total[j] * shrink + e
+_FLASH = {}
+
+
+def flash_kernel(per_kv: int):
+    """flash_attention for per_kv query heads per kv head, compiled once per power of two of them
+    (so that a thread's per-head state is registers: at most 128 of them up to 4 heads)."""
+    group = 1 << (per_kv - 1).bit_length()
+    if group not in _FLASH:
+        _FLASH[group] = _make_flash(group)
+    return _FLASH[group]
+
+
+def _make_flash(group):
+    @cuda.jit(**(_TWO_PER_SM if group <= 4 else _FAST))
+    def flash_attention(q, k, v, k_exact, v_exact, k_from, v_from, k_bound, v_bound, k_win, v_win, window, at,
+                        head_dim, scale, chunk, out, part_state, part_acc):
+        """out[t] = causal attention of the query row q[t], at position at[0] + t, over positions [0,
+        at[0] + t]: one block per (query, kv head) for all the query heads of that kv head — a prompt's
+        attention in one launch. With chunk > 0 (a decode step: one query) the n positions are split
+        into parts of at least `chunk` over as many of the grid's blocks as they fill — the grid need
+        not change with n, so a CUDA graph replays the launch at any position — and block x leaves
+        its part's softmax state (max, sum) in part_state[x, h] and its unnormalized sum of values in
+        part_acc[x, h], for merge_parts (a block past the parts: the empty state, which adds
+        nothing). Query t reads position j's key from k[j] while j < k_bound[t] (always when k_bound
+        is empty: one history, the fp16 cache) and from k_exact[j − k_from] above — a latent cache's packed and exact versions of its
+        history, rebuilt — and its value alike; the last `window` positions up to it from the fp16
+        ring k_win (position j in row j mod its rows, a --kv-budget window). Each warp keeps an online
+        softmax over every WARPS-th position (its lanes over the head, the dot products by warp sums),
+        then the warps' states meet in shared memory. Every warp runs the same trip count, so the
+        simulator's barriers are uniform."""
+        buf = cuda.shared.array(THREADS, float32)
+        w_max = cuda.shared.array((WARPS, MAX_GROUP), float32)
+        w_sum = cuda.shared.array((WARPS, MAX_GROUP), float32)
+        w_acc = cuda.shared.array((WARPS, MAX_GROUP, HEAD_DIM), float32)
+        qv = cuda.local.array((group, HEAD_LANE_VALUES), float32)
+        acc = cuda.local.array((group, HEAD_LANE_VALUES), float32)
+        mx = cuda.local.array(group, float32)
+        total = cuda.local.array(group, float32)
+        k_row = cuda.local.array(HEAD_LANE_VALUES, float32)
+        v_row = cuda.local.array(HEAD_LANE_VALUES, float32)
+        g, tid = cuda.blockIdx.y, cuda.threadIdx.x
+        t = 0 if chunk else cuda.blockIdx.x
+        part = cuda.blockIdx.x if chunk else 0
+        warp, lane = tid // 32, tid % 32
+        n_kv_head = k.shape[1] // head_dim
+        per_kv = q.shape[1] // head_dim // n_kv_head
+        n = at[0] + t + 1
+        lo, hi = 0, n
+        if chunk:
+            span = -(-n // min(cuda.gridDim.x, -(-n // chunk)))
+            lo = part * span
+            hi = min(n, lo + span)
+        kb = k_bound[t] if k_bound.shape[0] else n
+        vb = v_bound[t] if v_bound.shape[0] else n
+        win_lo = n - window
+        # loops over `group` heads, those past per_kv skipped: indexed by constants, a thread's
+        # queries, sums and softmax states are registers (indexed by per_kv, local memory)
+        for j in range(group):
+            if j < per_kv:
+                h = g * per_kv + j
+                mx[j], total[j] = float32(-3.0e38), float32(0.0)  # finite: fastmath assumes no infinities
                 for u in range(HEAD_LANE_VALUES):
                     i = lane + 32 * u
-                    col = g * head_dim + i
-                    vv = float32(0.0)
-                    if i < head_dim:
-                        if p >= win_lo:
-                            vv = float32(v_win[p % v_win.shape[0], col])
-                        elif p < vb:
-                            vv = float32(v[p, col])
-                        else:
-                            vv = float32(v_exact[p - v_from, col])
-                    acc[j, u] = acc[j, u] * shrink + e * vv
-    for j in range(per_kv):
-        if lane == 0:
-            w_max[warp, j], w_sum[warp, j] = mx[j], total[j]
-        for u in range(HEAD_LANE_VALUES):
-            if lane + 32 * u < head_dim:
-                w_acc[warp, j, lane + 32 * u] = acc[j, u]
-    cuda.syncthreads()
-    for e in range(tid, per_kv * head_dim, THREADS):
-        j, i = e // head_dim, e % head_dim
-        h = g * per_kv + j
-        top = w_max[0, j]  # warp 0 always holds the block's first position
-        for w in range(1, WARPS):
-            top = max(top, w_max[w, j])
-        norm, o = float32(0.0), float32(0.0)
-        for w in range(WARPS):
-            f = math.exp(w_max[w, j] - top)  # 0 for a warp that saw no position
-            norm += w_sum[w, j] * f
-            o += w_acc[w, j, i] * f
-        if chunk:
-            part_acc[part, h, i] = o
-            if i == 0:
-                part_state[part, h, 0], part_state[part, h, 1] = top, norm
-        else:
-            out[t, h * head_dim + i] = o / norm
+                    qv[j, u] = q[t, h * head_dim + i] * scale if i < head_dim else float32(0.0)
+                    acc[j, u] = float32(0.0)
+        for step in range(-(-(hi - lo) // WARPS)):
+            p = lo + step * WARPS + warp
+            for u in range(HEAD_LANE_VALUES):  # the position's K and V, read once for every query head
+                i = lane + 32 * u
+                col = g * head_dim + i
+                k_row[u], v_row[u] = float32(0.0), float32(0.0)
+                if p < hi and i < head_dim:
+                    if p >= win_lo:
+                        k_row[u] = float32(k_win[p % k_win.shape[0], col])
+                        v_row[u] = float32(v_win[p % v_win.shape[0], col])
+                    else:
+                        k_row[u] = float32(k[p, col]) if p < kb else float32(k_exact[p - k_from, col])
+                        v_row[u] = float32(v[p, col]) if p < vb else float32(v_exact[p - v_from, col])
+            for j in range(group):
+                if j < per_kv:
+                    dot = float32(0.0)
+                    for u in range(HEAD_LANE_VALUES):
+                        dot += qv[j, u] * k_row[u]
+                    dot = _warp_sum(dot, buf)
+                    if p < hi:
+                        new_max = max(mx[j], dot)
+                        shrink, e = math.exp(mx[j] - new_max), math.exp(dot - new_max)
+                        mx[j], total[j] = new_max, total[j] * shrink + e
+                        for u in range(HEAD_LANE_VALUES):
+                            acc[j, u] = acc[j, u] * shrink + e * v_row[u]
+        for j in range(group):
+            if j < per_kv:
+                if lane == 0:
+                    w_max[warp, j], w_sum[warp, j] = mx[j], total[j]
+                for u in range(HEAD_LANE_VALUES):
+                    if lane + 32 * u < head_dim:
+                        w_acc[warp, j, lane + 32 * u] = acc[j, u]
+        cuda.syncthreads()
+        for e in range(tid, per_kv * head_dim, THREADS):
+            j, i = e // head_dim, e % head_dim
+            h = g * per_kv + j
+            top = w_max[0, j]  # warp 0 always holds the block's first position
+            for w in range(1, WARPS):
+                top = max(top, w_max[w, j])
+            norm, o = float32(0.0), float32(0.0)
+            for w in range(WARPS):
+                f = math.exp(w_max[w, j] - top)  # 0 for a warp that saw no position
+                norm += w_sum[w, j] * f
+                o += w_acc[w, j, i] * f
+            if chunk:
+                part_acc[part, h, i] = o
+                if i == 0:
+                    part_state[part, h, 0], part_state[part, h, 1] = top, norm
+            else:
+                out[t, h * head_dim + i] = o / norm
+
+    return flash_attention
 
 
 @cuda.jit(**_FAST)
@@ -1679,7 +1690,7 @@ def attend_f16(q, k_cache, v_cache, at, n_head, head_dim, ws: Workspace, out, st
     n_parts = ws.parts.shape[0]
     none = empty((0,), np.int64)
     # q and out as rows, as a prompt's: one compiled kernel for both (split blocks do not write out)
-    flash_attention[(n_parts, n_kv_head), THREADS, stream](
+    flash_kernel(n_head // n_kv_head)[(n_parts, n_kv_head), THREADS, stream](
         q.reshape(1, -1), k_cache, v_cache, k_cache, v_cache, 0, 0, none, none, k_cache, v_cache, 0, at, head_dim,
         np.float32(1.0 / math.sqrt(head_dim)), chunk, out.reshape(1, -1), ws.part_state, ws.parts)
     merge_parts[n_head, THREADS, stream](ws.part_state, ws.parts, n_parts, head_dim, out)
@@ -1697,9 +1708,9 @@ def attend_prompt(q, k, v, at, head_dim, out, exact=None, window=None, stream=0)
         exact = (k, v, 0, 0, none, none)
     if window is None:
         window = (k, v, 0)
-    flash_attention[(q.shape[0], n_kv_head), THREADS, stream](q, k, v, *exact, *window, at, head_dim,
-                                                             np.float32(1.0 / math.sqrt(head_dim)), 0, out,
-                                                             empty((0, 0, 0), np.float32), empty((0, 0, 0), np.float32))
+    flash_kernel(q.shape[1] // head_dim // n_kv_head)[(q.shape[0], n_kv_head), THREADS, stream](
+        q, k, v, *exact, *window, at, head_dim, np.float32(1.0 / math.sqrt(head_dim)), 0, out,
+        empty((0, 0, 0), np.float32), empty((0, 0, 0), np.float32))
 
 
 def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace, out, stream=0, window=None,
