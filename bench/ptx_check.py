@@ -1,5 +1,6 @@
 """Every CUDA kernel compiled for a real GPU, without one: the argument types the simulator saw →
-NVVM's PTX → ptxas, with each kernel's registers, spills and shared memory.
+NVVM's PTX → ptxas, with each kernel's registers, shared memory, stack frame (local arrays the
+compiler could not keep in registers: indexed by a variable) and spills.
 
     XQRT_KERNEL_SIGNATURES=/tmp/kernels.json python -m pytest -q tests/test_cuda.py -m "slow or not slow"
     python bench/ptx_check.py /tmp/kernels.json [--arch sm_80 sm_90]
@@ -115,9 +116,10 @@ def resources(returncode: int, stderr: str) -> tuple[bool, str]:
     used = re.search(r"Used (\d+) registers", text)
     smem = re.search(r"(\d+) bytes smem", text)
     spill = re.search(r"(\d+) bytes spill stores", text)
+    stack = re.search(r"(\d+) bytes stack frame", text)  # local arrays indexed by variables live there
     spilled = int(spill[1]) if spill else 0
     return not spilled, (f"{used[1] if used else '?'} registers, {smem[1] if smem else 0} B shared, "
-                         f"{spilled} B spilled")
+                         f"{stack[1] if stack else 0} B stack, {spilled} B spilled")
 
 
 def main(argv=None) -> int:

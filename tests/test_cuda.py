@@ -925,9 +925,11 @@ def test_ptx_check_fails_a_spill():
     clean = head + ("ptxas info    : Function properties for _ZN6cudapy4xqrt1kE\n"
                     "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
                     "ptxas info    : Used 62 registers, 8704 bytes smem, 384 bytes cmem[0]\n")
-    assert ptx_check.resources(0, clean) == (True, "62 registers, 8704 B shared, 0 B spilled")
-    spilling = clean.replace("0 bytes spill stores", "96 bytes spill stores").replace("62 registers", "255 registers")
-    assert ptx_check.resources(0, spilling) == (False, "255 registers, 8704 B shared, 96 B spilled")
+    assert ptx_check.resources(0, clean) == (True, "62 registers, 8704 B shared, 0 B stack, 0 B spilled")
+    local = clean.replace("0 bytes stack frame", "512 bytes stack frame")  # a local array: reported, not failed
+    assert ptx_check.resources(0, local) == (True, "62 registers, 8704 B shared, 512 B stack, 0 B spilled")
+    spilling = local.replace("0 bytes spill stores", "96 bytes spill stores").replace("62 registers", "255 registers")
+    assert ptx_check.resources(0, spilling) == (False, "255 registers, 8704 B shared, 512 B stack, 96 B spilled")
     refused = head + "ptxas error   : Entry function '_ZN6cudapy4xqrt1kE' uses too much shared data\n"
     assert ptx_check.resources(255, refused) == (
         False, "ptxas error   : Entry function the kernel uses too much shared data")
