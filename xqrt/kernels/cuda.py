@@ -51,7 +51,8 @@ _FAST = dict(fastmath=True)  # lets a·b + c contract to one FMA (without it, a 
 NEW_ENOUGH = not SHUFFLE or "launch_bounds" in inspect.signature(cuda.jit).parameters
 # The rebuild product's kernels: three blocks per SM (at most 168 registers a thread; at four, 128,
 # they spill), so that one block's staging loads overlap the others' FMAs; the value sums' (up to
-# 32 heads): two blocks of THREADS (at most 128 registers), which they would otherwise exceed
+# 32 heads) and fp16 attention's (up to 4 query heads per kv head): two blocks of THREADS (at most
+# 128 registers), which they would otherwise exceed
 _THREE_PER_SM = dict(_FAST, launch_bounds=(TILE_THREADS, 3)) if SHUFFLE and NEW_ENOUGH else _FAST
 _TWO_PER_SM = dict(_FAST, launch_bounds=(THREADS, 2)) if SHUFFLE and NEW_ENOUGH else _FAST
 
@@ -835,13 +836,14 @@ def _make_flash(group):
         not change with n, so a CUDA graph replays the launch at any position — and block x leaves
         its part's softmax state (max, sum) in part_state[x, h] and its unnormalized sum of values in
         part_acc[x, h], for merge_parts (a block past the parts: the empty state, which adds
-        nothing). Query t reads position j's key from k[j] while j < k_bound[t] (always when k_bound
-        is empty: one history, the fp16 cache) and from k_exact[j − k_from] above — a latent cache's packed and exact versions of its
-        history, rebuilt — and its value alike; the last `window` positions up to it from the fp16
-        ring k_win (position j in row j mod its rows, a --kv-budget window). Each warp keeps an online
-        softmax over every WARPS-th position (its lanes over the head, the dot products by warp sums),
-        then the warps' states meet in shared memory. Every warp runs the same trip count, so the
-        simulator's barriers are uniform."""
+        nothing). Query t reads position j's key from k[j] while j < k_bound[t] (always when
+        k_bound is empty: one history, the fp16 cache) and from k_exact[j − k_from] above — a
+        latent cache's packed and exact versions of its history, rebuilt — and its value alike; the
+        last `window` positions up to it from the fp16 ring k_win (position j in row j mod its
+        rows, a --kv-budget window). Each warp keeps an online softmax over every WARPS-th
+        position (its lanes over the head, the dot products by warp sums), then the warps' states
+        meet in shared memory. Every warp runs the same trip count, so the simulator's barriers are
+        uniform."""
         buf = cuda.shared.array(THREADS, float32)
         w_max = cuda.shared.array((WARPS, MAX_GROUP), float32)
         w_sum = cuda.shared.array((WARPS, MAX_GROUP), float32)
