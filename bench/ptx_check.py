@@ -49,7 +49,7 @@ def numba_type(name: str):
 
 def dispatcher(module: str, qualname: str, closure):
     """The kernel a recorded launch ran: a module's own, or one a maker function builds per setting
-    (kc._make_matvec(rows), kc._make_values(heads))."""
+    (kc._make_matvec(rows), kc._make_values(heads), kc._make_flash(group))."""
     if module == "bench_gpu" and module not in sys.modules:  # tests load bench/gpu.py under that name
         spec = importlib.util.spec_from_file_location(module, os.path.join(ROOT, "bench", "gpu.py"))
         sys.modules[module] = importlib.util.module_from_spec(spec)
