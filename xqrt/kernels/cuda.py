@@ -1065,15 +1065,17 @@ def _tile_col(tx, j):
 
 
 @cuda.jit(device=True, inline=True)
-def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, m, col0, n_cols, stage, acc):
-    """acc (8 × 8 per thread) = latents of positions [p0, p0 + TILE_T) ∩ [0, n) · m[:, col0 : col0 +
-    n_cols] (n_cols ≤ HEAD_DIM), by TILE_THREADS threads. The latents are dequantized TILE_R
+def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, m, col0, n_cols, stage):
+    """stage[t · KEY_ROW + c] = latents of positions [p0, p0 + TILE_T) ∩ [0, n) · m[:, col0 : col0 +
+    n_cols] (n_cols ≤ HEAD_DIM), by TILE_THREADS threads (the caller syncs before reading it). The latents are dequantized TILE_R
     channels at a time into shared memory (stage: TILE_R rows of LAT_ROW floats, position-major)
     beside the matching rows of m (from M_AT: TILE_R rows of HEAD_DIM); thread (ty, tx) then owns
-    positions 8ty … 8ty+7 and the columns _tile_col: four 16-byte shared loads feed 64 FMAs. Flat
-    offsets, not 2-d views: Numba's CUDA target cannot reshape."""
+    positions 8ty … 8ty+7 and the columns _tile_col: four 16-byte shared loads feed 64 FMAs, into
+    sums indexed by constants only (registers). Flat offsets, not 2-d views: Numba's CUDA target
+    cannot reshape."""
     tid = cuda.threadIdx.x
     ty, tx = tid // 16, tid % 16
+    acc = cuda.local.array(64, float32)
     for i in range(64):
         acc[i] = float32(0.0)
     a = cuda.local.array(8, float32)
@@ -1095,6 +1097,9 @@ def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, 
                     for j in range(8):
                         acc[8 * i + j] = cuda.fma(a[i], w[j], acc[8 * i + j])
         cuda.syncthreads()
+    for i in range(8):  # the staging is done with: the tile takes its place
+        for j in range(8):
+            stage[(8 * ty + i) * KEY_ROW + _tile_col(tx, j)] = acc[8 * i + j]
 
 
 @cuda.jit(**_THREE_PER_SM)
@@ -1110,7 +1115,6 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
     else:
         stage = cuda.shared.array(TILE_STAGE, float32)
     q_s = cuda.shared.array((MAX_GROUP, HEAD_DIM), float32)
-    acc = cuda.local.array(64, float32)
     tid = cuda.threadIdx.x
     n_q, lo, n = _span(n_q, lo, n, span)
     p0, g = lo + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y
@@ -1123,12 +1127,7 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
         if c < head_dim:
             q_s[j, c] = q[(g * per_kv + j) * head_dim + c]
     if mk.shape[0]:
-        _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, mk, col0, head_dim, stage,
-                      acc)
-        ty, tx = tid // 16, tid % 16
-        for i in range(8):
-            for j in range(8):
-                stage[(8 * ty + i) * KEY_ROW + _tile_col(tx, j)] = acc[8 * i + j]
+        _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, mk, col0, head_dim, stage)
     else:
         for t in range(tid // HEAD_DIM, TILE_T, TILE_THREADS // HEAD_DIM):
             p = p0 + t
@@ -1247,19 +1246,14 @@ def rebuild(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n,
         stage = cuda.shared.array(TILE_STAGE, float32, alignment=16)
     else:
         stage = cuda.shared.array(TILE_STAGE, float32)
-    acc = cuda.local.array(64, float32)
     n_q, lo, n = _span(n_q, lo, n, span)
     p0, col0 = lo + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y * HEAD_DIM
     if p0 >= n:
         return
     n_cols = min(HEAD_DIM, out.shape[1] - col0)
     tid = cuda.threadIdx.x
-    if m.shape[0]:  # the tile through shared memory (acc indexed by constants only: registers), …
-        _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, m, col0, n_cols, stage, acc)
-        ty, tx = tid // 16, tid % 16
-        for i in range(8):
-            for j in range(8):
-                stage[(8 * ty + i) * KEY_ROW + _tile_col(tx, j)] = acc[8 * i + j]
+    if m.shape[0]:  # the tile through shared memory, …
+        _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, m, col0, n_cols, stage)
         cuda.syncthreads()
     for i in range(tid, TILE_T * HEAD_DIM, TILE_THREADS):  # … to rows written a warp's columns at a time
         t, c = i // HEAD_DIM, i % HEAD_DIM
