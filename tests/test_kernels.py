@@ -151,6 +151,27 @@ def test_kernels_are_cached_in_the_keyed_folder_when_numba_is_imported_first(tmp
     assert any(name.startswith("quant.quantize_row") for _, _, names in os.walk(folder) for name in names)
 
 
+def test_the_compiling_notice_is_for_the_kernels_the_engine_runs(tiny_gqa, tmp_path):
+    """'compiling kernels (first run only …)' shows while the cache lacks the step of the engine's
+    own mode: an fp16 KV run does not compile the latent caches' kernels, and was told so again
+    on every later run."""
+    import os
+    import subprocess
+    import sys
+    script = ("import sys, xqrt\nmodes = sys.argv[2:]\nfor mode in modes:\n"
+              "    engine = xqrt.Engine(sys.argv[1], cache=mode, verbose=True)\n    print(mode, file=sys.stderr)\n"
+              "    if modes == ['fp16']:  # the first run: its step compiles fp16 KV's kernels\n"
+              "        engine.warmup()")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    notices = []
+    for modes in (["fp16"], ["fp16", "xquant"]):
+        r = subprocess.run([sys.executable, "-c", script, str(tiny_gqa[1]), *modes], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-500:]
+        notices += [line.split(":")[0] for line in r.stderr.splitlines() if "compiling" in line or line in modes]
+    assert notices == ["xqrt", "fp16", "fp16", "xqrt", "xquant"]
+
+
 def test_processes_compiling_one_kernels_overloads_at_once_keep_each_its_own(tmp_path):
     """Two processes save an int64 and a float64 overload of one cached kernel at once, timed so
     that with Numba's own saving both number theirs 1 and the index left names the other's code (a

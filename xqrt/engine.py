@@ -49,12 +49,19 @@ class Stats:
 _DECODE_MAX = 8  # prompts up to this many tokens go through the decode step, token by token
 
 
-def kernels_compiled() -> bool:
-    """Whether Numba's on-disk cache already holds the kernels (so start-up is fast)."""
+def kernels_compiled(device: str, cache_mode: str) -> bool:
+    """Whether Numba's disk cache already holds kernels of this device's step for this cache mode
+    (so start-up is fast), by the index files of a few of them."""
     try:
-        kernels = (cpu.decode_fp16, cpu.attn_in, cpu.attn_out_ffn, cpu.attend_latent, cpu.latent_step)
+        if device == "cuda":
+            from .kernels import cuda as kc
+            kernels = (kc.rmsnorm, kc.quantize_x, kc.store_kv if cache_mode == "fp16" else kc.scores_latent)
+        elif cache_mode == "fp16":
+            kernels = (cpu.decode_fp16, cpu.attn_in, cpu.attn_out_ffn)
+        else:
+            kernels = (cpu.attn_in, cpu.attn_out_ffn, cpu.attend_latent, cpu.latent_step)
         return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
-    except AttributeError:  # a Numba without these internals: assume the worst, say nothing wrong
+    except AttributeError:  # a Numba without these internals, or the simulator: say nothing wrong
         return False
 
 
@@ -114,6 +121,8 @@ class Engine:
             raise XQError(f"--rebuild {rebuild} is a GPU setting (--device cuda)")
         if cuda_graphs and device == "cpu":
             raise XQError("--cuda-graphs is a GPU setting (--device cuda)")
+        if verbose and not kernels_compiled(self.device, self.cache_mode):
+            print("xqrt: compiling kernels (first run only, about a minute)...", file=sys.stderr, flush=True)
         self._gpu = None
         if self.device == "cuda":
             with device_memory("the model's weights"):
@@ -155,8 +164,6 @@ class Engine:
         self._qtypes = np.array([[w.qtype for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
                                  for L in self.model.layers], np.int64)
         self._norms = np.stack([np.stack([L.attn_norm, L.ffn_norm]) for L in self.model.layers]).astype(np.float32)
-        if verbose and not kernels_compiled():
-            print("xqrt: compiling kernels (first run only, about a minute)...", file=sys.stderr, flush=True)
 
     # ---- forward ----------------------------------------------------------------------------
     def new_cache(self, mode: str | None = None, **options) -> Cache:
