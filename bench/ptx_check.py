@@ -1,6 +1,7 @@
 """Every CUDA kernel compiled for a real GPU, without one: the argument types the simulator saw →
 NVVM's PTX → ptxas, with each kernel's registers, shared memory, stack frame (local arrays the
-compiler could not keep in registers: indexed by a variable) and spills.
+compiler could not keep in registers: indexed by a variable) and spills; and whether the next
+process will load it from Numba's disk cache.
 
     XQRT_KERNEL_SIGNATURES=/tmp/kernels.json python -m pytest -q tests/test_cuda.py -m "slow or not slow"
     python bench/ptx_check.py /tmp/kernels.json [--arch sm_80 sm_90]
@@ -21,6 +22,7 @@ a product loop's instructions are its FMAs, counted without a GPU.
 Exit code 1 when a kernel fails to compile or assemble (ptxas refuses, for one, more than 48 KB of
 static shared memory per block), or spills registers to local memory: the kernels are laid out
 (and the fused ones given launch bounds) to hold their values in registers, and a spill undoes that.
+Also when one of xqrt's kernels would miss the disk cache in every process (cache_problem).
 """
 from __future__ import annotations
 
@@ -108,6 +110,25 @@ def busiest_loop(listing: str) -> str:
     return f"busiest loop: {top['FFMA']} FFMA in {sum(top.values())} instructions ({mix})"
 
 
+def cache_problem(kernel) -> str:
+    """Why a kernel would be compiled again by the next process, not loaded from Numba's disk
+    cache ('' where it would be): not cached; or closing over more than plain values — the cache
+    keys a kernel on its closure's pickle, and a captured device function's differs in every
+    process, so each run would miss and add one more entry. Also that its saves take
+    xqrt.jit_cache's lock."""
+    from xqrt import jit_cache
+    cache = getattr(kernel, "_cache", None)
+    if type(cache).__name__ != "CUDACache":
+        return "FAILED: not cached (cache=True)"
+    captured = [type(c.cell_contents).__name__ for c in kernel.py_func.__closure__ or ()
+                if type(c.cell_contents) not in (int, float, bool, str)]
+    if captured:
+        return f"FAILED: closes over {', '.join(captured)}: a cache key of its own in every process"
+    if not isinstance(cache._cache_file, jit_cache.LockedSaves):
+        return "FAILED: saves without xqrt.jit_cache's lock"
+    return ""
+
+
 def resources(returncode: int, stderr: str) -> tuple[bool, str]:
     """ptxas -v's verdict: (assembled without a spill, its resource line or its error)."""
     text = re.sub(r"'_Z\w+'", "the kernel", stderr.strip())  # mangled names say nothing
@@ -142,11 +163,11 @@ def main(argv=None) -> int:
             on_gpu.append([module, qualname, closure, arg_types])
     records = on_gpu
     failed = 0
-    print(f"| kernel | argument types | {' | '.join(args.arch)} |")
-    print("|---|---|" + "---|" * len(args.arch))
+    print(f"| kernel | argument types | {' | '.join(args.arch)} | disk cache |")
+    print("|---|---|" + "---|" * (len(args.arch) + 1))
     for module, qualname, closure, arg_types in records:
         label = qualname.replace(".<locals>.", f"({', '.join(map(str, closure))}).")
-        cells = []
+        cells, k = [], None
         for arch in args.arch:
             try:
                 k = dispatcher(module, qualname, closure)
@@ -160,6 +181,9 @@ def main(argv=None) -> int:
                 ok, what = False, f"{type(e).__name__}: {' '.join(lines[:3])[:300]}"
             failed += not ok
             cells.append(("" if ok else "FAILED: ") + what)
+        problem = "bench only" if not module.startswith("xqrt.") else cache_problem(k) if k else "?"
+        failed += problem.startswith("FAILED")
+        cells.append(problem or "yes")
         print(f"| {label} | {', '.join(arg_types)} | {' | '.join(cells)} |", flush=True)
     print(f"\n{len(records)} kernel signatures × {len(args.arch)} GPUs ({', '.join(args.arch)}), {failed} failed")
     return 1 if failed else 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import replace
 
 import numpy as np
@@ -899,8 +900,6 @@ def test_bench_gpu_kernel_table():
 def test_bench_gpu_kernel_times_reads_the_profiler(monkeypatch):
     """kernel_times through torch's profiler as on a GPU, with the host's operations standing in
     for the device's kernels (CPU torch has none): the profiler's API as the bench calls it."""
-    import types
-
     import torch
     from torch.autograd import DeviceType
     bench = bench_gpu()
@@ -912,15 +911,45 @@ def test_bench_gpu_kernel_times_reads_the_profiler(monkeypatch):
     assert all(us >= 0 for _, _, us in rows)
 
 
-def test_ptx_check_fails_a_spill():
-    """bench/ptx_check.py's reading of ptxas -v: a kernel that spills registers fails as one that
-    does not assemble does; one that holds its values passes, with its resource line."""
+def load_ptx_check():
     import importlib.util
     import os
     spec = importlib.util.spec_from_file_location(
         "ptx_check", os.path.join(os.path.dirname(__file__), "..", "bench", "ptx_check.py"))
     ptx_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ptx_check)
+    return ptx_check
+
+
+def test_ptx_check_fails_a_kernel_the_disk_cache_would_miss():
+    """bench/ptx_check.py's cache check (its CI run applies it to every kernel numba-cuda builds):
+    a kernel must be cached, save under xqrt.jit_cache's lock, and close over plain values only —
+    Numba keys a cached kernel on its closure's pickle, and a captured device function pickles
+    differently in every process (measured: the matrix-vector kernels' keys did), so each run would
+    compile it again and add an entry."""
+    from xqrt import jit_cache
+    ptx_check = load_ptx_check()
+
+    class CUDACache:
+        def __init__(self, cache_file):
+            self._cache_file = cache_file
+
+    def kernel(captured, cache_file=jit_cache.LockedSaves()):
+        def launch():
+            return captured
+        return types.SimpleNamespace(_cache=CUDACache(cache_file), py_func=launch)
+
+    assert ptx_check.cache_problem(kernel(4)) == ""
+    assert ptx_check.cache_problem(kernel(len)) == \
+        "FAILED: closes over builtin_function_or_method: a cache key of its own in every process"
+    assert ptx_check.cache_problem(kernel(4, cache_file=object())) == "FAILED: saves without xqrt.jit_cache's lock"
+    assert ptx_check.cache_problem(types.SimpleNamespace(py_func=len)) == "FAILED: not cached (cache=True)"
+
+
+def test_ptx_check_fails_a_spill():
+    """bench/ptx_check.py's reading of ptxas -v: a kernel that spills registers fails as one that
+    does not assemble does; one that holds its values passes, with its resource line."""
+    ptx_check = load_ptx_check()
     head = "ptxas info    : Compiling entry function '_ZN6cudapy4xqrt1kE' for 'sm_90'\n"
     clean = head + ("ptxas info    : Function properties for _ZN6cudapy4xqrt1kE\n"
                     "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
@@ -938,12 +967,7 @@ def test_ptx_check_fails_a_spill():
 def test_ptx_check_finds_the_busiest_loop():
     """bench/ptx_check.py --sass: the basic block of nvdisasm's listing with the most FFMAs, counted
     by opcode (predicated instructions too), not the block that merely has the most instructions."""
-    import importlib.util
-    import os
-    spec = importlib.util.spec_from_file_location(
-        "ptx_check", os.path.join(os.path.dirname(__file__), "..", "bench", "ptx_check.py"))
-    ptx_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ptx_check)
+    ptx_check = load_ptx_check()
     line = "        /*{:04x}*/                   {} ;"
     listing = "\n".join([
         "        .text._ZN6cudapy4xqrt1kE:",

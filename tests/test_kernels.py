@@ -175,7 +175,7 @@ def test_the_compiling_notice_is_for_the_kernels_the_engine_runs(tiny_gqa, tmp_p
 def test_processes_compiling_one_kernels_overloads_at_once_keep_each_its_own(tmp_path):
     """Two processes save an int64 and a float64 overload of one cached kernel at once, timed so
     that with Numba's own saving both number theirs 1 and the index left names the other's code (a
-    third process's int64 call then answered 3.0). Saved through jit_cache.LockedCacheFile, both
+    third process's int64 call then answered 3.0). Saved through jit_cache.LockedSaves, both
     overloads load and answer in their own types."""
     import os
     import subprocess

@@ -1,5 +1,6 @@
 """Numba's on-disk kernel cache: one folder per version of the compiled sources, saved into safely
 by processes that compile at the same time, and the folders of versions no longer run removed."""
+import functools
 import hashlib
 import itertools
 import os
@@ -72,22 +73,20 @@ if "NUMBA_CACHE_DIR" not in os.environ:
         from numba.core.config import reload_config
         reload_config()
 
-from numba.core.caching import IndexDataCacheFile  # noqa: E402
-from numba.core.dispatcher import Dispatcher  # noqa: E402
-
 try:
     import fcntl
 except ImportError:  # not POSIX: saves stay Numba's own
     fcntl = None
 
 
-class LockedCacheFile(IndexDataCacheFile):
+class LockedSaves:
     """Numba's index of a kernel's overloads, saved under a lock on the folder, data first. Numba
     reads the index, numbers a new overload's data file and rewrites both unlocked: two processes
     compiling different overloads of one kernel at once both took number 1, and the index one wrote
     then named the machine code the other wrote, for other argument types (measured: an int64 call
     answered 3.0). Loads need no lock: each file is replaced whole, and an index entry now appears
-    only once its data is there."""
+    only once its data is there. Mixed into the index file class of Numba's CPU and CUDA caches
+    alike (numba-cuda has a copy of its own)."""
 
     def save(self, key, data):
         with open(os.path.join(self._cache_path, "xqrt.lock"), "a") as lock:
@@ -103,12 +102,21 @@ class LockedCacheFile(IndexDataCacheFile):
                 self._save_index(overloads)
 
 
+@functools.cache
+def _locked(index_file_class):
+    return type(f"Locked{index_file_class.__name__}", (LockedSaves, index_file_class), {})
+
+
+def lock(kernel):
+    """`kernel` (a cached Numba dispatcher, CPU or CUDA) saves through LockedSaves; returned."""
+    cache_file = getattr(getattr(kernel, "_cache", None), "_cache_file", None)
+    if fcntl is not None and type(cache_file).__name__ == "IndexDataCacheFile":
+        cache_file.__class__ = _locked(type(cache_file))
+    return kernel
+
+
 def lock_saves(*modules) -> None:
-    """Every cached Numba kernel defined in `modules` saves through LockedCacheFile."""
-    if fcntl is None:
-        return
+    """Every cached Numba kernel defined in `modules` saves through LockedSaves."""
     for module in modules:
         for kernel in vars(module).values():
-            cache_file = getattr(getattr(kernel, "_cache", None), "_cache_file", None)
-            if isinstance(kernel, Dispatcher) and type(cache_file) is IndexDataCacheFile:
-                cache_file.__class__ = LockedCacheFile
+            lock(kernel)

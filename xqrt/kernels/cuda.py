@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -21,6 +22,7 @@ from numba import config, cuda, float32, float64
 from numba.cuda import libdevice
 from numba.types import float16
 
+from .. import jit_cache
 from ..gguf_model import BLOCK, Q4_0, Q4_1, Q8_0
 
 if not hasattr(np, "row_stack"):  # numba-cuda ≤ 0.30 registers np.row_stack, which NumPy 2.5 removed
@@ -45,7 +47,10 @@ M_AT = LAT_STAGE  # … where the staged rows of the rebuild matrix start after 
 STAGE = M_AT + TILE_R * HEAD_DIM  # … their end, …
 TILE_STAGE = max(STAGE, TILE_T * KEY_ROW)  # … and the rebuild kernels', whose rebuilt tile then takes their place
 DENSE = -1  # qtype of a matrix uploaded as float32
-_FAST = dict(fastmath=True)  # lets a·b + c contract to one FMA (without it, a multiply and an add)
+# Every kernel is kept in Numba's disk cache (an entry per GPU generation and argument types, in
+# xqrt.jit_cache's folder): compiling a step's kernels costs a process about a second each
+_KERNEL = dict(cache=True)
+_FAST = dict(_KERNEL, fastmath=True)  # lets a·b + c contract to one FMA (without it, a multiply and an add)
 # numba-cuda 0.14 or later: launch bounds (0.14) and aligned shared arrays (0.11); the simulator's
 # jit takes neither, its kernels run as Python
 NEW_ENOUGH = not SHUFFLE or "launch_bounds" in inspect.signature(cuda.jit).parameters
@@ -355,7 +360,7 @@ else:
         ary[i], ary[i + 1], ary[i + 2], ary[i + 3] = values
 
 
-@cuda.jit
+@cuda.jit(**_KERNEL)
 def quantize_x(x, up, xq, xd, xsum, xerr):
     """cpu.quantize_act with int8 codes on the device — of silu(x)·up where `up` has elements —
     one thread per block of 32; the codes packed four to a 32-bit word of xq, in order."""
@@ -439,63 +444,66 @@ def _signed(c):
     return float32(np.int32((c & np.uint32(255)) ^ np.uint32(128)) - np.int32(128))
 
 
-def _make_matvec(rows):
-    part_rows = 1 if SHUFFLE else rows  # the simulator's reduction buffer
+@cuda.jit(device=True, inline=True)
+def _first_row(rows):
+    return (cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32) * rows
 
-    @cuda.jit(device=True, inline=True)
-    def first_row():
-        return (cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32) * rows
 
-    @cuda.jit(device=True, inline=True)
-    def rows_out(acc, out, r0):
-        """out[r0 + i] = the warp's sum of acc[i]: by shuffles on a GPU, no barrier (warps never
-        wait for others); in the simulator through shared memory, one barrier for all the rows
-        (a barrier is a round of 256 Python threads there)."""
-        tid = cuda.threadIdx.x
-        if SHUFFLE:
-            for i in range(rows):
-                v = _warp_sum(acc[i], acc)  # a buffer only the simulator's path of _warp_sum uses
-                if tid % 32 == 0 and r0 + i < out.shape[0]:
-                    out[r0 + i] = v
-            return
-        part = cuda.shared.array((part_rows, THREADS), float32)
+@cuda.jit(device=True, inline=True)
+def _rows_out(acc, rows, out, r0):
+    """out[r0 + i] = the warp's sum of acc[i], i < rows: by shuffles on a GPU, no barrier (warps
+    never wait for others); in the simulator through shared memory, one barrier for all the rows
+    (a barrier is a round of 256 Python threads there; rows ≤ SIM_ROWS)."""
+    tid = cuda.threadIdx.x
+    if SHUFFLE:
         for i in range(rows):
-            part[i, tid] = acc[i]
-        cuda.syncthreads()
-        if tid % 32 == 0:
-            for i in range(rows):
-                if r0 + i < out.shape[0]:
-                    total = float32(0.0)
-                    for k in range(32):
-                        total += part[i, tid + k]
-                    out[r0 + i] = total
+            v = _warp_sum(acc[i], acc)  # a buffer only the simulator's path of _warp_sum uses
+            if tid % 32 == 0 and r0 + i < out.shape[0]:
+                out[r0 + i] = v
+        return
+    part = cuda.shared.array((SIM_ROWS, THREADS), float32)
+    for i in range(rows):
+        part[i, tid] = acc[i]
+    cuda.syncthreads()
+    if tid % 32 == 0:
+        for i in range(rows):
+            if r0 + i < out.shape[0]:
+                total = float32(0.0)
+                for k in range(32):
+                    total += part[i, tid + k]
+                out[r0 + i] = total
 
-    @cuda.jit(device=True, inline=True)
-    def load_blocks(qs, d, m, qtype, r0, b0, codes, scale, low):
-        """The codes (16 bytes a load), scales and minimums of STEPS blocks of the warp's rows for
-        this lane, all loads issued before any is used. Rows past the end read the last one (their
-        sums are not written), blocks past the end the last one with scale 0: no branch."""
-        lane = cuda.threadIdx.x % 32
-        last_row, n_blocks = d.shape[0] - 1, d.shape[1]
-        for s in range(STEPS):
-            past = b0 + s * 32 + lane >= n_blocks
-            if not SHUFFLE and past:  # the simulator's time: the sums skip these blocks, and rows past the end
+
+@cuda.jit(device=True, inline=True)
+def _load_blocks(qs, d, m, qtype, rows, r0, b0, codes, scale, low):
+    """The codes (16 bytes a load), scales and minimums of STEPS blocks of the warp's `rows` rows
+    for this lane, all loads issued before any is used. Rows past the end read the last one (their
+    sums are not written), blocks past the end the last one with scale 0: no branch."""
+    lane = cuda.threadIdx.x % 32
+    last_row, n_blocks = d.shape[0] - 1, d.shape[1]
+    for s in range(STEPS):
+        past = b0 + s * 32 + lane >= n_blocks
+        if not SHUFFLE and past:  # the simulator's time: the sums skip these blocks, and rows past the end
+            continue
+        b = min(b0 + s * 32 + lane, n_blocks - 1)
+        for i in range(rows):
+            if not SHUFFLE and r0 + i > last_row:
+                scale[s, i] = low[s, i] = float32(0.0)
                 continue
-            b = min(b0 + s * 32 + lane, n_blocks - 1)
-            for i in range(rows):
-                if not SHUFFLE and r0 + i > last_row:
-                    scale[s, i] = low[s, i] = float32(0.0)
-                    continue
-                r = min(r0 + i, last_row)
-                if qtype == Q8_0:
-                    codes[s, i, 0], codes[s, i, 1], codes[s, i, 2], codes[s, i, 3] = _load4(qs, r, 8 * b)
-                    codes[s, i, 4], codes[s, i, 5], codes[s, i, 6], codes[s, i, 7] = _load4(qs, r, 8 * b + 4)
-                else:
-                    codes[s, i, 0], codes[s, i, 1], codes[s, i, 2], codes[s, i, 3] = _load4(qs, r, 4 * b)
-                scale[s, i] = float32(0.0) if past else float32(d[r, b])
-                if qtype == Q4_1:
-                    low[s, i] = float32(0.0) if past else float32(m[r, b])
+            r = min(r0 + i, last_row)
+            if qtype == Q8_0:
+                codes[s, i, 0], codes[s, i, 1], codes[s, i, 2], codes[s, i, 3] = _load4(qs, r, 8 * b)
+                codes[s, i, 4], codes[s, i, 5], codes[s, i, 6], codes[s, i, 7] = _load4(qs, r, 8 * b + 4)
+            else:
+                codes[s, i, 0], codes[s, i, 1], codes[s, i, 2], codes[s, i, 3] = _load4(qs, r, 4 * b)
+            scale[s, i] = float32(0.0) if past else float32(d[r, b])
+            if qtype == Q4_1:
+                low[s, i] = float32(0.0) if past else float32(m[r, b])
 
+
+def _make_matvec(rows):
+    # The kernels close over `rows` alone, a number: Numba's disk cache keys a kernel on its
+    # closure's pickle, which for a captured device function differs in every process.
     @cuda.jit(**_FAST)
     def matvec(qs, d, m, dense, qtype, x, out):
         """out[r] = W[r] · x, `rows` rows per warp. Block formats: lane l takes blocks l, l + 32, …
@@ -508,7 +516,7 @@ def _make_matvec(rows):
         scale = cuda.local.array((STEPS, rows), float32)
         low = cuda.local.array((STEPS, rows), float32)
         lane = cuda.threadIdx.x % 32
-        r0 = first_row()
+        r0 = _first_row(rows)
         n_rows = out.shape[0]
         for i in range(rows):
             acc[i] = float32(0.0)
@@ -521,7 +529,7 @@ def _make_matvec(rows):
         else:
             n_blocks = d.shape[1]
             for b0 in range(0, n_blocks, 32 * STEPS):
-                load_blocks(qs, d, m, qtype, r0, b0, codes, scale, low)
+                _load_blocks(qs, d, m, qtype, rows, r0, b0, codes, scale, low)
                 for s in range(STEPS):
                     b = b0 + s * 32 + lane
                     if not SHUFFLE and b >= n_blocks:
@@ -556,7 +564,7 @@ def _make_matvec(rows):
                                 acc[i] += scale[s, i] * dot[i] + low[s, i] * sx
                             else:  # nibbles hold q + 8
                                 acc[i] += scale[s, i] * (dot[i] - float32(8.0) * sx)
-        rows_out(acc, out, r0)
+        _rows_out(acc, rows, out, r0)
 
     @cuda.jit(**_FAST)
     def matvec_int8(qs, d, m, qtype, xq, xd, xsum, xerr, out):
@@ -570,7 +578,7 @@ def _make_matvec(rows):
         low = cuda.local.array((STEPS, rows), float32)
         xc = cuda.local.array(8, np.uint32)
         lane = cuda.threadIdx.x % 32
-        r0 = first_row()
+        r0 = _first_row(rows)
         n_rows = out.shape[0]
         for i in range(rows):
             acc[i] = float32(0.0)
@@ -578,7 +586,7 @@ def _make_matvec(rows):
         ones = np.uint32(0x01010101)
         nibbles = np.uint32(0x0F0F0F0F)
         for b0 in range(0, n_blocks, 32 * STEPS):
-            load_blocks(qs, d, m, qtype, r0, b0, codes, scale, low)
+            _load_blocks(qs, d, m, qtype, rows, r0, b0, codes, scale, low)
             for s in range(STEPS):
                 b = b0 + s * 32 + lane
                 if not SHUFFLE and b >= n_blocks:
@@ -609,9 +617,9 @@ def _make_matvec(rows):
                             else:  # cpu's Q4_1: d·xd·Σq·c + m·Σx + 8d·xerr
                                 acc[i] += scale[s, i] * (scale_x * float32(dot) + float32(8.0) * xerr[b]) + \
                                     low[s, i] * xsum[b]
-        rows_out(acc, out, r0)
+        _rows_out(acc, rows, out, r0)
 
-    return matvec, matvec_int8
+    return jit_cache.lock(matvec), jit_cache.lock(matvec_int8)
 
 
 def reuses_codes(before: int, after: int) -> bool:
@@ -645,7 +653,7 @@ def _weight_at(qs, d, m, dense, qtype, r, j):
     return float32(d[r, b]) * (q - float32(8.0))
 
 
-@cuda.jit
+@cuda.jit(**_KERNEL)
 def embed(qs, d, m, dense, qtype, tokens, out):
     """out[t] = row tokens[t] of W (the token embeddings), as float32; blockIdx.y is t."""
     t = cuda.blockIdx.y
@@ -743,7 +751,7 @@ def silu_mul(gate, up, out):
         out[i] = g / (float32(1.0) + math.exp(-g)) * up[i]
 
 
-@cuda.jit
+@cuda.jit(**_KERNEL)
 def rope(rows, head_dim, cos, sin, at):
     """Rotate the adjacent pairs of every head of each row, row t by position at[0] + t (cos/sin:
     n_ctx × pairs)."""
@@ -762,7 +770,7 @@ def rope(rows, head_dim, cos, sin, at):
             rows[t, o + 1] = a * s + b * c
 
 
-@cuda.jit
+@cuda.jit(**_KERNEL)
 def store_kv(k, v, head_dim, cos, sin, at, k_cache, v_cache):
     """Positions at[0]… of the fp16 cache from the rows of k (rotated as `rope` rotates them) and v,
     position p in row p mod its rows (a --kv-budget window is a ring) — one launch for the three
@@ -930,7 +938,7 @@ def _make_flash(group):
             else:
                 out[t, h * head_dim + i] = o / norm
 
-    return flash_attention
+    return jit_cache.lock(flash_attention)
 
 
 @cuda.jit(**_FAST)
@@ -1209,7 +1217,7 @@ def _make_values(heads):
                 if h < n_head:
                     parts[cuda.blockIdx.x, h, c] = acc[h]
 
-    return values_latent
+    return jit_cache.lock(values_latent)
 
 
 @cuda.jit(**_FAST)
@@ -1264,7 +1272,7 @@ def rebuild(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n,
             out[p - base, col0 + c] = v + (float32(out[p - base, col0 + c]) if add else float32(0.0))
 
 
-@cuda.jit
+@cuda.jit(**_KERNEL)
 def dequantize_stream(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, span, first, out):
     """out[p − first, c] = the latent of position p as fp16 (the input of a tensor-core rebuild
     product), zero where p is outside [lo, n): a decode step's launch covers its reach, and the rows
@@ -1283,7 +1291,7 @@ def dequantize_stream(codes, scale, zero, bits, shift, off, cbits, sink, tail, n
             out[p - first, c] = float16(lat[r * LAT_ROW + t]) if p >= lo else float16(0.0)
 
 
-@cuda.jit
+@cuda.jit(**_KERNEL)
 def clip_span(span, first, end, out):
     """out = [0, lo, n] of a decode step's stream span, clipped to positions [first, end): the
     bounds of a piece of its keys rebuilt into rows of their own (exact, nothing packed)."""
@@ -1370,7 +1378,7 @@ def _quantize(vals, n, bits, codes, o, clip):
     return s, m
 
 
-@cuda.jit
+@cuda.jit(**_KERNEL)
 def store_token(z, ring, codes, scale, zero, bits, group, sink, at, quantize, clip):
     """Row t of z, the latent of position at[0] + t: rounded to fp16 into row (at[0] + t) mod len(ring)
     of the exact ring and into the sinks while the position is below len(sink), then — quantize —
@@ -1397,7 +1405,7 @@ def store_token(z, ring, codes, scale, zero, bits, group, sink, at, quantize, cl
         zero[pos, 0, g] = float16(m)
 
 
-@cuda.jit
+@cuda.jit(**_KERNEL)
 def store_channel_group(ring, codes, scale, zero, off, cbits, group, sink, at, rows, clip):
     """The per-channel groups that the `rows` positions from at[0] on complete (one per blockIdx.y;
     a block past them returns: ⌈rows / G⌉ blocks cover any start), packed from the exact ring, one
@@ -1420,7 +1428,7 @@ def store_channel_group(ring, codes, scale, zero, off, cbits, group, sink, at, r
     zero[b, c, 0] = float16(m)
 
 
-@cuda.jit
+@cuda.jit(**_KERNEL)
 def subtract_rows(x, rows, at, out):
     """out[t] = x[t] − rows[at[0] + t] (XQuant-CL: the new tokens' inputs less the accumulator's rows)."""
     width, r0 = x.shape[1], at[0]
@@ -1752,3 +1760,6 @@ def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace,
                                                                                    ws.parts)
             project_values[n_head, THREADS, stream](ws.parts, n_parts, width, mv, head_dim, not first, out)
             first = False
+
+
+jit_cache.lock_saves(sys.modules[__name__])
