@@ -1003,21 +1003,24 @@ def _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, c):
 
 
 @cuda.jit(device=True, inline=True)
-def _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, width, lat):
-    """lat[r · LAT_ROW + t] = channel r0 + r of position p0 + t (0 past n or width), TILE_R channels
-    × TILE_T positions, by the block's threads whatever their number. Each thread decodes eight
-    latents that share one code word at a time — 8 positions of a channel in a per-channel stream,
-    8 channels of a position in a per-token one — from that word's bytes and one scale and zero
-    (one by one through _latent where the eight are not all packed in one group: sinks, the exact
-    tail, the ends)."""
+def _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, n_r, width, lat, r_step,
+                   t_step):
+    """lat[r · r_step + t · t_step] = channel r0 + r of position p0 + t (0 past n or width), n_r
+    channels (a multiple of 8) × TILE_T positions, by the block's threads whatever their number:
+    channel-major for the rebuild product (TILE_R channels, r_step LAT_ROW), position-major for
+    keys that are the latents themselves (a head's channels, t_step KEY_ROW). Each thread decodes
+    eight latents that share one code word at a time — 8 positions of a channel in a per-channel
+    stream, 8 channels of a position in a per-token one — from that word's bytes and one scale and
+    zero (one by one through _latent where the eight are not all packed in one group: sinks, the
+    exact tail, the ends)."""
     per_channel = cbits.shape[0] > 0
-    for i in range(cuda.threadIdx.x, TILE_R * TILE_T // 8, cuda.blockDim.x):
+    for i in range(cuda.threadIdx.x, n_r * TILE_T // 8, cuda.blockDim.x):
         if per_channel:  # lanes over channels: a warp's stores hit every bank once
-            r, t = i % TILE_R, (i // TILE_R) * 8
+            r, t = i % n_r, (i // n_r) * 8
         else:  # lanes over positions
             r, t = (i // TILE_T) * 8, i % TILE_T
         p, c = p0 + t, r0 + r
-        at, step = r * LAT_ROW + t, 1 if per_channel else LAT_ROW  # where the eight go
+        at, step = r * r_step + t * t_step, t_step if per_channel else r_step  # where the eight go
         last_p, last_c = (p + 7, c) if per_channel else (p, c + 7)
         packed = shift >= 3 and p >= sink.shape[0] and last_p < min(n, n_q) and last_c < width and (
             p % 8 == 0 if per_channel else c % 8 == 0)
@@ -1092,7 +1095,8 @@ def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, 
     base = _shared_base(stage)
     at_a, at_w = 8 * ty, M_AT + _tile_col(tx, 0)  # this thread's first latent and factor element of a row
     for r0 in range(0, width, TILE_R):
-        _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, width, stage)
+        _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, TILE_R, width, stage,
+                       LAT_ROW, 1)
         _stage_factor(m, r0, col0, n_cols, stage)
         cuda.syncthreads()
         for r4 in range(0, TILE_R, 4):  # four channels a trip, unrolled: the loads' offsets are constants
@@ -1136,12 +1140,9 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
             q_s[j, c] = q[(g * per_kv + j) * head_dim + c]
     if mk.shape[0]:
         _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, mk, col0, head_dim, stage)
-    else:
-        for t in range(tid // HEAD_DIM, TILE_T, TILE_THREADS // HEAD_DIM):
-            p = p0 + t
-            if c < head_dim:
-                stage[t * KEY_ROW + c] = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p,
-                                                 col0 + c) if p < n else float32(0.0)
+    else:  # the keys are the latents: the head's channels, position-major
+        _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, col0, -(-head_dim // 8) * 8,
+                       col0 + head_dim, stage, 1, KEY_ROW)
     cuda.syncthreads()
     pr = tid % (HEAD_DIM // 2)
     for t in range(tid // (HEAD_DIM // 2), TILE_T, TILE_THREADS // (HEAD_DIM // 2)):
@@ -1282,7 +1283,8 @@ def dequantize_stream(codes, scale, zero, bits, shift, off, cbits, sink, tail, n
     lat = cuda.shared.array(LAT_STAGE, float32)
     n_q, lo, n = _span(n_q, lo, n, span)
     p0, r0 = first + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y * TILE_R
-    _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, out.shape[1], lat)
+    _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, TILE_R, out.shape[1], lat,
+                   LAT_ROW, 1)
     cuda.syncthreads()
     for i in range(cuda.threadIdx.x, TILE_T * TILE_R, THREADS):
         t, r = i // TILE_R, i % TILE_R
