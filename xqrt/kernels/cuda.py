@@ -1004,21 +1004,22 @@ def _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, c):
 
 @cuda.jit(device=True, inline=True)
 def _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, n_r, width, lat, r_step,
-                   t_step):
+                   t_step, n_t):
     """lat[r · r_step + t · t_step] = channel r0 + r of position p0 + t (0 past n or width), n_r
-    channels (a multiple of 8) × TILE_T positions, by the block's threads whatever their number:
+    channels × n_t positions (multiples of 8), by the block's threads whatever their number:
     channel-major for the rebuild product (TILE_R channels, r_step LAT_ROW), position-major for
-    keys that are the latents themselves (a head's channels, t_step KEY_ROW). Each thread decodes
+    keys that are the latents themselves (a head's channels, t_step KEY_ROW) and for the value
+    sums (a block's channels, t_step VAL_ROW). Each thread decodes
     eight latents that share one code word at a time — 8 positions of a channel in a per-channel
     stream, 8 channels of a position in a per-token one — from that word's bytes and one scale and
     zero (one by one through _latent where the eight are not all packed in one group: sinks, the
     exact tail, the ends)."""
     per_channel = cbits.shape[0] > 0
-    for i in range(cuda.threadIdx.x, n_r * TILE_T // 8, cuda.blockDim.x):
+    for i in range(cuda.threadIdx.x, n_r * n_t // 8, cuda.blockDim.x):
         if per_channel:  # lanes over channels: a warp's stores hit every bank once
             r, t = i % n_r, (i // n_r) * 8
         else:  # lanes over positions
-            r, t = (i // TILE_T) * 8, i % TILE_T
+            r, t = (i // n_t) * 8, i % n_t
         p, c = p0 + t, r0 + r
         at, step = r * r_step + t * t_step, t_step if per_channel else r_step  # where the eight go
         last_p, last_c = (p + 7, c) if per_channel else (p, c + 7)
@@ -1096,7 +1097,7 @@ def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, 
     at_a, at_w = 8 * ty, M_AT + _tile_col(tx, 0)  # this thread's first latent and factor element of a row
     for r0 in range(0, width, TILE_R):
         _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, TILE_R, width, stage,
-                       LAT_ROW, 1)
+                       LAT_ROW, 1, TILE_T)
         _stage_factor(m, r0, col0, n_cols, stage)
         cuda.syncthreads()
         for r4 in range(0, TILE_R, 4):  # four channels a trip, unrolled: the loads' offsets are constants
@@ -1142,7 +1143,7 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
         _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, mk, col0, head_dim, stage)
     else:  # the keys are the latents: the head's channels, position-major
         _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, col0, -(-head_dim // 8) * 8,
-                       col0 + head_dim, stage, 1, KEY_ROW)
+                       col0 + head_dim, stage, 1, KEY_ROW, TILE_T)
     cuda.syncthreads()
     pr = tid % (HEAD_DIM // 2)
     for t in range(tid // (HEAD_DIM // 2), TILE_T, TILE_THREADS // (HEAD_DIM // 2)):
@@ -1165,34 +1166,46 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
 
 
 _VALUES = {}
-PROBS_STAGE = 32 * MAX_HEADS  # the probabilities of 32 positions, a position's heads together
+VALUE_HEADS = 16  # the most heads a block of the value sums takes (more heads: more blocks), …
+VALUES_T = 32  # … positions per stage, …
+PROBS_STAGE = VALUES_T * VALUE_HEADS  # … their probabilities, a position's heads together, …
+VAL_ROW = THREADS + 1  # … and their latents, a position's channels a row, padded: stores down a column
+VAL_STAGE = VALUES_T * VAL_ROW
 
 
-def values_kernel(n_head: int):
-    """values_latent for n_head query heads: compiled once per power of two of heads (at least 8),
-    so that a thread's sums over every head are registers, not local memory."""
-    heads = max(8, 1 << (n_head - 1).bit_length())
+def value_sums(probs, value, width, parts, n_parts, stream=0):
+    """parts = values_latent's partial sums of a latent value stream over n_parts parts of its
+    positions, for every head of probs: a block takes 8 heads, or up to VALUE_HEADS, so that its
+    sums are registers (at two blocks per SM), and more heads take blocks of their own, each
+    staging the latents again (cheap: eight decoded per code word)."""
+    n_head = probs.shape[0]
+    heads = 8 if n_head <= 8 else VALUE_HEADS
     if heads not in _VALUES:
         _VALUES[heads] = _make_values(heads)
-    return _VALUES[heads]
+    grid = (n_parts, -(-width // THREADS), -(-n_head // heads))
+    _VALUES[heads][grid, THREADS, stream](probs, *value.args, width, parts)
 
 
 def _make_values(heads):
-    @cuda.jit(**(_TWO_PER_SM if heads <= 32 else _FAST))
+    @cuda.jit(**_TWO_PER_SM)
     def values_latent(probs, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, lo, n, span, width,
                       parts):
         """parts[s, h, c] = Σ probs[h, t]·z_t[c] over positions [lo + s·chunk, lo + (s+1)·chunk) ∩ [lo, n)
-        of a per-token latent value stream, chunk = ⌈(n − lo) / parts⌉ (grid: parts × column tiles;
-        each thread one channel, every head — `heads` sums, those past probs' heads adding zeros —
-        its probabilities four heads to a 16-byte shared load; a part past n writes zeros)."""
+        of a latent value stream, chunk = ⌈(n − lo) / parts⌉ (grid: parts × column tiles × groups of
+        `heads` heads; each thread one channel, its group's heads — those past probs' adding zeros —
+        its probabilities four heads to a 16-byte shared load; a part past n writes zeros). The
+        latents are staged VALUES_T positions at a time, eight decoded per code word, as the
+        rebuild's are."""
         if SHUFFLE:
             p_s = cuda.shared.array(PROBS_STAGE, float32, alignment=16)
         else:
             p_s = cuda.shared.array(PROBS_STAGE, float32)
+        lat = cuda.shared.array(VAL_STAGE, float32)
         acc = cuda.local.array(heads, float32)
-        n_head = probs.shape[0]
+        n_head, h0 = probs.shape[0], cuda.blockIdx.z * heads
         tid = cuda.threadIdx.x
-        c = cuda.blockIdx.y * THREADS + tid
+        c0 = cuda.blockIdx.y * THREADS
+        c = c0 + tid
         n_q, lo, n = _span(n_q, lo, n, span)
         chunk = -(-(n - lo) // cuda.gridDim.x)
         t0 = lo + cuda.blockIdx.x * chunk
@@ -1200,14 +1213,16 @@ def _make_values(heads):
         base = _shared_base(p_s)
         for h in range(heads):
             acc[h] = float32(0.0)
-        for s in range(t0, t1, 32):
-            for i in range(tid, 32 * heads, THREADS):
-                h, j = i // 32, i % 32
-                p_s[j * heads + h] = probs[h, s + j] if h < n_head and s + j < t1 else float32(0.0)
+        for s in range(t0, t1, VALUES_T):
+            for i in range(tid, VALUES_T * heads, THREADS):
+                h, j = i // VALUES_T, i % VALUES_T
+                p_s[j * heads + h] = probs[h0 + h, s + j] if h0 + h < n_head and s + j < t1 else float32(0.0)
+            _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, t1, s, c0, THREADS, width, lat,
+                           1, VAL_ROW, VALUES_T)
             cuda.syncthreads()
             if c < width:
-                for j in range(min(32, t1 - s)):
-                    z = _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, s + j, c)
+                for j in range(min(VALUES_T, t1 - s)):
+                    z = lat[j * VAL_ROW + tid]
                     for h in range(0, heads, 4):
                         p = _shared4(p_s, base, j * heads + h)
                         for k in range(4):
@@ -1215,8 +1230,8 @@ def _make_values(heads):
             cuda.syncthreads()
         if c < width:
             for h in range(heads):
-                if h < n_head:
-                    parts[cuda.blockIdx.x, h, c] = acc[h]
+                if h0 + h < n_head:
+                    parts[cuda.blockIdx.x, h0 + h, c] = acc[h]
 
     return jit_cache.lock(values_latent)
 
@@ -1284,7 +1299,7 @@ def dequantize_stream(codes, scale, zero, bits, shift, off, cbits, sink, tail, n
     n_q, lo, n = _span(n_q, lo, n, span)
     p0, r0 = first + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y * TILE_R
     _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, TILE_R, out.shape[1], lat,
-                   LAT_ROW, 1)
+                   LAT_ROW, 1, TILE_T)
     cuda.syncthreads()
     for i in range(cuda.threadIdx.x, TILE_T * TILE_R, THREADS):
         t, r = i // TILE_R, i % TILE_R
@@ -1758,8 +1773,7 @@ def attend_latent(q, keys, values, cos, sin, n_kv_head, head_dim, ws: Workspace,
         extent = value.extent(most)
         if extent > 0:
             n_parts, width = splits(extent), value.width
-            values_kernel(n_head)[(n_parts, -(-width // THREADS)), THREADS, stream](ws.scores, *value.args, width,
-                                                                                   ws.parts)
+            value_sums(ws.scores, value, width, ws.parts, n_parts, stream)
             project_values[n_head, THREADS, stream](ws.parts, n_parts, width, mv, head_dim, not first, out)
             first = False
 
