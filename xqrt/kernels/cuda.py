@@ -1004,16 +1004,17 @@ def _latent(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, p, c):
 
 @cuda.jit(device=True, inline=True)
 def _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, n_r, width, lat, r_step,
-                   t_step, n_t):
+                   t_step, n_t, exact_runs):
     """lat[r · r_step + t · t_step] = channel r0 + r of position p0 + t (0 past n or width), n_r
     channels × n_t positions (multiples of 8), by the block's threads whatever their number:
     channel-major for the rebuild product (TILE_R channels, r_step LAT_ROW), position-major for
     keys that are the latents themselves (a head's channels, t_step KEY_ROW) and for the value
-    sums (a block's channels, t_step VAL_ROW). Each thread decodes
-    eight latents that share one code word at a time — 8 positions of a channel in a per-channel
-    stream, 8 channels of a position in a per-token one — from that word's bytes and one scale and
-    zero (one by one through _latent where the eight are not all packed in one group: sinks, the
-    exact tail, the ends)."""
+    sums (a block's channels, t_step VAL_ROW). Each thread takes eight latents at a time — 8
+    positions of a channel in a per-channel stream, 8 channels of a position in a per-token one:
+    where they share one code word, from its bytes and one scale and zero; with exact_runs, where
+    all eight are exact, from one run of the ring `tail`, its row found once; else one by one
+    through _latent (sinks, a group's or the ring's ends). exact_runs is False in the rebuild
+    product, whose sums are live around its staging: with that path too its 168 registers spilled."""
     per_channel = cbits.shape[0] > 0
     for i in range(cuda.threadIdx.x, n_r * n_t // 8, cuda.blockDim.x):
         if per_channel:  # lanes over channels: a warp's stores hit every bank once
@@ -1043,6 +1044,11 @@ def _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q,
             mask = np.uint64((1 << cb) - 1)
             for j in range(8):
                 lat[at + j * step] = float32((word >> np.uint64(cb * j)) & mask) * s + z
+        elif exact_runs and p >= max(sink.shape[0], n_q) and last_p < n and last_c < width and (
+                not per_channel or (p % 8 == 0 and tail.shape[0] % 8 == 0)):  # all eight exact, in one run of the ring
+            row = p % tail.shape[0]  # once for the eight: a 64-bit remainder is a long run of instructions
+            for j in range(8):
+                lat[at + j * step] = float32(tail[row + j, c] if per_channel else tail[row, c + j])
         else:
             for j in range(8):
                 pj, cj = (p + j, c) if per_channel else (p, c + j)
@@ -1097,7 +1103,7 @@ def _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, 
     at_a, at_w = 8 * ty, M_AT + _tile_col(tx, 0)  # this thread's first latent and factor element of a row
     for r0 in range(0, width, TILE_R):
         _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, TILE_R, width, stage,
-                       LAT_ROW, 1, TILE_T)
+                       LAT_ROW, 1, TILE_T, False)
         _stage_factor(m, r0, col0, n_cols, stage)
         cuda.syncthreads()
         for r4 in range(0, TILE_R, 4):  # four channels a trip, unrolled: the loads' offsets are constants
@@ -1143,7 +1149,7 @@ def scores_latent(q, codes, scale, zero, bits, shift, off, cbits, sink, tail, n_
         _rebuild_tile(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, mk, col0, head_dim, stage)
     else:  # the keys are the latents: the head's channels, position-major
         _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, col0, -(-head_dim // 8) * 8,
-                       col0 + head_dim, stage, 1, KEY_ROW, TILE_T)
+                       col0 + head_dim, stage, 1, KEY_ROW, TILE_T, True)
     cuda.syncthreads()
     pr = tid % (HEAD_DIM // 2)
     for t in range(tid // (HEAD_DIM // 2), TILE_T, TILE_THREADS // (HEAD_DIM // 2)):
@@ -1218,7 +1224,7 @@ def _make_values(heads):
                 h, j = i // VALUES_T, i % VALUES_T
                 p_s[j * heads + h] = probs[h0 + h, s + j] if h0 + h < n_head and s + j < t1 else float32(0.0)
             _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, t1, s, c0, THREADS, width, lat,
-                           1, VAL_ROW, VALUES_T)
+                           1, VAL_ROW, VALUES_T, True)
             cuda.syncthreads()
             if c < width:
                 for j in range(min(VALUES_T, t1 - s)):
@@ -1299,7 +1305,7 @@ def dequantize_stream(codes, scale, zero, bits, shift, off, cbits, sink, tail, n
     n_q, lo, n = _span(n_q, lo, n, span)
     p0, r0 = first + cuda.blockIdx.x * TILE_T, cuda.blockIdx.y * TILE_R
     _stage_latents(codes, scale, zero, bits, shift, off, cbits, sink, tail, n_q, n, p0, r0, TILE_R, out.shape[1], lat,
-                   LAT_ROW, 1, TILE_T)
+                   LAT_ROW, 1, TILE_T, True)
     cuda.syncthreads()
     for i in range(cuda.threadIdx.x, TILE_T * TILE_R, THREADS):
         t, r = i // TILE_R, i % TILE_R
