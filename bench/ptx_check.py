@@ -181,9 +181,14 @@ def main(argv=None) -> int:
                 ok, what = False, f"{type(e).__name__}: {' '.join(lines[:3])[:300]}"
             failed += not ok
             cells.append(("" if ok else "FAILED: ") + what)
-        problem = "bench only" if not module.startswith("xqrt.") else cache_problem(k) if k else "?"
-        failed += problem.startswith("FAILED")
-        cells.append(problem or "yes")
+        if not module.startswith("xqrt."):
+            cells.append("bench only")
+        elif k is not None:  # (a kernel that did not build has failed already)
+            problem = cache_problem(k)
+            failed += bool(problem)
+            cells.append(problem or "yes")
+        else:
+            cells.append("?")
         print(f"| {label} | {', '.join(arg_types)} | {' | '.join(cells)} |", flush=True)
     print(f"\n{len(records)} kernel signatures × {len(args.arch)} GPUs ({', '.join(args.arch)}), {failed} failed")
     return 1 if failed else 0

@@ -287,10 +287,10 @@ def test_attend_latent(rebuild, tensor_cores, n_head, code_path):
     """XQuant's GQA path (latents · fused factors) and KIVI's (the latent is K / V), against
     dequantize → rebuild → RoPE → attention in NumPy; tensor_cores: the keys rebuilt by kc.Cublas
     (fp16 latents and factors, within fp16's rounding) and read back, 16 positions at a time; 24
-    heads: the value sums in two blocks of 16 heads, eight of the second's summing zeros. Then the streams with
-    spans, as a decode step's: the same launches at 70 positions (two tiles) and at 30, only the
-    spans' device copies and the step's reach (the grids; with tensor cores the products too, over
-    every position of the reach) changed."""
+    heads: the value sums in two blocks of 16 heads, eight of the second's summing zeros. Then the
+    streams with spans, as a decode step's: the same launches at 70 positions (two tiles) and at
+    30, only the spans' device copies and the step's reach (the grids; with tensor cores the
+    products too, over every position of the reach) changed."""
     n_kv, hd, group, n = 2 if n_head <= 16 else 4, 16, 32, 70
     kv_dim = n_kv * hd
     width = 32
