@@ -13,7 +13,8 @@ a virtual environment of its own, since numba-cuda replaces the numba.cuda the t
 runs on:
 
     python -m venv --system-site-packages /tmp/ptx && . /tmp/ptx/bin/activate
-    pip install numba-cuda nvidia-cuda-nvcc-cu12 nvidia-cuda-nvrtc-cu12
+    pip install numba-cuda nvidia-cuda-nvcc-cu12 nvidia-cuda-nvrtc-cu12        # CUDA 12, as CI
+    pip install "numba-cuda[cu13]" "nvidia-cuda-nvcc==13.*"                     # or CUDA 13
 
 `--sass KERNEL` also prints the instruction mix of that kernel's busiest loop (the basic block
 with the most FFMAs) from NVIDIA's disassembler (`pip install nvidia-cuda-nvdisasm`): how many of
@@ -65,18 +66,21 @@ def dispatcher(module: str, qualname: str, closure):
 
 
 def ptxas() -> str:
-    import nvidia.cuda_nvcc
-    return os.path.join(list(nvidia.cuda_nvcc.__path__)[0], "bin", "ptxas")
+    return _tool("ptxas", "nvidia-cuda-nvcc-cu12, or nvidia-cuda-nvcc for CUDA 13")
 
 
 def nvdisasm() -> str:
-    import glob
+    return _tool("nvdisasm", "nvidia-cuda-nvdisasm")
 
-    import nvidia
-    found = [p for root in nvidia.__path__ for p in glob.glob(os.path.join(root, "*", "bin", "nvdisasm"))]
+
+def _tool(name: str, wheel: str) -> str:
+    """An NVIDIA tool from the toolkit's wheels (CUDA 12 and 13 lay them out differently) or a
+    CUDA install, as numba-cuda finds its own."""
+    from cuda.pathfinder import find_nvidia_binary_utility
+    found = find_nvidia_binary_utility(name)
     if not found:
-        sys.exit("bench/ptx_check.py --sass: no nvdisasm (pip install nvidia-cuda-nvdisasm)")
-    return found[0]
+        sys.exit(f"bench/ptx_check.py: no {name} (pip install {wheel})")
+    return found
 
 
 def assemble(ptx: str, arch: str, sass: bool = False) -> tuple[bool, str]:
