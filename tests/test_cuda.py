@@ -247,6 +247,22 @@ def test_attend_prompt(n_head, n_kv, hd, code_path):
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-4, atol=1e-5)
 
 
+def device_stream(codes, scale, zero, bits, group, off, sink, tail, n_q) -> kc.DeviceStream:
+    """Host arrays as xqrt.cache.Stream holds them (scales as fp16 bits; `off` the channel offsets
+    of a per-channel stream, else empty) and the exact rows of positions n_q … (None: none) → a
+    DeviceStream of positions [0, n_q + len(tail)), as xqrt.gpu uploads a cache's."""
+    off = np.asarray(off, np.int64)
+    cbits = (np.diff(off) * 8 // group).astype(np.int64) if len(off) else np.zeros(0, np.int64)
+    as_f16 = lambda a: cuda.to_device(np.ascontiguousarray(a).view(np.float16))  # noqa: E731
+    tail = np.zeros((0, sink.shape[1]), np.float32) if tail is None else tail
+    ring = np.zeros((max(len(tail), 1), sink.shape[1]), np.float32)
+    ring[(n_q + np.arange(len(tail))) % len(ring)] = tail
+    return kc.DeviceStream(cuda.to_device(np.ascontiguousarray(codes)), as_f16(scale), as_f16(zero), int(bits),
+                           int(group).bit_length() - 1, cuda.to_device(off), cuda.to_device(cbits),
+                           cuda.to_device(np.ascontiguousarray(sink, np.float32)), cuda.to_device(ring), int(n_q), 0,
+                           int(n_q) + len(tail))
+
+
 def key_stream(z, bits, group, n_sink, channel_bits):
     """Per-channel packing of latents z (n, width) as xqrt.cache.Stream does: complete groups packed,
     the rest an exact tail; returns the stream's arrays and what the kernel should read."""
@@ -265,7 +281,7 @@ def key_stream(z, bits, group, n_sink, channel_bits):
         seen[b * group:(b + 1) * group] = cols.T
     sink = z[:n_sink].copy()
     seen[:n_sink] = sink
-    return kc.upload_stream(codes, scale, zero, bits, group, off, sink, z[n_q:].copy(), n_q), seen
+    return device_stream(codes, scale, zero, bits, group, off, sink, z[n_q:].copy(), n_q), seen
 
 
 def value_stream(z, bits, group, n_sink):
@@ -277,7 +293,7 @@ def value_stream(z, bits, group, n_sink):
     seen = np.empty_like(z)
     quant.dequantize_rows(codes[:, 0], scale[:, 0], zero[:, 0], bits, group, seen)
     seen[:n_sink] = z[:n_sink]
-    return kc.upload_stream(codes, scale, zero, bits, group, np.zeros(0, np.int64), z[:n_sink].copy(), None, n), seen
+    return device_stream(codes, scale, zero, bits, group, np.zeros(0, np.int64), z[:n_sink].copy(), None, n), seen
 
 
 @pytest.mark.parametrize("rebuild, tensor_cores, n_head, code_path", [

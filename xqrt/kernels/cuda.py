@@ -325,7 +325,11 @@ else:
 
     def _check_16(ary, *index):
         """A GPU's 16-byte load faults unless its address is a multiple of 16: the element's offset
-        into its allocation (a device allocation starts on 256 bytes) must be one."""
+        into its allocation (a device allocation starts on 256 bytes) must be one. Its address is
+        plain arithmetic on the index: a negative one reads before the array, where NumPy's
+        indexing in the stand-ins below would wrap around."""
+        if min(index) < 0:
+            raise IndexError(f"a 16-byte load at index {index}: before the array on a GPU")
         seen = _OFFSETS.get(id(ary))
         if seen is None or seen[0] is not ary:  # a launch's threads share its arguments: found once
             a = ary if isinstance(ary, np.ndarray) else object.__getattribute__(ary, "_item")._ary
@@ -1511,26 +1515,6 @@ class DeviceStream:
         if not self.span.shape[0]:
             return self.n - self.lo
         return most if self.codes.shape[0] else min(most, self.tail.shape[0])
-
-
-def upload_stream(codes, scale, zero, bits, group, off, sink, tail, n_q) -> DeviceStream:
-    """Host arrays as xqrt.cache.Stream holds them (scales as fp16 bits; `off` the channel offsets
-    of a per-channel stream, else empty) and the exact rows of positions n_q … (None: none) → a
-    DeviceStream of positions [0, n_q + len(tail)). The GPU wants G a power of two."""
-    if group & (group - 1):
-        raise ValueError(f"the CUDA kernels need a power-of-two group size, not {group}")
-    off = np.asarray(off, np.int64)
-    cbits = (np.diff(off) * 8 // group).astype(np.int64) if len(off) else np.zeros(0, np.int64)
-    if len(cbits) and cbits.max() > 8:
-        raise ValueError("the CUDA kernels read channels of 1-8 bits (no fp16 channels)")
-    as_f16 = lambda a: cuda.to_device(np.ascontiguousarray(a).view(np.float16))  # noqa: E731
-    tail = np.zeros((0, sink.shape[1]), np.float32) if tail is None else tail
-    ring = np.zeros((max(len(tail), 1), sink.shape[1]), np.float32)
-    ring[(n_q + np.arange(len(tail))) % len(ring)] = tail
-    return DeviceStream(cuda.to_device(np.ascontiguousarray(codes)), as_f16(scale), as_f16(zero), int(bits),
-                        int(group).bit_length() - 1, cuda.to_device(off), cuda.to_device(cbits),
-                        cuda.to_device(np.ascontiguousarray(sink, np.float32)), cuda.to_device(ring), int(n_q), 0,
-                        int(n_q) + len(tail))
 
 
 def exact_stream(rows, lo: int = 0, n: int = 0, span=None) -> DeviceStream:
