@@ -23,7 +23,9 @@ a product loop's instructions are its FMAs, counted without a GPU.
 Exit code 1 when a kernel fails to compile or assemble (ptxas refuses, for one, more than 48 KB of
 static shared memory per block), or spills registers to local memory: the kernels are laid out
 (and the fused ones given launch bounds) to hold their values in registers, and a spill undoes that.
-Also when one of xqrt's kernels would miss the disk cache in every process (cache_problem).
+Also when one of xqrt's kernels would miss the disk cache in every process (cache_problem), and
+when a GPU would refuse to launch a kernel with the threads a block the tests launched it with:
+past its launch bounds, or more registers than a block may have (launch_problem).
 """
 from __future__ import annotations
 
@@ -147,6 +149,25 @@ def resources(returncode: int, stderr: str) -> tuple[bool, str]:
                          f"{stack[1] if stack else 0} B stack, {spilled} B spilled")
 
 
+REGISTERS_PER_BLOCK = 65536  # sm_80 and sm_90 alike …
+REGISTER_UNIT = 256  # … allocated to a warp in units of this many
+
+
+def launch_problem(registers: int, threads: int, launch_bounds) -> str:
+    """Why a GPU would refuse to launch a kernel with this many threads a block ('' where it would
+    not): more than 1024, more than its launch bounds were compiled for, or more registers than a
+    block may hold ("too many resources requested for launch"). The simulator launches any size."""
+    if threads > 1024:
+        return f"{threads} threads a block (1024 at most)"
+    if launch_bounds and threads > launch_bounds[0]:
+        return f"launched with {threads} threads, compiled for {launch_bounds[0]} (launch bounds)"
+    per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    need = per_warp * -(-threads // 32)
+    if need > REGISTERS_PER_BLOCK:
+        return f"{threads} threads of {registers} registers need {need} registers, a block has {REGISTERS_PER_BLOCK}"
+    return ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("signatures", help="the file tests wrote with XQRT_KERNEL_SIGNATURES")
@@ -159,17 +180,16 @@ def main(argv=None) -> int:
     from numba import cuda
     records = json.load(open(args.signatures))
     from xqrt.kernels import cuda as kc
-    on_gpu = []
-    for module, qualname, closure, arg_types in records:  # the simulator's rows per warp are not a GPU's
-        if qualname.startswith("_make_matvec.") and closure == [kc.SIM_ROWS]:
+    on_gpu = {}  # (module, qualname, closure, argument types) → the most threads a block it was launched with
+    for module, qualname, closure, arg_types, threads in records:
+        if qualname.startswith("_make_matvec.") and closure == [kc.SIM_ROWS]:  # the simulator's rows per warp
             closure = [kc.ROWS]
-        if [module, qualname, closure, arg_types] not in on_gpu:
-            on_gpu.append([module, qualname, closure, arg_types])
-    records = on_gpu
+        key = module, qualname, tuple(closure), tuple(arg_types)
+        on_gpu[key] = max(on_gpu.get(key, 0), threads)
     failed = 0
     print(f"| kernel | argument types | {' | '.join(args.arch)} | disk cache |")
     print("|---|---|" + "---|" * (len(args.arch) + 1))
-    for module, qualname, closure, arg_types in records:
+    for (module, qualname, closure, arg_types), threads in on_gpu.items():
         label = qualname.replace(".<locals>.", f"({', '.join(map(str, closure))}).")
         cells, k = [], None
         for arch in args.arch:
@@ -180,6 +200,10 @@ def main(argv=None) -> int:
                                           cc=tuple(int(d) for d in arch.removeprefix("sm_")),
                                           launch_bounds=k.targetoptions.get("launch_bounds"))
                 ok, what = assemble(ptx, arch, sass=qualname.rsplit(".", 1)[-1] == args.sass)
+                if ok:  # its resource line, registers first
+                    registers = int(re.match(r"(\d+) registers", what)[1])
+                    problem = launch_problem(registers, threads, k.targetoptions.get("launch_bounds"))
+                    ok, what = not problem, f"{what}, {threads} threads" + (f": {problem}" if problem else "")
             except Exception as e:  # noqa: BLE001 — reported in the table, the others still compiled
                 lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
                 ok, what = False, f"{type(e).__name__}: {' '.join(lines[:3])[:300]}"
@@ -194,7 +218,7 @@ def main(argv=None) -> int:
         else:
             cells.append("?")
         print(f"| {label} | {', '.join(arg_types)} | {' | '.join(cells)} |", flush=True)
-    print(f"\n{len(records)} kernel signatures × {len(args.arch)} GPUs ({', '.join(args.arch)}), {failed} failed")
+    print(f"\n{len(on_gpu)} kernel signatures × {len(args.arch)} GPUs ({', '.join(args.arch)}), {failed} failed")
     return 1 if failed else 0
 
 

@@ -170,8 +170,9 @@ def launch_types(args) -> tuple:
 
 def pytest_configure(config):
     """XQRT_KERNEL_SIGNATURES=FILE: note the argument types of every CUDA kernel the simulator runs,
-    for bench/ptx_check.py to compile them for a real GPU (the simulator runs them as Python and
-    types nothing)."""
+    and its threads per block, for bench/ptx_check.py to compile them for a real GPU and check that
+    the GPU can launch them so (the simulator runs them as Python, types nothing and has no
+    registers to run out of)."""
     path = os.environ.get("XQRT_KERNEL_SIGNATURES")
     if not path or os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         return
@@ -184,7 +185,8 @@ def pytest_configure(config):
     def recording(self, *args):
         if not self._device and self.fn.__module__.startswith(("xqrt.", "bench_gpu")):  # not a test's own
             closure = tuple(c.cell_contents for c in self.fn.__closure__ or () if type(c.cell_contents) is int)
-            seen.add((self.fn.__module__, self.fn.__qualname__, closure, launch_types(args)))
+            threads = self.block_dim[0] * self.block_dim[1] * self.block_dim[2]
+            seen.add((self.fn.__module__, self.fn.__qualname__, closure, launch_types(args), threads))
         return launch(self, *args)
 
     FakeCUDAKernel.__call__ = recording

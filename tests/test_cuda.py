@@ -980,6 +980,20 @@ def test_ptx_check_fails_a_spill():
         False, "ptxas error   : Entry function the kernel uses too much shared data")
 
 
+def test_ptx_check_fails_a_launch_the_gpu_would_refuse():
+    """bench/ptx_check.py's launch check, which the simulator cannot make (it launches any block):
+    registers are allocated to a warp 256 at a time and a block has 65536 of them; a kernel with
+    launch bounds runs no more threads a block than it was compiled for."""
+    ptx_check = load_ptx_check()
+    assert ptx_check.launch_problem(168, 128, (128, 3)) == ""
+    assert ptx_check.launch_problem(255, 256, None) == ""  # 8 warps of 8192 (255 a thread, allocated as 256)
+    assert ptx_check.launch_problem(168, 256, (128, 3)) == \
+        "launched with 256 threads, compiled for 128 (launch bounds)"
+    assert ptx_check.launch_problem(169, 384, None) == \
+        "384 threads of 169 registers need 67584 registers, a block has 65536"  # 176 a thread, as allocated
+    assert ptx_check.launch_problem(32, 2048, None) == "2048 threads a block (1024 at most)"
+
+
 def test_ptx_check_finds_the_busiest_loop():
     """bench/ptx_check.py --sass: the basic block of nvdisasm's listing with the most FFMAs, counted
     by opcode (predicated instructions too), not the block that merely has the most instructions."""
