@@ -9,13 +9,13 @@ kernels' own:
 - `cuda.shared.array` finds its caller with `traceback.extract_stack`, which formats the whole
   stack (deep under pytest) once per thread per array: about 0.3 ms a call, 256 calls a block.
 Here a block's threads are greenlets on the launching thread, run in turn (in an order shuffled
-per block, so that a missing barrier shows whichever thread runs first): each runs until it waits
-at a barrier or returns, and a barrier's last thread makes the others ready again (a block and a
-barrier then cost microseconds per thread), and a shared array's caller is one frame up (the same
-(file, line) key). As in the simulator, a barrier counts the block's live threads: a
-thread that has returned no longer holds one up; the first failure is re-raised. Where no thread
-can go on — threads wait at a barrier that a live one never reaches — the launch fails at once
-(on a GPU: a hang).
+per block, so that a missing barrier shows whichever thread runs first; a grid's blocks, one at a
+time, in a shuffled order too): each runs until it waits at a barrier or returns, and a barrier's
+last thread makes the others ready again (a block and a barrier then cost microseconds per
+thread), and a shared array's caller is one frame up (the same (file, line) key). As in the
+simulator, a barrier counts the block's live threads: a thread that has returned no longer holds
+one up; the first failure is re-raised. Where no thread can go on — threads wait at a barrier
+that a live one never reaches — the launch fails at once (on a GPU: a hang).
 """
 from __future__ import annotations
 
@@ -129,6 +129,21 @@ def run_block(self, grid_point, *args):
                            "other live thread reaches (on a GPU: a hang)")
 
 
+class _GridOrder:
+    """NumPy as the simulator's launch sees it, but for ndindex: a grid's blocks in a shuffled order.
+    A GPU runs them in any order and at once, so a kernel whose block reads what another block of
+    the same launch writes is wrong there, and would pass here if the blocks kept their order."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def ndindex(*shape):
+        points = list(np.ndindex(*shape))
+        _order.shuffle(points)
+        return points
+
+
 class _Threading:
     """The `threading` of the simulator's kernel API: its current thread is the simulated one."""
     current_thread = staticmethod(current_thread)
@@ -140,4 +155,5 @@ class _Threading:
 def install():
     FakeCUDAShared.array = shared_array
     sim_kernel.BlockManager.run = run_block
+    sim_kernel.np = _GridOrder()
     kernelapi.threading = _Threading()

@@ -62,6 +62,25 @@ def test_a_missing_barrier_shows():
     read_left_unsynced[1, 64](out)
     assert (out.copy_to_host() != np.arange(64, dtype=np.float32) - 1).any()
 
+
+@cuda.jit
+def read_left_block(out):
+    """Block b > 0 reads what block b − 1 of the same launch writes: a race on a GPU."""
+    b = cuda.blockIdx.x
+    if cuda.threadIdx.x == 0:
+        out[b, 0] = float32(b)
+        out[b, 1] = out[b - 1, 0] if b > 0 else float32(-1.0)
+
+
+def test_a_launch_s_blocks_run_in_a_shuffled_order():
+    """A GPU runs a launch's blocks in any order, at once: a block's read of another's write finds
+    it unwritten for some of them (in the order of their indices, every block would find its left
+    neighbour's write done)."""
+    out = cuda.to_device(np.full((16, 2), -2.0, np.float32))
+    read_left_block[16, 32](out)
+    assert (out.copy_to_host()[:, 1] != np.arange(16, dtype=np.float32) - 1).any()
+
+
 @cuda.jit
 def swap_neighbours(out, n_lanes):
     """Lanes below n_lanes swap their indices with their neighbours' by a warp shuffle; the rest return."""
