@@ -29,12 +29,22 @@ import numpy as np
 from numba.core.types import Type
 from numba.cuda.simulator import kernel as sim_kernel
 from numba.cuda.simulator import kernelapi
-from numba.cuda.simulator.kernelapi import Dim3, FakeCUDAShared
+from numba.cuda.simulator.kernelapi import Dim3, FakeCUDALocal, FakeCUDAShared
 from numba.np import numpy_support
 
 simulator_shared_array = FakeCUDAShared.array
 _ready: deque = deque()  # the running block's threads that may go on (blocks run one at a time)
 _order = random.Random(0)  # the order a block's threads start in: shuffled, the same every run
+_launch_shared = [{}]  # the running launch's shared arrays by (file, line): refilled before each block
+
+
+def garbage(array):
+    """`array` filled as a GPU leaves memory a kernel has not written: with anything. Here every
+    byte 0xFF, which makes a float NaN, so that a read of it shows in the results (NumPy's fresh
+    memory is mostly zeros, and a launch's blocks share the simulator's shared arrays: a block
+    found the last one's values)."""
+    array.view(np.uint8).fill(0xFF)
+    return array
 
 
 def shared_array(self, shape, dtype, alignment=None):
@@ -44,11 +54,17 @@ def shared_array(self, shape, dtype, alignment=None):
         return simulator_shared_array(self, shape, dtype)
     frame = sys._getframe(1)
     caller = frame.f_code.co_filename, frame.f_lineno
+    _launch_shared[0] = self._allocations
     array = self._allocations.get(caller)
     if array is None:
         dtype = numpy_support.as_dtype(dtype) if isinstance(dtype, Type) else dtype
-        array = self._allocations[caller] = np.empty(shape, dtype)
+        array = self._allocations[caller] = garbage(np.empty(shape, dtype))
     return array
+
+
+def local_array(self, shape, dtype):
+    dtype = numpy_support.as_dtype(dtype) if isinstance(dtype, Type) else dtype
+    return garbage(np.empty(shape, dtype))
 
 
 def current_thread():
@@ -99,6 +115,8 @@ class SimThread(greenlet.greenlet):
 def run_block(self, grid_point, *args):
     """BlockManager.run: the block's threads as greenlets, each run until it waits or returns, in
     turn, until none can go on; the first failure re-raised."""
+    for array in _launch_shared[0].values():  # what the last block left is not this block's to read
+        garbage(array)
     points = list(np.ndindex(*self._block_dim))
     _order.shuffle(points)  # a race between threads shows whichever of them would run first
     self.barrier = Barrier(len(points))
@@ -154,6 +172,7 @@ class _Threading:
 
 def install():
     FakeCUDAShared.array = shared_array
+    FakeCUDALocal.array = local_array
     sim_kernel.BlockManager.run = run_block
     sim_kernel.np = _GridOrder()
     kernelapi.threading = _Threading()

@@ -82,6 +82,26 @@ def test_a_launch_s_blocks_run_in_a_shuffled_order():
 
 
 @cuda.jit
+def read_shared(out):
+    """Block 0's threads write their slots of a shared array; every block reads them back."""
+    buf = cuda.shared.array(64, float32)
+    t, b = cuda.threadIdx.x, cuda.blockIdx.x
+    if b == 0:
+        buf[t] = float32(1.0)
+    cuda.syncthreads()
+    out[b, t] = buf[t]
+
+
+def test_shared_memory_no_thread_of_the_block_wrote_is_garbage():
+    """On a GPU a block's shared memory holds anything until it writes it: here NaN, where the
+    simulator gave zeros or, its arrays being a launch's, what the block before had written."""
+    out = cuda.to_device(np.zeros((2, 64), np.float32))
+    read_shared[2, 64](out)
+    got = out.copy_to_host()
+    assert (got[0] == 1).all() and np.isnan(got[1]).all()
+
+
+@cuda.jit
 def swap_neighbours(out, n_lanes):
     """Lanes below n_lanes swap their indices with their neighbours' by a warp shuffle; the rest return."""
     t = cuda.threadIdx.x
