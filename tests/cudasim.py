@@ -29,10 +29,12 @@ import numpy as np
 from numba.core.types import Type
 from numba.cuda.simulator import kernel as sim_kernel
 from numba.cuda.simulator import kernelapi
+from numba import cuda
 from numba.cuda.simulator.kernelapi import Dim3, FakeCUDALocal, FakeCUDAShared
 from numba.np import numpy_support
 
 simulator_shared_array = FakeCUDAShared.array
+simulator_device_array = cuda.device_array
 _ready: deque = deque()  # the running block's threads that may go on (blocks run one at a time)
 _order = random.Random(0)  # the order a block's threads start in: shuffled, the same every run
 _launch_shared = [{}]  # the running launch's shared arrays by (file, line): refilled before each block
@@ -43,7 +45,8 @@ def garbage(array):
     byte 0xFF, which makes a float NaN, so that a read of it shows in the results (NumPy's fresh
     memory is mostly zeros, and a launch's blocks share the simulator's shared arrays: a block
     found the last one's values)."""
-    array.view(np.uint8).fill(0xFF)
+    bits = np.dtype(f"u{array.dtype.itemsize}")
+    array.view(bits)[...] = np.iinfo(bits).max
     return array
 
 
@@ -60,6 +63,17 @@ def shared_array(self, shape, dtype, alignment=None):
         dtype = numpy_support.as_dtype(dtype) if isinstance(dtype, Type) else dtype
         array = self._allocations[caller] = garbage(np.empty(shape, dtype))
     return array
+
+
+def device_array(*args, **kwargs):
+    """cuda.device_array: memory no kernel has written, garbage as a GPU's."""
+    array = simulator_device_array(*args, **kwargs)
+    garbage(array._ary)
+    return array
+
+
+def device_array_like(ary, stream=0):
+    return device_array(ary.shape, ary.dtype, stream=stream)
 
 
 def local_array(self, shape, dtype):
@@ -173,6 +187,7 @@ class _Threading:
 def install():
     FakeCUDAShared.array = shared_array
     FakeCUDALocal.array = local_array
+    cuda.device_array, cuda.device_array_like = device_array, device_array_like
     sim_kernel.BlockManager.run = run_block
     sim_kernel.np = _GridOrder()
     kernelapi.threading = _Threading()

@@ -101,6 +101,13 @@ def test_shared_memory_no_thread_of_the_block_wrote_is_garbage():
     assert (got[0] == 1).all() and np.isnan(got[1]).all()
 
 
+def test_device_memory_no_kernel_wrote_is_garbage():
+    """cuda.device_array, as a GPU's: NaN for floats, every bit set for integers (the simulator's
+    were NumPy's fresh memory, mostly zeros, and a kernel that added into one passed)."""
+    assert np.isnan(cuda.device_array((3, 5), np.float32).copy_to_host()).all()
+    assert (cuda.device_array_like(np.zeros(4, np.int64)).copy_to_host() == -1).all()
+
+
 @cuda.jit
 def swap_neighbours(out, n_lanes):
     """Lanes below n_lanes swap their indices with their neighbours' by a warp shuffle; the rest return."""

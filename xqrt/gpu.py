@@ -622,19 +622,19 @@ class GpuStep:
         self.out_norm = vec(model.out_norm)
         cos, sin = cpu.rope_table(model.rope_freqs, n_ctx)
         self.cos, self.sin = cuda.to_device(cos), cuda.to_device(sin)
-        zeros = lambda n: cuda.device_array(n, np.float32)  # noqa: E731
-        self.qkv, self.gate_up = zeros(c.q_dim + 2 * c.kv_dim), zeros(2 * c.n_ff)  # the stacked products' outputs
+        vector = lambda n: cuda.device_array(n, np.float32)  # noqa: E731 — unwritten: kernels fill them whole
+        self.qkv, self.gate_up = vector(c.q_dim + 2 * c.kv_dim), vector(2 * c.n_ff)  # the stacked products' outputs
         self.q, self.k, self.v = self.qkv[:c.q_dim], self.qkv[c.q_dim:c.q_dim + c.kv_dim], self.qkv[c.q_dim + c.kv_dim:]
         self.gate, self.up = self.gate_up[:c.n_ff], self.gate_up[c.n_ff:]
-        self.x = zeros(c.d_model)
+        self.x = vector(c.d_model)
         self.xn = cuda.device_array((1, c.d_model), np.float32)
         self.x_row, self.xn_vec = self.x.reshape(1, -1), self.xn.reshape(-1)  # views made once: each costs host time
         self.q_row, self.k_row, self.v_row = self.q.reshape(1, -1), self.k.reshape(1, -1), self.v.reshape(1, -1)
-        self.attn, self.proj = zeros(c.q_dim), zeros(c.d_model)
+        self.attn, self.proj = vector(c.q_dim), vector(c.d_model)
         self.proj_row, self.no_rows = self.proj.reshape(1, -1), cuda.device_array((0, c.d_model), np.float32)
-        self.logits_dev = zeros(c.vocab_size)
+        self.logits_dev = vector(c.vocab_size)
         self.logits = np.zeros(c.vocab_size, np.float32)
-        self.xp = zeros(max(c.d_model, c.n_ff, c.q_dim))  # silu(gate)·up for a float product
+        self.xp = vector(max(c.d_model, c.n_ff, c.q_dim))  # silu(gate)·up for a float product
         self.act = kc.Int8X.empty(-(-max(c.d_model, c.n_ff, c.q_dim) // 32) * 32)
         self.eps = np.float32(c.norm_eps)
 
