@@ -26,10 +26,10 @@ from collections import deque
 
 import greenlet
 import numpy as np
+from numba import cuda
 from numba.core.types import Type
 from numba.cuda.simulator import kernel as sim_kernel
 from numba.cuda.simulator import kernelapi
-from numba import cuda
 from numba.cuda.simulator.kernelapi import Dim3, FakeCUDALocal, FakeCUDAShared
 from numba.np import numpy_support
 
