@@ -57,9 +57,9 @@ def shared_array(self, shape, dtype, alignment=None):
         return simulator_shared_array(self, shape, dtype)
     frame = sys._getframe(1)
     caller = frame.f_code.co_filename, frame.f_lineno
-    _launch_shared[0] = self._allocations
     array = self._allocations.get(caller)
-    if array is None:
+    if array is None:  # first asked for in a launch's first block: a launch's arrays are its own
+        _launch_shared[0] = self._allocations
         dtype = numpy_support.as_dtype(dtype) if isinstance(dtype, Type) else dtype
         array = self._allocations[caller] = garbage(np.empty(shape, dtype))
     return array

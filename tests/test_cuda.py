@@ -252,13 +252,13 @@ def device_stream(codes, scale, zero, bits, group, off, sink, tail, n_q) -> kc.D
     of a per-channel stream, else empty) and the exact rows of positions n_q … (None: none) → a
     DeviceStream of positions [0, n_q + len(tail)), as xqrt.gpu uploads a cache's."""
     off = np.asarray(off, np.int64)
-    cbits = (np.diff(off) * 8 // group).astype(np.int64) if len(off) else np.zeros(0, np.int64)
     as_f16 = lambda a: cuda.to_device(np.ascontiguousarray(a).view(np.float16))  # noqa: E731
     tail = np.zeros((0, sink.shape[1]), np.float32) if tail is None else tail
     ring = np.zeros((max(len(tail), 1), sink.shape[1]), np.float32)
     ring[(n_q + np.arange(len(tail))) % len(ring)] = tail
     return kc.DeviceStream(cuda.to_device(np.ascontiguousarray(codes)), as_f16(scale), as_f16(zero), int(bits),
-                           int(group).bit_length() - 1, cuda.to_device(off), cuda.to_device(cbits),
+                           int(group).bit_length() - 1, cuda.to_device(off),
+                           cuda.to_device(kc.channel_bits(off, group)),
                            cuda.to_device(np.ascontiguousarray(sink, np.float32)), cuda.to_device(ring), int(n_q), 0,
                            int(n_q) + len(tail))
 
@@ -453,7 +453,7 @@ def test_cache_writes_are_xqrt_quant_bit_for_bit(bits, group, n_sink, clip, code
     c_codes, c_scale = dev(np.zeros_like(channel.codes)), dev(np.zeros_like(channel.scale).view(np.float16))
     c_zero, c_sink = dev(np.zeros_like(channel.zero).view(np.float16)), dev(np.zeros_like(channel.sink))
     off = dev(channel.channel_off)
-    cbits = dev((np.diff(channel.channel_off) * 8 // group).astype(np.int64))
+    cbits = dev(kc.channel_bits(channel.channel_off, group))
     at = kc.position
     kc.store_token[(1, 3), 32](dev(z[:3]), ring, codes, scale, zero, bits, group, sink, at(0), True, clip)  # rows at once
     for pos in range(3, n):

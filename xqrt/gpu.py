@@ -256,10 +256,10 @@ class DeviceLatentCache(DeviceCache):
 
         from .kernels import cuda as kc
         off = stream.channel_off
-        cbits = (np.diff(off) * 8 // stream.group).astype(np.int64) if len(off) else np.zeros(0, np.int64)
         return kc.DeviceStream(cuda.to_device(stream.codes), cuda.to_device(stream.scale.view(np.float16)),
                                cuda.to_device(stream.zero.view(np.float16)), stream.bits,
-                               stream.group.bit_length() - 1, cuda.to_device(off), cuda.to_device(cbits),
+                               stream.group.bit_length() - 1, cuda.to_device(off),
+                               cuda.to_device(kc.channel_bits(off, stream.group)),
                                cuda.to_device(stream.sink), ring, 0, 0, 0)
 
     def set_position(self, pos):

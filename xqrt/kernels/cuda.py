@@ -1474,6 +1474,12 @@ def available() -> bool:
         return False
 
 
+def channel_bits(off, group: int) -> np.ndarray:
+    """A per-channel stream's bits per channel, from its channels' byte offsets (xqrt.quant's
+    channel_offsets: G codes a channel); empty for a per-token stream (no offsets)."""
+    return (np.diff(off) * 8 // group).astype(np.int64) if len(off) else np.zeros(0, np.int64)
+
+
 @dataclass
 class DeviceStream:
     """One latent stream on the device (xqrt.cache.Stream's arrays, scales as float16) answering
